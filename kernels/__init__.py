@@ -1,0 +1,21 @@
+"""Triton kernels of prism_fast (installed as `prism_fast.kernels`). Imports only torch and triton."""
+
+from .gated_lora import (
+    add_gated_lora_,
+    check_gated_lora_args,
+    gated_lora_linear_triton,
+    gated_lora_op,
+    ids_per_sequence,
+)
+from .prism_gate import check_prism_gate_args, prism_gate_op, prism_gate_triton
+
+__all__ = [
+    "add_gated_lora_",
+    "check_gated_lora_args",
+    "check_prism_gate_args",
+    "gated_lora_linear_triton",
+    "gated_lora_op",
+    "ids_per_sequence",
+    "prism_gate_op",
+    "prism_gate_triton",
+]

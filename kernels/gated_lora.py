@@ -1,0 +1,445 @@
+"""Gated multi-LoRA linear: the base projection plus a per-row persona adapter.
+
+For every output slice s (1 to 3 projections that read the same input, e.g. q/k/v or gate/up):
+
+    y_s[i] = x[i] W_sᵀ (+ b_s)                                         id[i] ∉ {0…L−1}
+    y_s[i] = x[i] W_sᵀ (+ b_s) + scaling[s, id] · (x[i] A_s[id]ᵀ) B_s[id]ᵀ  id[i] ∈ {0…L−1}
+
+Shapes, with M = rows of x after flattening its leading dimensions:
+    x        [M, K]          any strides
+    W_s      [N_s, K], b_s [N_s] or None
+    lora_a   [L, S·R, K]     slice s owns rows s·R … s·R+R−1 (an adapter of rank r < R is zero-padded)
+    lora_b   [L, ΣN_s, R]    slice s owns rows N_0+…+N_{s−1} … (+N_s)
+    scaling  [S, L] float32
+    ids      [M] (one per row) or [B] with x = [B, T, K] (one per sequence);
+             −1 is a closed gate, and so is any id outside 0…L−1 (memory safety: never indexed).
+
+The base is `F.linear`, the very computation the unpatched layer does, so a closed row is
+bit-identical to it: the kernels never store into closed rows. The LoRA term is added in place:
+
+    u = x A[id]ᵀ       (shrink, fp32 accumulation, the [M, S·R] intermediate stays fp32)
+    y += s · u B[id]ᵀ  (expand; for fp16/bf16, u is split into hi + lo halves so that two
+                        tensor-core dots keep ≈16 mantissa bits of u, never one rounding to 8)
+
+Two paths, one kernel body (`STAGE`):
+  * decode (few rows): FUSED, one launch; each program computes the small shrink of its rows
+    for all slices, then expands one N tile of every slice.
+  * prefill (many rows): SHRINK (optionally split-K, atomics into a zeroed fp32 buffer) then
+    EXPAND. With one id per sequence, row tiles never straddle sequences, so a tile has one
+    adapter and a closed sequence costs its tiles an early exit.
+Tiles whose rows are all closed return before loading x, A or B. A tile with several adapters
+(per-token ids) loops over the distinct ids it holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+STAGE_FUSED = 0
+STAGE_SHRINK = 1
+STAGE_EXPAND = 2
+MAX_SLICES = 3
+MAX_ADAPTERS = 64
+MAX_RANK = 128
+
+# ----------------------------------------------------------------------------------------------
+# device code
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_rows(ids_ptr, pid_m, M, T, L, BLOCK_M: tl.constexpr, SEQ_IDS: tl.constexpr):
+    """Rows of tile `pid_m` (int64) and their adapter ids: −1 for closed, masked or invalid."""
+    if SEQ_IDS:
+        # One id per sequence of T rows; tiles never straddle two sequences.
+        tiles_per_seq = tl.cdiv(T, BLOCK_M)
+        seq = pid_m // tiles_per_seq
+        t = (pid_m % tiles_per_seq) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = seq.to(tl.int64) * T + t
+        valid = t < T
+        ids = tl.load(ids_ptr + seq + tl.zeros([BLOCK_M], tl.int32))
+    else:
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = rows < M
+        ids = tl.load(ids_ptr + rows, mask=valid, other=-1)
+    # Range-check in the ids' own dtype before narrowing, so 2**32 cannot wrap to 0.
+    ids = tl.where(valid & (ids >= 0) & (ids < L), ids, -1).to(tl.int32)
+    return rows, ids
+
+
+@triton.jit
+def _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, col_mask, k_lo, k_hi,
+            stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
+            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """u[BLOCK_M, BLOCK_R] = x[rows, k_lo:k_hi] · A[adapter, cols, k_lo:k_hi]ᵀ in fp32."""
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    a_cols = a_ptr + adapter.to(tl.int64) * stride_al + cols[None, :].to(tl.int64) * stride_ar
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < k_hi
+        xt = tl.load(x_rows + k[None, :].to(tl.int64) * stride_xk,
+                     mask=sel[:, None] & k_mask[None, :], other=0.0)       # [BM, BK]
+        at = tl.load(a_cols + k[:, None].to(tl.int64) * stride_ak,
+                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BK, BR]
+        acc = tl.dot(xt, at, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _expand(u_hi, u_lo, b_ptr, adapter, cols, col_lo, col_hi, n_off, n, n_mask,
+            stride_bl, stride_bn, stride_br, SPLIT_U: tl.constexpr):
+    """u[:, cols] · B[adapter, n_off + n, cols − col_lo]ᵀ over the columns in [col_lo, col_hi).
+
+    Columns outside the range load zeros from B, so one u tile can serve every slice.
+    """
+    r = cols - col_lo
+    r_mask = (cols >= col_lo) & (cols < col_hi)
+    bt = tl.load(b_ptr + adapter.to(tl.int64) * stride_bl
+                 + (n_off + n)[None, :].to(tl.int64) * stride_bn
+                 + r[:, None].to(tl.int64) * stride_br,
+                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)       # [BR, BN]
+    if SPLIT_U:
+        out = tl.dot(u_hi, bt)
+        out = tl.dot(u_lo, bt, out)
+    else:
+        out = tl.dot(u_hi, bt, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def _add_into(y_ptr, stride_ym, rows, sel, n, n_mask, out, scale):
+    """y[rows, n] += scale · out for the selected rows only (closed rows are never stored)."""
+    ptrs = y_ptr + rows[:, None] * stride_ym + n[None, :]
+    mask = sel[:, None] & n_mask[None, :]
+    y = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, (y.to(tl.float32) + scale * out).to(y.dtype), mask=mask)
+
+
+@triton.jit
+def _split_u(u, dtype: tl.constexpr, SPLIT_U: tl.constexpr):
+    if SPLIT_U:
+        hi = u.to(dtype)
+        lo = (u - hi.to(tl.float32)).to(dtype)
+    else:
+        hi = u
+        lo = u
+    return hi, lo
+
+
+@triton.jit
+def _gated_lora_kernel(
+    x_ptr, a_ptr, b_ptr, scale_ptr, ids_ptr, buf_ptr, y0_ptr, y1_ptr, y2_ptr,
+    M, K, T, L, R, N0, N1, N2,
+    stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_bl, stride_bn, stride_br,
+    stride_y0, stride_y1, stride_y2, stride_um,
+    STAGE: tl.constexpr, SEQ_IDS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows, ids = _tile_rows(ids_ptr, pid_m, M, T, L, BLOCK_M, SEQ_IDS)
+    remaining = ids >= 0
+    if tl.max(remaining.to(tl.int32), axis=0) == 0:
+        return  # every row of the tile is closed: no load of x, A or B
+    SR = NUM_SLICES * R
+    SPLIT_U: tl.constexpr = y0_ptr.dtype.element_ty != tl.float32
+    dtype: tl.constexpr = y0_ptr.dtype.element_ty
+
+    # Loop over the distinct adapters of the tile (once for per-sequence ids or PRISM's L = 1).
+    while tl.max(remaining.to(tl.int32), axis=0) > 0:
+        adapter = tl.min(tl.where(remaining, ids, L), axis=0)
+        sel = remaining & (ids == adapter)
+        if STAGE == 1:  # SHRINK: one column tile of u over one K split
+            cols = (pid_n // SPLIT_K) * BLOCK_R + tl.arange(0, BLOCK_R)
+            col_mask = cols < SR
+            k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+            k_lo = (pid_n % SPLIT_K) * k_per
+            k_hi = tl.minimum(K, k_lo + k_per)
+            u = _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, col_mask, k_lo, k_hi,
+                        stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
+                        BLOCK_M, BLOCK_R, BLOCK_K)
+            u_ptrs = buf_ptr + rows[:, None] * stride_um + cols[None, :]
+            u_mask = sel[:, None] & col_mask[None, :]
+            if SPLIT_K > 1:
+                tl.atomic_add(u_ptrs, u, mask=u_mask)
+            else:
+                tl.store(u_ptrs, u, mask=u_mask)
+        else:
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            if STAGE == 0:  # FUSED: the whole [BM, S·R] shrink in registers
+                cols = tl.arange(0, BLOCK_R)
+                u = _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, cols < SR, 0, K,
+                            stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
+                            BLOCK_M, BLOCK_R, BLOCK_K)
+                u_hi, u_lo = _split_u(u, dtype, SPLIT_U)
+            for s in tl.static_range(NUM_SLICES):
+                y_ptr = y0_ptr if s == 0 else (y1_ptr if s == 1 else y2_ptr)
+                stride_ym = stride_y0 if s == 0 else (stride_y1 if s == 1 else stride_y2)
+                n_size = N0 if s == 0 else (N1 if s == 1 else N2)
+                n_off = 0 if s == 0 else (N0 if s == 1 else N0 + N1)
+                if pid_n * BLOCK_N < n_size:
+                    n_mask = n < n_size
+                    scale = tl.load(scale_ptr + s * L + adapter)
+                    if STAGE == 0:
+                        out = _expand(u_hi, u_lo, b_ptr, adapter, cols, s * R, s * R + R,
+                                      n_off, n, n_mask, stride_bl, stride_bn, stride_br, SPLIT_U)
+                    else:  # EXPAND: read u back in BLOCK_R column chunks of this slice
+                        out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                        for c0 in range(s * R, s * R + R, BLOCK_R):
+                            cols = c0 + tl.arange(0, BLOCK_R)
+                            u = tl.load(buf_ptr + rows[:, None] * stride_um + cols[None, :],
+                                        mask=sel[:, None] & (cols < s * R + R)[None, :],
+                                        other=0.0)
+                            u_hi, u_lo = _split_u(u, dtype, SPLIT_U)
+                            out += _expand(u_hi, u_lo, b_ptr, adapter, cols, s * R, s * R + R,
+                                           n_off, n, n_mask, stride_bl, stride_bn, stride_br,
+                                           SPLIT_U)
+                    _add_into(y_ptr, stride_ym, rows, sel, n, n_mask, out, scale)
+        remaining = remaining & (ids != adapter)
+
+
+# ----------------------------------------------------------------------------------------------
+# configs: heuristic defaults, optionally overridden by a per-GPU table from bench/tune_gated_lora
+# ----------------------------------------------------------------------------------------------
+
+FUSED_MAX_ROWS = 64   # decode batches; above this the shrink is worth its own launch
+FUSED_MAX_COLS = 128  # S·R columns the fused kernel keeps in registers
+
+
+@functools.lru_cache(maxsize=8)
+def _tuned_table(device_name: str) -> dict:
+    path = Path(__file__).parent / "configs" / (device_name.replace(" ", "_") + ".json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _device_key(x: torch.Tensor) -> tuple[str, int]:
+    if x.device.type == "cuda":
+        props = torch.cuda.get_device_properties(x.device)
+        return props.name, props.multi_processor_count
+    return "cpu", 4
+
+
+def pick_config(stage: int, m: int, k: int, n_max: int, sr: int, r: int, x: torch.Tensor) -> dict:
+    """Block sizes for one stage. Tuned tables are keyed by stage and the next power of 2 of M."""
+    name, sms = _device_key(x)
+    key = f"{('fused', 'shrink', 'expand')[stage]}:{triton.next_power_of_2(max(m, 1))}"
+    tuned = _tuned_table(name).get(key)
+    if tuned:
+        return dict(tuned)
+    if stage == STAGE_FUSED:
+        br = max(16, triton.next_power_of_2(sr))
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if br <= 64 else 64, BLOCK_R=br,
+                    SPLIT_K=1, num_warps=4)
+    if stage == STAGE_SHRINK:
+        br = max(16, min(64, triton.next_power_of_2(sr)))
+        bm = 64 if m >= 256 else 16
+        tiles = triton.cdiv(m, bm) * triton.cdiv(sr, br)
+        # Split K until the grid fills the GPU twice over, keeping ≥ 512 of K per split.
+        split = 1
+        while tiles * split < 2 * sms and k // (split * 2) >= 512:
+            split *= 2
+        return dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=64, BLOCK_R=br, SPLIT_K=split, num_warps=4)
+    br = max(16, min(64, triton.next_power_of_2(r)))
+    return dict(BLOCK_M=64 if m >= 256 else 16, BLOCK_N=64 if n_max >= 64 else 32, BLOCK_K=16,
+                BLOCK_R=br, SPLIT_K=1, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# checks (shared with the PyTorch backend, so both raise the same errors)
+# ----------------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_INTS = (torch.int8, torch.int16, torch.int32, torch.int64)  # signed: −1 means closed
+
+
+def _expect(cond: bool, exc: type[Exception], msg: str) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _check_tensor(name: str, t: object, x: torch.Tensor, ndim: int | None = None,
+                  dtype: torch.dtype | None = None) -> None:
+    _expect(isinstance(t, torch.Tensor), TypeError,
+            f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    _expect(t.device == x.device, ValueError,
+            f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    if dtype is not None:
+        _expect(t.dtype == dtype, TypeError, f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if ndim is not None:
+        _expect(t.dim() == ndim, ValueError,
+                f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_gated_lora_args(x: torch.Tensor, weights: list[torch.Tensor],
+                          biases: list[torch.Tensor | None], lora_a: torch.Tensor,
+                          lora_b: torch.Tensor, scaling: torch.Tensor,
+                          adapter_ids: torch.Tensor) -> None:
+    """Validate the multi-slice op's arguments.
+
+    Raises TypeError / ValueError naming the argument, what was expected and what was given.
+    The id range is checked only where that needs no device sync (CPU tensors); on a GPU an
+    out-of-range id is treated as a closed gate by the kernels.
+    """
+    _expect(isinstance(x, torch.Tensor), TypeError,
+            f"x: expected a torch.Tensor, got {type(x).__name__}")
+    _expect(x.dtype in _FLOATS, TypeError,
+            f"x: expected dtype float16, bfloat16 or float32, got {x.dtype}")
+    _expect(x.dim() >= 1, ValueError, "x: expected shape (..., K), got a 0-d tensor")
+    k = x.shape[-1]
+    s = len(weights)
+    _expect(1 <= s <= MAX_SLICES, ValueError,
+            f"weights: expected 1 to {MAX_SLICES} projections, got {s}")
+    _expect(len(biases) == s, ValueError,
+            f"biases: expected {s} entries (one per weight), got {len(biases)}")
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        _check_tensor(f"weight[{i}]" if s > 1 else "weight", w, x, 2, x.dtype)
+        _expect(w.shape[1] == k, ValueError,
+                f"weight: expected shape (N, {k}) to match x (..., {k}), got {tuple(w.shape)}")
+        if b is not None:
+            _check_tensor(f"bias[{i}]" if s > 1 else "bias", b, x, 1, x.dtype)
+            _expect(b.shape[0] == w.shape[0], ValueError,
+                    f"bias: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
+    _check_tensor("lora_a", lora_a, x, 3, x.dtype)
+    _check_tensor("lora_b", lora_b, x, 3, x.dtype)
+    n_adapters, sr, ka = lora_a.shape
+    _expect(1 <= n_adapters <= MAX_ADAPTERS, ValueError,
+            f"lora_a: expected 1 to {MAX_ADAPTERS} adapters (dim 0), got {n_adapters}")
+    _expect(sr % s == 0 and 1 <= sr // s <= MAX_RANK, ValueError,
+            f"lora_a: expected rank 1 to {MAX_RANK} per projection (dim 1 = {s}·R), got {sr}")
+    r = sr // s
+    _expect(ka == k, ValueError, f"lora_a: expected shape (L, R, {k}) to match x, got "
+            f"{tuple(lora_a.shape)}")
+    n_total = sum(w.shape[0] for w in weights)
+    _expect(tuple(lora_b.shape) == (n_adapters, n_total, r), ValueError,
+            f"lora_b: expected shape ({n_adapters}, {n_total}, {r}) to match lora_a and weight, "
+            f"got {tuple(lora_b.shape)}")
+    _check_tensor("scaling", scaling, x)
+    _expect(scaling.dtype.is_floating_point, TypeError,
+            f"scaling: expected a floating-point tensor, got {scaling.dtype}")
+    expect_scaling = (n_adapters,) if s == 1 else (s, n_adapters)
+    _expect(tuple(scaling.shape) == expect_scaling, ValueError,
+            f"scaling: expected shape {expect_scaling} (one per adapter), got "
+            f"{tuple(scaling.shape)}")
+    _check_tensor("adapter_ids", adapter_ids, x)
+    _expect(adapter_ids.dtype in _INTS, TypeError,
+            f"adapter_ids: expected a signed integer tensor, got {adapter_ids.dtype}")
+    per_token = tuple(x.shape[:-1])
+    per_seq = tuple(x.shape[:1]) if x.dim() == 3 else None
+    shape = tuple(adapter_ids.shape)
+    _expect(shape == per_token or shape == per_seq, ValueError,
+            f"adapter_ids: expected shape {per_token} (one per token)"
+            + (f" or {per_seq} (one per sequence)" if per_seq else "") + f", got {shape}")
+    if adapter_ids.device.type == "cpu" and adapter_ids.numel() > 0:
+        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+        _expect(lo >= -1 and hi < n_adapters, ValueError,
+                f"adapter_ids: expected values in -1…{n_adapters - 1} (-1 = base), got "
+                f"values in {lo}…{hi}")
+
+
+def ids_per_sequence(x: torch.Tensor, adapter_ids: torch.Tensor) -> bool:
+    """True when x is [B, T, K] and adapter_ids is [B]: one id per sequence."""
+    return x.dim() == 3 and adapter_ids.dim() == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tensor,
+                    lora_b: torch.Tensor, scaling: torch.Tensor, adapter_ids: torch.Tensor,
+                    seq_ids: bool, config: dict | None = None) -> None:
+    """Add the gated LoRA term into the base outputs `ys` (each [..., N_s], contiguous) in place.
+
+    x [..., K]; lora_a [L, S·R, K]; lora_b [L, ΣN_s, R]; scaling [S, L] fp32;
+    adapter_ids [B] (seq_ids, x = [B, T, K]) or x.shape[:-1]. Arguments are assumed checked.
+    `config` forces a path and its block sizes (tests use it to reach every stage).
+    """
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)                                     # [M, K], a view where possible
+    m = x2.shape[0]
+    if m == 0:
+        return
+    t = x.shape[1] if seq_ids else 1
+    ids = adapter_ids.reshape(-1)
+    if seq_ids and t == 1:
+        seq_ids = False  # decode: one row per sequence, so per-row tiles pack sequences densely
+    ns = [y.shape[-1] for y in ys]
+    y2 = [y.view(-1, n) for y, n in zip(ys, ns)]              # [M, N_s]
+    n_adapters, sr, _ = lora_a.shape
+    r = sr // len(ys)
+    while len(ns) < MAX_SLICES:
+        ns.append(0)
+        y2.append(y2[0])
+    fused = m <= FUSED_MAX_ROWS and sr <= FUSED_MAX_COLS
+    stages = [STAGE_FUSED] if fused else [STAGE_SHRINK, STAGE_EXPAND]
+    if config is not None:
+        stages = config["stages"]
+    u = None
+    if STAGE_SHRINK in stages:
+        cfg = dict(config[STAGE_SHRINK]) if config else pick_config(
+            STAGE_SHRINK, m, k, max(ns), sr, r, x)
+        alloc = torch.zeros if cfg["SPLIT_K"] > 1 else torch.empty
+        u = alloc((m, sr), dtype=torch.float32, device=x.device)  # [M, S·R] fp32
+    for stage in stages:
+        cfg = dict(config[stage]) if config else pick_config(stage, m, k, max(ns), sr, r, x)
+        num_warps = cfg.pop("num_warps", 4)
+        if seq_ids:
+            grid_m = ids.shape[0] * triton.cdiv(t, cfg["BLOCK_M"])
+        else:
+            grid_m = triton.cdiv(m, cfg["BLOCK_M"])
+        if stage == STAGE_SHRINK:
+            grid_n = triton.cdiv(sr, cfg["BLOCK_R"]) * cfg["SPLIT_K"]
+        else:
+            grid_n = triton.cdiv(max(ns), cfg["BLOCK_N"])
+        _gated_lora_kernel[(grid_m, grid_n)](
+            x_ptr=x2, a_ptr=lora_a, b_ptr=lora_b, scale_ptr=scaling, ids_ptr=ids,
+            buf_ptr=u if u is not None else scaling,
+            y0_ptr=y2[0], y1_ptr=y2[1], y2_ptr=y2[2],
+            M=m, K=k, T=t, L=n_adapters, R=r, N0=ns[0], N1=ns[1], N2=ns[2],
+            stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+            stride_al=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
+            stride_bl=lora_b.stride(0), stride_bn=lora_b.stride(1), stride_br=lora_b.stride(2),
+            stride_y0=y2[0].stride(0), stride_y1=y2[1].stride(0), stride_y2=y2[2].stride(0),
+            stride_um=sr, STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=len(ys),
+            num_warps=num_warps, **cfg,
+        )
+
+
+def gated_lora_linear_triton(x: torch.Tensor, weights: list[torch.Tensor],
+                             biases: list[torch.Tensor | None], lora_a: torch.Tensor,
+                             lora_b: torch.Tensor, scaling: torch.Tensor,
+                             adapter_ids: torch.Tensor,
+                             config: dict | None = None) -> list[torch.Tensor]:
+    """Base projections by `F.linear` (bit-exact for closed rows) + the gated LoRA kernels."""
+    seq_ids = ids_per_sequence(x, adapter_ids)
+    ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]   # S × [..., N_s]
+    scaling = scaling.reshape(len(weights), -1).to(torch.float32).contiguous()  # [S, L]
+    add_gated_lora_(ys, x, lora_a, lora_b, scaling, adapter_ids, seq_ids, config)
+    return ys
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: opaque to torch.compile (no graph break), fake impl beside it
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("prism_fast::gated_lora", mutates_args=())
+def gated_lora_op(x: torch.Tensor, weights: list[torch.Tensor],
+                  biases: list[torch.Tensor | None], lora_a: torch.Tensor,
+                  lora_b: torch.Tensor, scaling: torch.Tensor,
+                  adapter_ids: torch.Tensor) -> list[torch.Tensor]:
+    return gated_lora_linear_triton(x, weights, biases, lora_a, lora_b, scaling, adapter_ids)
+
+
+@gated_lora_op.register_fake
+def _(x, weights, biases, lora_a, lora_b, scaling, adapter_ids):
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]

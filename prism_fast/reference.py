@@ -1,0 +1,42 @@
+"""The two ops in plain PyTorch: the spec in code and the oracle of every test.
+
+No data-dependent control flow, so the same code also serves as the `torch` backend under
+`torch.compile(fullgraph=True)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
+                      adapter_ids: torch.Tensor) -> torch.Tensor:
+    """y = F.linear(x, W, b) + [id ≥ 0] · scaling[id] · (x A[id]ᵀ) B[id]ᵀ, LoRA term in fp32.
+
+    x [..., K]; weight [N, K]; lora_a [L, R, K]; lora_b [L, N, R]; scaling [L];
+    adapter_ids x.shape[:-1] (per token) or [B] for x [B, T, K] (per sequence); −1 = base.
+    Closed rows are taken from F.linear untouched (bit-exact passthrough).
+    """
+    y = F.linear(x, weight, bias)                                       # [..., N]
+    ids = adapter_ids
+    if ids.shape != x.shape[:-1]:                                       # one id per sequence
+        ids = ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    acc = torch.promote_types(x.dtype, torch.float32)                  # fp32, or fp64 as oracle
+    delta = torch.zeros(y.shape, dtype=acc, device=y.device)            # [..., N]
+    for adapter in range(lora_a.shape[0]):
+        d = (x.to(acc) @ lora_a[adapter].to(acc).T) @ lora_b[adapter].to(acc).T
+        delta = torch.where((ids == adapter)[..., None], d * scaling[adapter].to(acc), delta)
+    is_open = ((ids >= 0) & (ids < lora_a.shape[0]))[..., None]
+    return torch.where(is_open, (y.to(acc) + delta).to(y.dtype), y)
+
+
+def prism_gate(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+               b2: torch.Tensor) -> torch.Tensor:
+    """routes [B] int32 = argmax(Linear → GELU(erf) → Linear)(h) − 1, in h's dtype as PRISM does.
+
+    h [B, H]; w1 [D, H]; b1 [D]; w2 [C, D]; b2 [C]. Class 0 (base) → −1, class c → adapter c − 1.
+    """
+    logits = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)             # [B, C]
+    return (logits.argmax(dim=-1) - 1).to(torch.int32)

@@ -1,0 +1,45 @@
+"""Inputs for the op tests: fresh randn tensors, zero-padded ranks, mixed −1 ids."""
+
+from __future__ import annotations
+
+import torch
+
+
+def make_lora(n_adapters: int, rank: int, k: int, n: int, dtype: torch.dtype,
+              ranks: list[int] | None = None):
+    """A [L, R, K], B [L, N, R] with adapter l of rank ranks[l] ≤ R zero-padded; scaling [L]."""
+    a = torch.randn(n_adapters, rank, k, dtype=torch.float32) / k**0.5
+    b = torch.randn(n_adapters, n, rank, dtype=torch.float32)
+    if ranks is not None:
+        for i, r in enumerate(ranks):
+            a[i, r:] = 0
+            b[i, :, r:] = 0
+    scaling = torch.rand(n_adapters) + 0.5
+    return a.to(dtype), b.to(dtype), scaling
+
+
+def make_ids(shape: tuple[int, ...], n_adapters: int, p_closed: float = 0.3) -> torch.Tensor:
+    ids = torch.randint(0, n_adapters, shape)
+    return torch.where(torch.rand(shape) < p_closed, torch.full_like(ids, -1), ids)
+
+
+def float64_ref(x, w, b, a, bb, scaling, ids):
+    """The reference op evaluated entirely in float64 (the oracle for accuracy bounds)."""
+    from prism_fast import reference
+
+    return reference.gated_lora_linear(
+        x.double(), w.double(), None if b is None else b.double(), a.double(), bb.double(),
+        scaling.double(), ids)
+
+
+def plain_torch(x, w, b, a, bb, scaling, ids):
+    """PEFT-style op in x's dtype: base + s · B(A x), everything rounded as PyTorch rounds it."""
+    import torch.nn.functional as F
+
+    y = F.linear(x, w, b)
+    full = ids if ids.shape == x.shape[:-1] else ids.view(-1, *([1] * (x.dim() - 2))).expand(
+        x.shape[:-1])
+    for adapter in range(a.shape[0]):
+        d = F.linear(F.linear(x, a[adapter]), bb[adapter]) * scaling[adapter].to(x.dtype)
+        y = torch.where((full == adapter)[..., None], y + d, y)
+    return y

@@ -1,0 +1,324 @@
+"""gated_lora: the Triton kernels (CPU interpreter in CI) against the float64 reference."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prism_fast
+from prism_fast.kernels.gated_lora import (
+    STAGE_EXPAND,
+    STAGE_FUSED,
+    STAGE_SHRINK,
+    add_gated_lora_,
+    gated_lora_linear_triton,
+)
+from tests.helpers import float64_ref, make_ids, make_lora, plain_torch
+from tests.tolerances import PLAIN_FLOOR, PLAIN_MIN_ELEMS, PLAIN_RATIO, REL_TOL, rel_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Every path with small blocks so that tiny shapes still span several tiles and K splits.
+FORCED = {
+    "fused": {"stages": [STAGE_FUSED], STAGE_FUSED: dict(
+        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=64, SPLIT_K=1)},
+    "shrink_expand": {"stages": [STAGE_SHRINK, STAGE_EXPAND],
+                      STAGE_SHRINK: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, SPLIT_K=1),
+                      STAGE_EXPAND: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, SPLIT_K=1)},
+    "split_k": {"stages": [STAGE_SHRINK, STAGE_EXPAND],
+                STAGE_SHRINK: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, SPLIT_K=3),
+                STAGE_EXPAND: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_R=16, SPLIT_K=1)},
+}
+
+
+def check_op(x, w, b, a, bb, scaling, ids, y):
+    """Open rows within SPEC bounds and ≤ 2× the plain op's error; closed rows bit-exact."""
+    ref = float64_ref(x, w, b, a, bb, scaling, ids)
+    full = ids if ids.shape == x.shape[:-1] else ids.view(-1, *([1] * (x.dim() - 2))).expand(
+        x.shape[:-1])
+    is_open = full >= 0
+    base = F.linear(x, w, b)
+    assert y.dtype == x.dtype and y.shape == base.shape
+    assert torch.equal(y[~is_open], base[~is_open]), "closed rows must be bit-identical to F.linear"
+    if is_open.any():
+        err = rel_err(y[is_open], ref[is_open])
+        plain = rel_err(plain_torch(x, w, b, a, bb, scaling, ids)[is_open], ref[is_open])
+        assert err <= REL_TOL[x.dtype], f"rel err {err:.3g} > {REL_TOL[x.dtype]:g}"
+        enough = y[is_open].numel() >= PLAIN_MIN_ELEMS
+        assert not enough or err <= PLAIN_RATIO * plain + PLAIN_FLOOR[x.dtype], \
+            f"rel err {err:.3g} > {PLAIN_RATIO}× the plain op's {plain:.3g}"
+
+
+def run_case(m, k, n, n_adapters, rank, dtype, *, bias=True, p_closed=0.3, config=None,
+             ranks=None):
+    x = torch.randn(m, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype) / k**0.5
+    b = torch.randn(n, dtype=dtype) if bias else None
+    a, bb, scaling = make_lora(n_adapters, rank, k, n, dtype, ranks)
+    ids = make_ids((m,), n_adapters, p_closed)
+    y = gated_lora_linear_triton(x, [w], [b], a, bb, scaling, ids, config=config)[0]
+    check_op(x, w, b, a, bb, scaling, ids, y)
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", list(FORCED))
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (7, 37, 45), (33, 100, 19), (50, 130, 70)])
+def test_paths_match_reference(m, k, n, path, dtype):
+    run_case(m, k, n, 3, 8, dtype, config=FORCED[path])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [0, 1, 2, 17, 64, 65, 300])
+def test_default_config(m, dtype):
+    run_case(m, 48, 40, 2, 16, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ranks_zero_padded(dtype):
+    """Adapters of rank 1, 5 and 128 in one stack: padding contributes exactly nothing."""
+    run_case(20, 64, 33, 3, 128, dtype, ranks=[1, 5, 128])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 16, 31, 64, 100, 128])
+def test_ranks(rank):
+    run_case(9, 40, 24, 2, rank, torch.float16)
+    run_case(70, 40, 24, 2, rank, torch.float16)
+
+
+@pytest.mark.parametrize("n_adapters", [1, 4, 64])
+def test_many_adapters(n_adapters):
+    run_case(80, 32, 24, n_adapters, 4, torch.bfloat16, p_closed=0.1)
+    run_case(10, 32, 24, n_adapters, 4, torch.bfloat16, p_closed=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 40, 90])
+def test_all_closed_bit_identical(m, dtype):
+    x = torch.randn(m, 50, dtype=dtype)
+    w, b = torch.randn(30, 50, dtype=dtype), torch.randn(30, dtype=dtype)
+    a, bb, s = make_lora(2, 8, 50, 30, dtype)
+    ids = torch.full((m,), -1)
+    y = prism_fast.gated_lora_linear(x, w, b, a, bb, s, ids, backend="triton")
+    assert torch.equal(y, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("path", list(FORCED))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_poisoned_closed_rows_untouched(path, dtype):
+    """The kernels write into the base outputs: closed rows poisoned with NaN must stay NaN,
+    open rows must be exactly base + LoRA with the poison never read."""
+    m, k, n = 37, 40, 35
+    x = torch.randn(m, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype)
+    a, bb, s = make_lora(2, 8, k, n, dtype)
+    ids = make_ids((m,), 2, 0.5)
+    y = F.linear(x, w)
+    is_open = ids >= 0
+    y[~is_open] = float("nan")
+    add_gated_lora_([y], x, a, bb, s.reshape(1, -1), ids, False, FORCED[path])
+    assert torch.isnan(y[~is_open]).all()
+    ref = float64_ref(x, w, None, a, bb, s, ids)
+    assert rel_err(y[is_open], ref[is_open]) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("t", [1, 5, 20, 40])
+@pytest.mark.parametrize("path", [None, "fused", "shrink_expand", "split_k"])
+def test_per_sequence_ids(t, path, dtype):
+    """x [B, T, K] with ids [B] equals the per-token call with ids repeated over T."""
+    bsz, k, n = 3, 36, 29
+    x = torch.randn(bsz, t, k, dtype=dtype)
+    w, bias = torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)
+    a, bb, s = make_lora(2, 8, k, n, dtype)
+    seq_ids = torch.tensor([1, -1, 0])
+    cfg = FORCED[path] if path else None
+    y_seq = gated_lora_linear_triton(x, [w], [bias], a, bb, s, seq_ids, config=cfg)[0]
+    tok_ids = seq_ids[:, None].expand(bsz, t)
+    y_tok = gated_lora_linear_triton(x, [w], [bias], a, bb, s, tok_ids, config=cfg)[0]
+    assert torch.equal(y_seq, y_tok)
+    check_op(x, w, bias, a, bb, s, seq_ids, y_seq)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_x(dtype):
+    big = torch.randn(6, 10, 90, dtype=dtype)
+    x = big[:, ::2, 3:80]                       # [6, 5, 77], strided in every dim
+    assert not x.is_contiguous()
+    w = torch.randn(40, 77, dtype=dtype)
+    a, bb, s = make_lora(2, 16, 77, 40, dtype)
+    ids = make_ids((6, 5), 2)
+    y = prism_fast.gated_lora_linear(x, w, None, a, bb, s, ids, backend="triton")
+    check_op(x, w, None, a, bb, s, ids, y)
+    xt = torch.randn(64, 30, dtype=dtype).T     # [30, 64], column-major
+    w2 = torch.randn(20, 64, dtype=dtype)
+    a2, b2, s2 = make_lora(1, 4, 64, 20, dtype)
+    ids2 = make_ids((30,), 1)
+    check_op(xt, w2, None, a2, b2, s2, ids2,
+             prism_fast.gated_lora_linear(xt, w2, None, a2, b2, s2, ids2, backend="triton"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [3, 100])
+@pytest.mark.parametrize("n_slices", [2, 3])
+def test_multi_slice_shares_shrink(n_slices, m, dtype):
+    """One call over q/k/v-like slices equals one reference call per slice."""
+    k = 44
+    ns = [40, 12, 12][:n_slices]
+    x = torch.randn(m, k, dtype=dtype)
+    ws = [torch.randn(n, k, dtype=dtype) for n in ns]
+    bs = [torch.randn(n, dtype=dtype) if i != 1 else None for i, n in enumerate(ns)]
+    loras = [make_lora(2, 8, k, n, dtype) for n in ns]
+    ids = make_ids((m,), 2)
+    a = torch.cat([lo[0] for lo in loras], dim=1)            # [L, S·R, K]
+    bb = torch.cat([lo[1] for lo in loras], dim=1)           # [L, ΣN, R]
+    s = torch.stack([lo[2] for lo in loras])                 # [S, L]
+    ys = gated_lora_linear_triton(x, ws, bs, a, bb, s, ids)
+    for y, w, bias, (ai, bi, si) in zip(ys, ws, bs, loras):
+        check_op(x, w, bias, ai, bi, si, ids, y)
+
+
+def test_out_of_range_ids_are_closed_and_safe():
+    """Memory safety: ids far outside 0…L−1 (only checkable on the host) never index memory."""
+    m, k, n = 20, 32, 24
+    x = torch.randn(m, k)
+    w = torch.randn(n, k)
+    a, bb, s = make_lora(2, 4, k, n, torch.float32)
+    ids = torch.tensor([2**40, -5, 2, 3, 1 << 32, -(2**40)] + [0, 1] * 7, dtype=torch.int64)
+    base = F.linear(x, w)
+    y = base.clone()
+    add_gated_lora_([y], x, a, bb, s.reshape(1, -1), ids, False)
+    bad = torch.ones(m, dtype=torch.bool)
+    bad[6:] = False
+    assert torch.equal(y[bad], base[bad])
+    check_op(x[6:], w, None, a, bb, s, ids[6:], y[6:])
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64, torch.int16, torch.int8])
+def test_id_dtypes(id_dtype):
+    x = torch.randn(9, 20)
+    w = torch.randn(10, 20)
+    a, bb, s = make_lora(2, 4, 20, 10, torch.float32)
+    ids = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1, 1], dtype=id_dtype)
+    y = prism_fast.gated_lora_linear(x, w, None, a, bb, s, ids, backend="triton")
+    check_op(x, w, None, a, bb, s, ids.long(), y)
+
+
+def test_randomized_sweep():
+    """≥ 200 random cases per run; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("PRISM_SWEEP_SEED", random.randrange(2**31)))
+    print(f"randomized sweep seed: {seed} (replay with PRISM_SWEEP_SEED={seed})")
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    for case in range(200):
+        dtype = rng.choice(DTYPES)
+        m = rng.choice([0, 1, 2, rng.randint(3, 40), rng.randint(41, 140)])
+        k, n = rng.randint(1, 96), rng.randint(1, 80)
+        n_adapters = rng.choice([1, 1, 2, 3, 7])
+        rank = rng.choice([1, 2, 4, 8, 13, 16, 32])
+        ranks = [rng.randint(1, rank) for _ in range(n_adapters)]
+        path = rng.choice([None, None, "fused", "shrink_expand", "split_k"])
+        three_d = rng.random() < 0.3 and m > 0
+        info = f"case {case}: dtype={dtype} m={m} k={k} n={n} L={n_adapters} R={rank} " \
+               f"path={path} 3d={three_d}"
+        x = torch.randn(m, k, dtype=dtype)
+        w = torch.randn(n, k, dtype=dtype) / k**0.5
+        b = torch.randn(n, dtype=dtype) if rng.random() < 0.5 else None
+        a, bb, s = make_lora(n_adapters, rank, k, n, dtype, ranks)
+        ids = make_ids((m,), n_adapters, rng.choice([0.0, 0.3, 1.0]))
+        if three_d:
+            x = x.view(1, m, k)
+            ids = ids[:1] if rng.random() < 0.5 else ids.view(1, m)
+        y = gated_lora_linear_triton(x, [w], [b], a, bb, s, ids,
+                                     config=FORCED[path] if path else None)[0]
+        try:
+            check_op(x, w, b, a, bb, s, ids, y)
+        except AssertionError as e:
+            raise AssertionError(f"{info}: {e}") from e
+
+
+# ---- public API: backends and clear errors (SPEC §5) ------------------------------------------
+
+
+def _good(dtype=torch.float32):
+    x = torch.randn(4, 6, 16, dtype=dtype)
+    w = torch.randn(12, 16, dtype=dtype)
+    b = torch.randn(12, dtype=dtype)
+    a, bb, s = make_lora(2, 4, 16, 12, dtype)
+    return dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb, scaling=s,
+                adapter_ids=torch.tensor([0, -1, 1, 0]))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_backends_agree(backend):
+    args = _good()
+    ref = float64_ref(*args.values())
+    y = prism_fast.gated_lora_linear(**args, backend=backend)
+    assert rel_err(y, ref) <= REL_TOL[torch.float32]
+
+
+BAD = [
+    ("x", lambda a: a.update(x=a["x"].to(torch.int32)), TypeError, "x: expected dtype"),
+    ("x", lambda a: a.update(x=[1.0]), TypeError, "x: expected a torch.Tensor"),
+    ("weight", lambda a: a.update(weight=a["weight"][:, :8]), ValueError, "weight: expected shape"),
+    ("weight", lambda a: a.update(weight=a["weight"].half()), TypeError, "weight: expected dtype"),
+    ("bias", lambda a: a.update(bias=a["bias"][:5]), ValueError, "bias: expected shape"),
+    ("lora_a", lambda a: a.update(lora_a=a["lora_a"][0]), ValueError, "lora_a: expected 3"),
+    ("lora_a", lambda a: a.update(lora_a=a["lora_a"][..., :7]), ValueError, "lora_a: expected"),
+    ("lora_a", lambda a: a.update(lora_a=torch.randn(2, 129, 16), lora_b=torch.randn(2, 12, 129)),
+     ValueError, "lora_a: expected rank"),
+    ("lora_b", lambda a: a.update(lora_b=a["lora_b"][:, :5]), ValueError, "lora_b: expected shape"),
+    ("lora_b", lambda a: a.update(lora_b=a["lora_b"][:1]), ValueError, "lora_b: expected shape"),
+    ("scaling", lambda a: a.update(scaling=a["scaling"][:1]), ValueError, "scaling: expected"),
+    ("scaling", lambda a: a.update(scaling=torch.tensor([1, 2])), TypeError, "scaling: expected"),
+    ("adapter_ids", lambda a: a.update(adapter_ids=torch.tensor([0, 1])), ValueError,
+     "adapter_ids: expected shape"),
+    ("adapter_ids", lambda a: a.update(adapter_ids=torch.zeros(4)), TypeError,
+     "adapter_ids: expected a signed integer"),
+    ("adapter_ids", lambda a: a.update(adapter_ids=torch.zeros(4, dtype=torch.uint8)), TypeError,
+     "adapter_ids: expected a signed integer"),
+    ("adapter_ids", lambda a: a.update(adapter_ids=torch.tensor([0, 2, 0, 0])), ValueError,
+     "adapter_ids: expected values in -1…1"),
+    ("adapter_ids", lambda a: a.update(adapter_ids=torch.tensor([0, -2, 0, 0])), ValueError,
+     "adapter_ids: expected values"),
+    ("lora_a", lambda a: a.update(lora_a=torch.randn(65, 4, 16), lora_b=torch.randn(65, 12, 4),
+                                  scaling=torch.ones(65)), ValueError, "lora_a: expected 1 to 64"),
+    ("device", lambda a: a.update(lora_a=a["lora_a"].to("meta")), ValueError,
+     "lora_a: expected device cpu"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name,mutate,exc,msg", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_clear_errors(name, mutate, exc, msg, backend):
+    args = _good()
+    mutate(args)
+    with pytest.raises(exc, match=msg):
+        prism_fast.gated_lora_linear(**args, backend=backend)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        prism_fast.gated_lora_linear(**_good(), backend="cuda")
+
+
+def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        prism_fast.gated_lora_linear(**_good(), backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 64, 4096])
+def test_gpu_compiled(m, dtype):
+    """On a GPU the same checks run compiled (no interpreter), at a Llama-like size."""
+    torch.set_default_device("cuda")
+    try:
+        run_case(m, 4096, 1024, 2, 16, dtype)
+    finally:
+        torch.set_default_device("cpu")
