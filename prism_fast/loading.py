@@ -1,0 +1,239 @@
+"""Loading personas: official PRISM output directories, PEFT adapter directories, PeftModels.
+
+A PRISM output directory (github.com/zizhao-hu/PRISM, prism/run_gated_lora.py) holds
+    persona_expert/adapter_config.json, persona_expert/adapter_model.safetensors  (PEFT LoRA)
+    gate.pt                  state dict: gate.0.weight [256, H], gate.0.bias [256],
+                                         gate.3.weight [2, 256], gate.3.bias [2]
+    gated_lora_config.json   training metadata
+Every checkpoint is read with safetensors or `torch.load(..., weights_only=True)`: no pickled
+code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PRISM_ADAPTER_SUBDIR = "persona_expert"
+GATE_FILE = "gate.pt"
+PRISM_CONFIG_FILE = "gated_lora_config.json"
+GATE_KEYS = ("0.weight", "0.bias", "3.weight", "3.bias")
+
+
+@dataclass
+class LoraWeights:
+    """One persona's LoRA on one module: delta = scaling · B A x."""
+
+    a: torch.Tensor        # [r, K]
+    b: torch.Tensor        # [N, r]
+    scaling: float
+
+
+@dataclass
+class Persona:
+    """One LoRA adapter: module path (relative to the causal-LM root) → its weights."""
+
+    name: str
+    modules: dict[str, LoraWeights]
+    source: str
+
+
+@dataclass
+class PrismAdapter:
+    """What `load_prism` returns and `patch_model(adapter=...)` accepts."""
+
+    personas: list[Persona]
+    gate: dict[str, torch.Tensor] | None = None     # keys "0.weight", "0.bias", "3.weight", "3.bias"
+    prism_config: dict = field(default_factory=dict)
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name}: expected a file at {path}, found none")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path.name}: expected valid JSON in {path}, got: {e}") from e
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise many types for a corrupt file
+        raise ValueError(f"{path.name}: could not read {path} as a checkpoint: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path.name}: expected a state dict of tensors in {path}, got "
+                         f"{type(state).__name__}")
+    return state
+
+
+def load_gate(gate: str | Path | dict) -> dict[str, torch.Tensor]:
+    """A gate.pt path or state dict → {"0.weight", "0.bias", "3.weight", "3.bias"} (shapes checked
+    against each other here; against the model in patch_model)."""
+    if isinstance(gate, (str, Path)):
+        path = Path(gate)
+        if not path.is_file():
+            raise FileNotFoundError(f"gate: expected a gate.pt file at {path}, found none")
+        state = _load_tensors(path)
+    elif isinstance(gate, dict):
+        state = gate
+    else:
+        raise TypeError(f"gate: expected a path to gate.pt or a state dict, got "
+                        f"{type(gate).__name__}")
+    state = {k.removeprefix("gate."): v for k, v in state.items()}
+    missing = [k for k in GATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"gate: expected keys {['gate.' + k for k in GATE_KEYS]}, missing "
+                         f"{['gate.' + k for k in missing]} (got {sorted(state)})")
+    w1, b1, w2, b2 = (state[k] for k in GATE_KEYS)
+    if w1.dim() != 2 or b1.shape != (w1.shape[0],) or w2.dim() != 2 \
+            or w2.shape[1] != w1.shape[0] or b2.shape != (w2.shape[0],):
+        raise ValueError(f"gate: expected gate.0.weight (D, H), gate.0.bias (D,), gate.3.weight "
+                         f"(C, D), gate.3.bias (C,), got {[tuple(t.shape) for t in (w1, b1, w2, b2)]}")
+    return {k: state[k] for k in GATE_KEYS}
+
+
+# ---- PEFT adapters ----------------------------------------------------------------------------
+
+
+def _match_pattern(patterns: dict, module: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches a module path suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_peft_dir(path: str | Path, name: str | None = None) -> Persona:
+    """A PEFT LoRA adapter directory → Persona (module paths relative to the causal-LM root)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter: expected a PEFT adapter directory at {path}, found none")
+    config = _read_json(path / "adapter_config.json")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter: expected a LoRA adapter (peft_type LORA) in {path}, got "
+                         f"{config.get('peft_type')}")
+    for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if config.get(flag):
+            raise ValueError(f"adapter: {flag}=True in {path} is not supported by the gated LoRA "
+                             f"kernels (expected plain LoRA)")
+    if config.get("target_parameters"):
+        raise ValueError(f"adapter: target_parameters {config['target_parameters']} in {path} "
+                         f"puts LoRA on raw parameters (e.g. fused MoE experts); only nn.Linear "
+                         f"targets are supported")
+    if config.get("modules_to_save"):
+        raise ValueError(f"adapter: modules_to_save {config['modules_to_save']} in {path} trains "
+                         f"full modules, which a per-row gate cannot route; not supported")
+    weights = None
+    for fname in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (path / fname).is_file():
+            weights = _load_tensors(path / fname)
+            break
+    if weights is None:
+        raise FileNotFoundError(f"adapter: expected adapter_model.safetensors in {path}, found "
+                                f"none")
+    r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if m is None:
+            raise ValueError(f"adapter: unexpected tensor {key!r} in {path} (expected only "
+                             f"lora_A / lora_B weights)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+    modules = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"adapter: {module} in {path} has lora_{''.join(ab)} without its "
+                             f"pair")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(f"adapter: {module} in {path}: expected lora_A (r, K) and lora_B "
+                             f"(N, r), got {tuple(a.shape)} and {tuple(b.shape)}")
+        r = _match_pattern(rank_pattern, module, r0)
+        alpha = _match_pattern(alpha_pattern, module, alpha0)
+        if r != a.shape[0]:
+            raise ValueError(f"adapter: {module} in {path}: config says rank {r}, weights have "
+                             f"{a.shape[0]}")
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[module] = LoraWeights(a=a, b=b, scaling=scaling)
+    if not modules:
+        raise ValueError(f"adapter: no LoRA weights found in {path}")
+    return Persona(name=name or path.name, modules=modules, source=str(path))
+
+
+def load_prism(path: str | Path | list) -> PrismAdapter:
+    """A PRISM output directory, a plain PEFT adapter directory, or a list of those (several
+    personas, persona i = adapter i). A single PRISM directory brings its gate.pt; for a list,
+    pass a gate with L + 1 classes to `patch_model(gate=...)`."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise ValueError("adapter: expected at least one adapter directory, got an empty list")
+        loaded = [load_prism(p) for p in path]
+        return PrismAdapter(personas=[p for a in loaded for p in a.personas])
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"adapter: expected a directory path, a list of them, or a PrismAdapter, "
+                        f"got {type(path).__name__}")
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"adapter: expected a PRISM output or PEFT adapter directory at "
+                                f"{root}, found none")
+    if (root / "adapter_config.json").is_file():
+        return PrismAdapter(personas=[load_peft_dir(root)])
+    if not (root / PRISM_ADAPTER_SUBDIR).is_dir():
+        raise FileNotFoundError(f"adapter: expected {root}/adapter_config.json (PEFT) or "
+                                f"{root}/{PRISM_ADAPTER_SUBDIR}/ (PRISM output), found neither")
+    persona = load_peft_dir(root / PRISM_ADAPTER_SUBDIR, name=root.name)
+    gate = load_gate(root / GATE_FILE) if (root / GATE_FILE).exists() else None
+    config = _read_json(root / PRISM_CONFIG_FILE) if (root / PRISM_CONFIG_FILE).exists() else {}
+    return PrismAdapter(personas=[persona], gate=gate, prism_config=config)
+
+
+def personas_from_peft_model(peft_model) -> tuple[list[Persona], dict[str, torch.nn.Module]]:
+    """A PeftModel's loaded LoRA adapters → personas (in load order), plus the LoRA-wrapped
+    modules by path (relative to the causal-LM root) so that patch_model can swap them."""
+    from peft.tuners.lora import LoraLayer
+
+    root = peft_model.base_model.model
+    names = list(peft_model.peft_config)
+    for n in names:
+        cfg = peft_model.peft_config[n]
+        if getattr(cfg, "peft_type", None) is None or cfg.peft_type.value != "LORA":
+            raise ValueError(f"model: adapter {n!r} is {cfg.peft_type}, expected LoRA")
+        if getattr(cfg, "modules_to_save", None):
+            raise ValueError(f"model: adapter {n!r} has modules_to_save, which a per-row gate "
+                             f"cannot route; not supported")
+    personas = [Persona(name=n, modules={}, source="PeftModel") for n in names]
+    wrapped: dict[str, torch.nn.Module] = {}
+    for path, module in root.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not isinstance(module.get_base_layer(), torch.nn.Linear):
+            raise ValueError(f"model: LoRA on {path} wraps {type(module.get_base_layer()).__name__}"
+                             f", expected nn.Linear")
+        wrapped[path] = module
+        for persona in personas:
+            if persona.name not in module.lora_A:
+                continue
+            if module.use_dora.get(persona.name):
+                raise ValueError(f"model: adapter {persona.name!r} uses DoRA on {path}; not "
+                                 f"supported")
+            persona.modules[path] = LoraWeights(
+                a=module.lora_A[persona.name].weight.detach(),
+                b=module.lora_B[persona.name].weight.detach(),
+                scaling=float(module.scaling[persona.name]))
+    if not wrapped:
+        raise ValueError("model: expected a PeftModel with LoRA adapters, found no LoRA layers")
+    return personas, wrapped
