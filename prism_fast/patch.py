@@ -66,6 +66,8 @@ class _Routing:
     gate_pending: bool = False
     attention_mask: torch.Tensor | None = None
     default_adapter: int = 0
+    seq_len: int = 1                               # T of the current forward
+    token_ids: torch.Tensor | None = None          # routes repeated over T, built on demand
 
     def assign(self, routes: torch.Tensor) -> None:
         """Write routes in place when the batch size allows, so captured graphs see them."""
@@ -82,13 +84,21 @@ class _Routing:
         return self.all_closed and not _tracing()
 
     def ids_for(self, x: torch.Tensor) -> torch.Tensor:
+        """Routes [B] for x [B, T, K]; per-token ids [B·T] for x [B·T, K] (MoE blocks flatten)."""
         routes = self.routes
         if routes is None:
             raise ValueError("routes: no routes yet; run a prefill forward or call set_routes")
-        if x.dim() != 3 or x.shape[0] != routes.shape[0]:
-            raise ValueError(f"x: expected (B={routes.shape[0]}, T, K) to match the routes of the "
+        b = routes.shape[0]
+        if x.dim() == 3 and x.shape[0] == b:
+            ids = routes
+        elif x.dim() == 2 and x.shape[0] == b * self.seq_len:
+            if self.token_ids is None or self.token_ids.shape[0] != x.shape[0]:
+                self.token_ids = routes.repeat_interleave(self.seq_len)
+            ids = self.token_ids
+        else:
+            raise ValueError(f"x: expected (B={b}, T, K) or (B·T, K) to match the routes of the "
                              f"last prefill, got {tuple(x.shape)}; a new batch needs a new prefill")
-        return routes if routes.device == x.device else routes.to(x.device, non_blocking=True)
+        return ids if ids.device == x.device else ids.to(x.device, non_blocking=True)
 
 
 def _tracing() -> bool:
@@ -380,14 +390,17 @@ def _before_decoder(routing: _Routing):
         if x is None and args:
             x = args[0]
         b, t = x.shape[0], x.shape[1]
+        routing.seq_len, routing.token_ids = t, None
         if not _is_prefill(_cache_of(kwargs), t):
             return None
         routing.gate_pending = False
         if routing.fixed is not None:
-            if routing.fixed.shape[0] != b:
-                raise ValueError(f"routes: set_routes gave {routing.fixed.shape[0]} routes but the "
-                                 f"batch has {b} rows")
-            routing.assign(routing.fixed.to(x.device))
+            n = routing.fixed.shape[0]
+            if n == 0 or b % n:
+                raise ValueError(f"routes: set_routes gave {n} routes but the batch has {b} rows "
+                                 f"(expected {b} or a divisor of it)")
+            # generate() repeats each prompt for beams / num_return_sequences, contiguously.
+            routing.assign(routing.fixed.to(x.device).repeat_interleave(b // n))
         elif routing.gate is None:
             routing.assign(torch.full((b,), routing.default_adapter, dtype=torch.int32,
                                       device=x.device))

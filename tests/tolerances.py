@@ -25,3 +25,8 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     denom = ref.norm().item()
     return (y - ref).norm().item() / max(denom, 1e-300)
+
+# Whole models (tiny, float32) against PEFT: logits of open rows. Each op is within the fp32
+# bound above; through 3 layers plus the LM head the error stays at that level (measured
+# ≤ 2e-7 absolute on logits of magnitude ~1 on CPU), so the SPEC fp32 bound is kept as is.
+MODEL_REL_TOL = REL_TOL[torch.float32]
