@@ -200,17 +200,19 @@ def _cache_of(kwargs: dict):
 
 def _is_prefill(cache, t: int) -> bool:
     """A forward with no cache or an empty one. Dynamic caches report their length as an int;
-    static ones as a device tensor, read (one sync) only for multi-token inputs outside tracing,
-    so a decode step never syncs. (A one-token prompt into a reused static cache is taken for a
-    decode step: give it a fresh cache or call set_routes.)"""
+    static ones as a device tensor, which is read (one sync) only for multi-token inputs in
+    eager mode, so a decode step never syncs. Under torch.compile / graph capture, where that
+    read would break the graph, a multi-token input into a static cache counts as a prefill.
+    (A one-token prompt into a reused static cache is taken for a decode step: give it a fresh
+    cache or call set_routes.)"""
     if cache is None:
         return True
     n = cache.get_seq_length()
     if isinstance(n, int):
         return n == 0
-    if _tracing():
+    if t == 1:
         return False
-    return t > 1 and int(n) == 0
+    return True if _tracing() else int(n) == 0
 
 
 def _last_token(mask: torch.Tensor | None, b: int, t: int, device) -> torch.Tensor:
@@ -472,9 +474,13 @@ def set_routes(model, routes: torch.Tensor | None) -> None:
         if lo < -1 or hi >= routing.n_adapters:
             raise ValueError(f"routes: expected values in -1…{routing.n_adapters - 1}, got values "
                              f"in {lo}…{hi}")
-    routing.fixed = routes.to(device=routing.device, dtype=torch.int32)
-    if routing.routes is not None and routing.routes.shape == routing.fixed.shape:
-        routing.assign(routing.fixed)
+    routes = routes.to(device=routing.device, dtype=torch.int32)
+    if routing.fixed is not None and routing.fixed.shape == routes.shape:
+        routing.fixed.copy_(routes)      # in place: a captured prefill reads the new values
+    else:
+        routing.fixed = routes
+    if routing.routes is not None and routing.routes.shape == routes.shape:
+        routing.assign(routes)           # in place: captured decode steps read the new values
 
 
 def get_routes(model) -> torch.Tensor | None:

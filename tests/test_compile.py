@@ -1,0 +1,84 @@
+"""torch.compile(fullgraph=True) and static-cache generate on patched models (CPU, aot_eager).
+
+aot_eager traces the whole forward through Dynamo and AOTAutograd (graph breaks are errors
+with fullgraph=True) and then runs the traced graph, with the custom ops opaque, so the Triton
+backend runs through the interpreter inside the compiled graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prism_fast
+from tests import models as M
+from tests.tolerances import MODEL_REL_TOL, rel_err
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def prism(tmp_path_factory):
+    base = M.base_model()
+    ids, mask = M.prompts(6, 9, "left", seed=5)
+    gate = M.balance_gate(base, M.random_gate(64), ids, mask)
+    pm = M.peft_model(M.clone(base))
+    return M.save_prism_dir(pm, gate, tmp_path_factory.mktemp("c") / "out"), base, pm, gate
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_forward_matches_eager(prism, backend):
+    path, base, _, gate = prism
+    model = prism_fast.patch_model(M.clone(base), path, backend=backend)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for seed in (5, 7):
+        ids, mask = M.prompts(6, 9, "left", seed=seed)
+        with torch.no_grad():
+            eager = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            eager_routes = prism_fast.get_routes(model).clone()
+            out = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert torch.equal(prism_fast.get_routes(model), eager_routes)
+        assert torch.equal(eager_routes, M.official_routes(base, gate, ids, mask))
+        assert rel_err(out, eager) <= MODEL_REL_TOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_cache_generate_compiled_routes_change(prism, backend):
+    path, base, pm, gate = prism
+    model = prism_fast.patch_model(M.clone(base), path, backend=backend)
+    model.forward = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    for seed in (5, 8):          # same batch size, other prompts: routes update in place
+        ids, mask = M.prompts(4, 9, "left", seed=seed)
+        routes = M.official_routes(base, gate, ids, mask)
+        names = ["__base__" if r < 0 else "persona_expert" for r in routes.tolist()]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                 do_sample=False, cache_implementation="static")
+            ref = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                              do_sample=False, adapter_names=names)
+        assert torch.equal(prism_fast.get_routes(model), routes)
+        assert torch.equal(out, ref)
+
+
+def test_set_routes_between_compiled_calls_is_not_baked(prism):
+    """Routes are a tensor read by the graph, never a constant of it."""
+    path, base, pm, _ = prism
+    model = prism_fast.patch_model(M.clone(base), path, backend="torch")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids, mask = M.prompts(2, 6)
+    outs = []
+    for routes in ([0, -1], [-1, 0], [0, -1]):
+        prism_fast.set_routes(model, torch.tensor(routes))
+        with torch.no_grad():
+            outs.append(compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits)
+    base_out = base(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(outs[0][1], base_out[1]) and torch.equal(outs[1][0], base_out[0])
+    assert not torch.equal(outs[0][0], base_out[0])
+    assert torch.equal(outs[0], outs[2])
