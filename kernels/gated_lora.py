@@ -139,7 +139,7 @@ def _gated_lora_kernel(
     x_ptr, a_ptr, b_ptr, scale_ptr, ids_ptr, buf_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, T, L, R, N0, N1, N2,
     stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_bl, stride_bn, stride_br,
-    stride_y0, stride_y1, stride_y2, stride_um,
+    stride_y0, stride_y1, stride_y2, stride_um, stride_uk,
     STAGE: tl.constexpr, SEQ_IDS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -166,12 +166,11 @@ def _gated_lora_kernel(
             u = _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, col_mask, k_lo, k_hi,
                         stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
                         BLOCK_M, BLOCK_R, BLOCK_K)
-            u_ptrs = buf_ptr + rows[:, None] * stride_um + cols[None, :]
-            u_mask = sel[:, None] & col_mask[None, :]
-            if SPLIT_K > 1:
-                tl.atomic_add(u_ptrs, u, mask=u_mask)
-            else:
-                tl.store(u_ptrs, u, mask=u_mask)
+            # Each K split writes its own partial: no memset launch, no atomics, and the
+            # expand's sum over partials is deterministic.
+            split = (pid_n % SPLIT_K).to(tl.int64)
+            tl.store(buf_ptr + split * stride_uk + rows[:, None] * stride_um + cols[None, :], u,
+                     mask=sel[:, None] & col_mask[None, :])
         else:
             n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             if STAGE == 0:  # FUSED: the whole [BM, S·R] shrink in registers
@@ -195,9 +194,11 @@ def _gated_lora_kernel(
                         out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                         for c0 in range(s * R, s * R + R, BLOCK_R):
                             cols = c0 + tl.arange(0, BLOCK_R)
-                            u = tl.load(buf_ptr + rows[:, None] * stride_um + cols[None, :],
-                                        mask=sel[:, None] & (cols < s * R + R)[None, :],
-                                        other=0.0)
+                            u_ptrs = buf_ptr + rows[:, None] * stride_um + cols[None, :]
+                            u_mask = sel[:, None] & (cols < s * R + R)[None, :]
+                            u = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                            for split in range(SPLIT_K):
+                                u += tl.load(u_ptrs + split * stride_uk, mask=u_mask, other=0.0)
                             u_hi, u_lo = _split_u(u, dtype, SPLIT_U)
                             out += _expand(u_hi, u_lo, b_ptr, adapter, cols, s * R, s * R + R,
                                            n_off, n, n_mask, stride_bl, stride_bn, stride_br,
@@ -210,8 +211,12 @@ def _gated_lora_kernel(
 # configs: heuristic defaults, optionally overridden by a per-GPU table from bench/tune_gated_lora
 # ----------------------------------------------------------------------------------------------
 
-FUSED_MAX_ROWS = 64   # decode batches; above this the shrink is worth its own launch
-FUSED_MAX_COLS = 128  # S·R columns the fused kernel keeps in registers
+FUSED_MAX_ROWS = 64   # decode batches; above this the shrink always gets its own launch
+# The fused decode kernel recomputes its rows' shrink in every program (one per N tile), so
+# each program streams all of A[S·R, K] from L2 on its own. Model, not measurement (no GPU has
+# been available yet): at ~150 GB/s per SM, 64K bf16 elements cost ≈ 1 µs per program, about
+# what a second launch costs under CUDA graphs; above that the split shrink + expand pair wins.
+FUSED_MAX_A_ELEMS = 64 * 1024
 
 
 @functools.lru_cache(maxsize=8)
@@ -220,36 +225,47 @@ def _tuned_table(device_name: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _device_key(x: torch.Tensor) -> tuple[str, int]:
-    if x.device.type == "cuda":
-        props = torch.cuda.get_device_properties(x.device)
+@functools.lru_cache(maxsize=16)
+def _device_key(device: torch.device) -> tuple[str, int]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
         return props.name, props.multi_processor_count
     return "cpu", 4
 
 
-def pick_config(stage: int, m: int, k: int, n_max: int, sr: int, r: int, x: torch.Tensor) -> dict:
-    """Block sizes for one stage. Tuned tables are keyed by stage and the next power of 2 of M."""
-    name, sms = _device_key(x)
-    key = f"{('fused', 'shrink', 'expand')[stage]}:{triton.next_power_of_2(max(m, 1))}"
-    tuned = _tuned_table(name).get(key)
-    if tuned:
-        return dict(tuned)
-    if stage == STAGE_FUSED:
+@functools.lru_cache(maxsize=4096)
+def pick_config(m: int, k: int, n_max: int, sr: int, r: int, device: torch.device) -> dict:
+    """Path and block sizes for one call: {"stages": [...], stage: {BLOCK_*, num_warps}, "SPLIT_K"}.
+
+    A per-GPU table (kernels/configs/<GPU name>.json, written by bench/tune_gated_lora.py) may
+    override any entry, keyed "<stage>:<next power of 2 of M>". Cached: no work on the hot path.
+    """
+    name, sms = _device_key(device)
+    table = _tuned_table(name)
+    m_key = triton.next_power_of_2(max(m, 1))
+    fused = m <= FUSED_MAX_ROWS and sr <= 128 and k * sr <= FUSED_MAX_A_ELEMS
+    fused = table.get(f"path:{m_key}", "fused" if fused else "split") == "fused" and sr <= 128
+    if fused:
         br = max(16, triton.next_power_of_2(sr))
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if br <= 64 else 64, BLOCK_R=br,
-                    SPLIT_K=1, num_warps=4)
-    if stage == STAGE_SHRINK:
-        br = max(16, min(64, triton.next_power_of_2(sr)))
-        bm = 64 if m >= 256 else 16
-        tiles = triton.cdiv(m, bm) * triton.cdiv(sr, br)
-        # Split K until the grid fills the GPU twice over, keeping ≥ 512 of K per split.
-        split = 1
-        while tiles * split < 2 * sms and k // (split * 2) >= 512:
-            split *= 2
-        return dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=64, BLOCK_R=br, SPLIT_K=split, num_warps=4)
-    br = max(16, min(64, triton.next_power_of_2(r)))
-    return dict(BLOCK_M=64 if m >= 256 else 16, BLOCK_N=64 if n_max >= 64 else 32, BLOCK_K=16,
-                BLOCK_R=br, SPLIT_K=1, num_warps=4)
+        cfg = {STAGE_FUSED: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if br <= 64 else 64,
+                                 BLOCK_R=br, num_warps=4)}
+        cfg[STAGE_FUSED].update(table.get(f"fused:{m_key}", {}))
+        return {"stages": [STAGE_FUSED], "SPLIT_K": 1, **cfg}
+    bm = 64 if m >= 256 else 16
+    br = max(16, min(64, triton.next_power_of_2(sr)))
+    shrink = dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=64, BLOCK_R=br, num_warps=4)
+    shrink.update(table.get(f"shrink:{m_key}", {}))
+    # Split K until the shrink grid fills the GPU twice over, keeping ≥ 256 of K per split.
+    tiles = triton.cdiv(m, shrink["BLOCK_M"]) * triton.cdiv(sr, shrink["BLOCK_R"])
+    split = 1
+    while tiles * split < 2 * sms and k // (split * 2) >= 256 and split < 16:
+        split *= 2
+    split = table.get(f"split_k:{m_key}", split)
+    expand = dict(BLOCK_M=bm, BLOCK_N=64 if n_max >= 64 else 32, BLOCK_K=16,
+                  BLOCK_R=max(16, min(64, triton.next_power_of_2(r))), num_warps=4)
+    expand.update(table.get(f"expand:{m_key}", {}))
+    return {"stages": [STAGE_SHRINK, STAGE_EXPAND], "SPLIT_K": split,
+            STAGE_SHRINK: shrink, STAGE_EXPAND: expand}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +377,7 @@ def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tenso
 
     x [..., K]; lora_a [L, S·R, K]; lora_b [L, ΣN_s, R]; scaling [S, L] fp32;
     adapter_ids [B] (seq_ids, x = [B, T, K]) or x.shape[:-1]. Arguments are assumed checked.
-    `config` forces a path and its block sizes (tests use it to reach every stage).
+    `config` (pick_config's format) forces a path and block sizes: tests reach every stage.
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)                                     # [M, K], a view where possible
@@ -379,38 +395,32 @@ def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tenso
     while len(ns) < MAX_SLICES:
         ns.append(0)
         y2.append(y2[0])
-    fused = m <= FUSED_MAX_ROWS and sr <= FUSED_MAX_COLS
-    stages = [STAGE_FUSED] if fused else [STAGE_SHRINK, STAGE_EXPAND]
-    if config is not None:
-        stages = config["stages"]
-    u = None
-    if STAGE_SHRINK in stages:
-        cfg = dict(config[STAGE_SHRINK]) if config else pick_config(
-            STAGE_SHRINK, m, k, max(ns), sr, r, x)
-        alloc = torch.zeros if cfg["SPLIT_K"] > 1 else torch.empty
-        u = alloc((m, sr), dtype=torch.float32, device=x.device)  # [M, S·R] fp32
-    for stage in stages:
-        cfg = dict(config[stage]) if config else pick_config(stage, m, k, max(ns), sr, r, x)
-        num_warps = cfg.pop("num_warps", 4)
+    cfg = config or pick_config(m, k, max(ns), sr, r, x.device)
+    split_k = cfg["SPLIT_K"]
+    u = scaling   # placeholder pointer for the fused path, never read
+    if STAGE_SHRINK in cfg["stages"]:
+        u = torch.empty((split_k, m, sr), dtype=torch.float32, device=x.device)  # [SK, M, S·R]
+    for stage in cfg["stages"]:
+        blocks = dict(cfg[stage])
+        num_warps = blocks.pop("num_warps", 4)
         if seq_ids:
-            grid_m = ids.shape[0] * triton.cdiv(t, cfg["BLOCK_M"])
+            grid_m = ids.shape[0] * triton.cdiv(t, blocks["BLOCK_M"])
         else:
-            grid_m = triton.cdiv(m, cfg["BLOCK_M"])
+            grid_m = triton.cdiv(m, blocks["BLOCK_M"])
         if stage == STAGE_SHRINK:
-            grid_n = triton.cdiv(sr, cfg["BLOCK_R"]) * cfg["SPLIT_K"]
+            grid_n = triton.cdiv(sr, blocks["BLOCK_R"]) * split_k
         else:
-            grid_n = triton.cdiv(max(ns), cfg["BLOCK_N"])
+            grid_n = triton.cdiv(max(ns), blocks["BLOCK_N"])
         _gated_lora_kernel[(grid_m, grid_n)](
-            x_ptr=x2, a_ptr=lora_a, b_ptr=lora_b, scale_ptr=scaling, ids_ptr=ids,
-            buf_ptr=u if u is not None else scaling,
+            x_ptr=x2, a_ptr=lora_a, b_ptr=lora_b, scale_ptr=scaling, ids_ptr=ids, buf_ptr=u,
             y0_ptr=y2[0], y1_ptr=y2[1], y2_ptr=y2[2],
             M=m, K=k, T=t, L=n_adapters, R=r, N0=ns[0], N1=ns[1], N2=ns[2],
             stride_xm=x2.stride(0), stride_xk=x2.stride(1),
             stride_al=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
             stride_bl=lora_b.stride(0), stride_bn=lora_b.stride(1), stride_br=lora_b.stride(2),
             stride_y0=y2[0].stride(0), stride_y1=y2[1].stride(0), stride_y2=y2[2].stride(0),
-            stride_um=sr, STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=len(ys),
-            num_warps=num_warps, **cfg,
+            stride_um=sr, stride_uk=m * sr, STAGE=stage, SEQ_IDS=seq_ids,
+            NUM_SLICES=len(ys), SPLIT_K=split_k, num_warps=num_warps, **blocks,
         )
 
 

@@ -24,14 +24,14 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Every path with small blocks so that tiny shapes still span several tiles and K splits.
 FORCED = {
-    "fused": {"stages": [STAGE_FUSED], STAGE_FUSED: dict(
-        BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=64, SPLIT_K=1)},
-    "shrink_expand": {"stages": [STAGE_SHRINK, STAGE_EXPAND],
-                      STAGE_SHRINK: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, SPLIT_K=1),
-                      STAGE_EXPAND: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, SPLIT_K=1)},
-    "split_k": {"stages": [STAGE_SHRINK, STAGE_EXPAND],
-                STAGE_SHRINK: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, SPLIT_K=3),
-                STAGE_EXPAND: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_R=16, SPLIT_K=1)},
+    "fused": {"stages": [STAGE_FUSED], "SPLIT_K": 1,
+              STAGE_FUSED: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=64)},
+    "shrink_expand": {"stages": [STAGE_SHRINK, STAGE_EXPAND], "SPLIT_K": 1,
+                      STAGE_SHRINK: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16),
+                      STAGE_EXPAND: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16)},
+    "split_k": {"stages": [STAGE_SHRINK, STAGE_EXPAND], "SPLIT_K": 3,
+                STAGE_SHRINK: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16),
+                STAGE_EXPAND: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, BLOCK_R=16)},
 }
 
 
@@ -322,3 +322,26 @@ def test_gpu_compiled(m, dtype):
         run_case(m, 4096, 1024, 2, 16, dtype)
     finally:
         torch.set_default_device("cpu")
+
+
+def test_pick_config_paths_and_tuned_table(monkeypatch):
+    from prism_fast.kernels import gated_lora
+
+    cpu = torch.device("cpu")
+    gated_lora.pick_config.cache_clear()
+    # Llama-3-8B q/k/v decode: A is 48 × 4096, too much to re-stream per N tile → split path
+    cfg = gated_lora.pick_config(1, 4096, 4096, 48, 16, cpu)
+    assert cfg["stages"] == [STAGE_SHRINK, STAGE_EXPAND] and cfg["SPLIT_K"] > 1
+    # a small adapter on a small layer decodes in one launch
+    assert gated_lora.pick_config(8, 512, 512, 16, 16, cpu)["stages"] == [STAGE_FUSED]
+    # prefill never fuses
+    assert gated_lora.pick_config(4096, 512, 512, 16, 16, cpu)["stages"][0] == STAGE_SHRINK
+    monkeypatch.setattr(gated_lora, "_tuned_table", lambda name: {
+        "path:1": "fused", "fused:1": {"BLOCK_N": 128}, "split_k:4096": 4})
+    gated_lora.pick_config.cache_clear()
+    try:
+        tuned = gated_lora.pick_config(1, 4096, 4096, 48, 16, cpu)
+        assert tuned["stages"] == [STAGE_FUSED] and tuned[STAGE_FUSED]["BLOCK_N"] == 128
+        assert gated_lora.pick_config(4096, 4096, 4096, 48, 16, cpu)["SPLIT_K"] == 4
+    finally:
+        gated_lora.pick_config.cache_clear()
