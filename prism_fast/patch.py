@@ -76,9 +76,9 @@ class _Routing:
             self.routes.copy_(routes)
         else:
             self.routes = routes.to(torch.int32).clone()
-        if not _tracing():
-            # SPEC §3: at most one host sync per prefill, to let all-closed decodes skip LoRA.
-            self.all_closed = not bool((self.routes >= 0).any())
+        # SPEC §3: at most one host sync per prefill, to let all-closed decodes skip LoRA.
+        # Traced code never syncs; it leaves the flag off so an eager step after it launches.
+        self.all_closed = False if _tracing() else not bool((self.routes >= 0).any())
 
     def skip_lora(self) -> bool:
         return self.all_closed and not _tracing()
