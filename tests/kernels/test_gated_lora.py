@@ -345,3 +345,25 @@ def test_pick_config_paths_and_tuned_table(monkeypatch):
         assert gated_lora.pick_config(4096, 4096, 4096, 48, 16, cpu)["SPLIT_K"] == 4
     finally:
         gated_lora.pick_config.cache_clear()
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_64bit_offsets(path):
+    """Rows whose x offset row·K passes 2³¹ elements (4 GiB of fp16, allocated lazily: only the
+    open rows at the end are ever touched) are read from the right place."""
+    k = 4096
+    m = 2**31 // k + 40
+    x = torch.empty(m, k, dtype=torch.float16)
+    x[-40:] = torch.randn(40, k, dtype=torch.float16)
+    a, bb, s = make_lora(1, 16, k, 16, torch.float16)
+    ids = torch.full((m,), -1)
+    ids[-7:] = 0
+    blocks = dict(BLOCK_M=256, BLOCK_N=16, BLOCK_K=512, BLOCK_R=16)
+    cfg = {"stages": [STAGE_FUSED], "SPLIT_K": 1, STAGE_FUSED: blocks} if path == "fused" else {
+        "stages": [STAGE_SHRINK, STAGE_EXPAND], "SPLIT_K": 2, STAGE_SHRINK: blocks,
+        STAGE_EXPAND: blocks}
+    y = torch.zeros(m, 16, dtype=torch.float16)
+    add_gated_lora_([y], x, a, bb, s.reshape(1, -1), ids, False, cfg)
+    expect = s[0].double() * (x[-7:].double() @ a[0].double().T) @ bb[0].double().T
+    assert rel_err(y[-7:], expect) <= REL_TOL[torch.float16]
+    assert not y[:-7].any()
