@@ -43,3 +43,10 @@ def plain_torch(x, w, b, a, bb, scaling, ids):
         d = F.linear(F.linear(x, a[adapter]), bb[adapter]) * scaling[adapter].to(x.dtype)
         y = torch.where((full == adapter)[..., None], y + d, y)
     return y
+
+
+def compiled_gpu_mode() -> bool:
+    """TRITON_INTERPRET=0 on a CUDA machine: the kernel tests run compiled on the GPU."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()
