@@ -21,12 +21,14 @@ bit-identical to it: the kernels never store into closed rows. The LoRA term is 
     y += s · u B[id]ᵀ  (expand; for fp16/bf16, u is split into hi + lo halves so that two
                         tensor-core dots keep ≈16 mantissa bits of u, never one rounding to 8)
 
-Two paths, one kernel body (`STAGE`):
-  * decode (few rows): FUSED, one launch; each program computes the small shrink of its rows
-    for all slices, then expands one N tile of every slice.
-  * prefill (many rows): SHRINK (optionally split-K, atomics into a zeroed fp32 buffer) then
-    EXPAND. With one id per sequence, row tiles never straddle sequences, so a tile has one
-    adapter and a closed sequence costs its tiles an early exit.
+Two paths, one kernel body (`STAGE`), chosen per call by `pick_config`:
+  * FUSED, one launch (decode: ≤ 64 rows and a small A): each program computes its rows'
+    shrink for all slices, then expands one N tile of every slice.
+  * SHRINK then EXPAND (prefill, and decode with a large A, where re-streaming A in every N
+    tile would cost more than a second launch): the shrink splits K across programs when
+    the grid is small, each split writing its own fp32 partial [SPLIT_K, M, S·R] that the
+    expand sums (no memset, no atomics). With one id per sequence, row tiles never straddle
+    sequences, so a tile has one adapter and a closed sequence costs its tiles an early exit.
 Tiles whose rows are all closed return before loading x, A or B. A tile with several adapters
 (per-token ids) loops over the distinct ids it holds.
 """
