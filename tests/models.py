@@ -149,3 +149,13 @@ def prompts(b: int = 4, t: int = 9, padding: str = "left", seed: int = 3):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def prism_case(root: Path, n_prompts: int = 8, t: int = 10):
+    """A tiny Llama, its PEFT twin and a PRISM output dir whose gate opens about half of
+    `prompts(n_prompts, t, seed=5)`: (path, base, peft_model, gate)."""
+    base = base_model()
+    ids, mask = prompts(n_prompts, t, "left", seed=5)
+    gate = balance_gate(base, random_gate(64), ids, mask)
+    pm = peft_model(clone(base))
+    return save_prism_dir(pm, gate, root), base, pm, gate

@@ -19,11 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 @pytest.fixture(scope="module")
 def prism(tmp_path_factory):
-    base = M.base_model()
-    ids, mask = M.prompts(6, 9, "left", seed=5)
-    gate = M.balance_gate(base, M.random_gate(64), ids, mask)
-    pm = M.peft_model(M.clone(base))
-    return M.save_prism_dir(pm, gate, tmp_path_factory.mktemp("c") / "out"), base, pm, gate
+    return M.prism_case(tmp_path_factory.mktemp("c") / "out", 6, 9)
 
 
 @pytest.fixture(autouse=True)

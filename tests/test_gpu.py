@@ -20,11 +20,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = M.base_model()
-    ids, mask = M.prompts(6, 9, "left", seed=5)
-    gate = M.balance_gate(base, M.random_gate(64), ids, mask)
-    pm = M.peft_model(M.clone(base))
-    path = M.save_prism_dir(pm, gate, tmp_path_factory.mktemp("g") / "out")
+    path, base, pm, gate = M.prism_case(tmp_path_factory.mktemp("g") / "out", 6, 9)
     return path, base.cuda(), pm.cuda(), gate
 
 

@@ -134,11 +134,7 @@ def M_adapter(pm, _model):
 
 @pytest.fixture
 def prism_dir(tmp_path):
-    base = M.base_model()
-    ids, mask = M.prompts(8, 10, "left", seed=5)
-    gate = M.balance_gate(base, M.random_gate(64), ids, mask)
-    pm = M.peft_model(M.clone(base))
-    return M.save_prism_dir(pm, gate, tmp_path / "prism_out"), base, pm, gate
+    return M.prism_case(tmp_path / "prism_out", 8, 10)
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
