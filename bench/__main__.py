@@ -1,0 +1,300 @@
+"""`python -m bench`: the prism_fast benchmark sweep for the device it finds.
+
+On a CUDA GPU: the full sweep of issue 4 (Llama-3-8B and Qwen2.5-7B projection shapes, all four
+providers, eager and CUDA-graph timing, the gate, the 32-layer end-to-end model), written to
+bench/results/. On CPU: a small sweep (a tiny model shape, PyTorch providers only, fp32) that
+checks the harness in about a minute; it is labelled "CPU: not a GPU result" everywhere and
+written to bench/results/cpu/ (git-ignored), never to the headline folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from bench import bench_e2e, bench_gated_lora, bench_prism_gate, report
+from bench.common import (
+    CPU_LABEL,
+    DTYPES,
+    MODELS,
+    PROJECTIONS,
+    Budget,
+    TimerConfig,
+    device_limits,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL_M = [1, 8, 32, 64, 128, 512, 2048, 4096, 8192]
+CPU_QUICK_BUDGET = 90.0  # keeps `python -m bench` on 2 busy cores under 2 minutes
+
+# Sweep presets: (gpu, quick) → defaults that the options below override one by one.
+PRESETS = {
+    (True, False): dict(shapes=["llama3-8b", "qwen2.5-7b"], projections=list(PROJECTIONS),
+                        m=ALL_M, share=[0.0, 0.25, 0.5, 1.0], rank=[16, 8, 64], adapters=[1, 4],
+                        dtypes=["bf16", "fp16"], modes=["eager", "graph"], gate_batch=[1, 32, 256],
+                        e2e_model="llama3-8b", e2e_cases=bench_e2e.GPU_CASES),
+    (True, True): dict(shapes=["llama3-8b"], projections=["layer", "qkv", "down"],
+                       m=[1, 8, 64, 512, 4096], share=[0.0, 0.5, 1.0], rank=[16], adapters=[1],
+                       dtypes=["bf16"], modes=["eager", "graph"], gate_batch=[1, 32, 256],
+                       e2e_model="llama3-8b", e2e_cases=bench_e2e.GPU_CASES[:3:2]),
+    (False, False): dict(shapes=["tiny"], projections=list(PROJECTIONS),
+                         m=[1, 8, 32, 64, 128, 512, 2048], share=[0.0, 0.25, 0.5, 1.0],
+                         rank=[16, 8, 64], adapters=[1, 4], dtypes=["fp32"], modes=["eager"],
+                         gate_batch=[1, 32, 256], e2e_model="tiny", e2e_cases=bench_e2e.CPU_CASES),
+    (False, True): dict(shapes=["tiny"], projections=["layer", "qkv", "gate_up", "o", "down"],
+                        m=[1, 8, 64, 512],
+                        share=[0.0, 1.0], rank=[16], adapters=[1], dtypes=["fp32"],
+                        modes=["eager"], gate_batch=[1, 32, 256], e2e_model="tiny",
+                        e2e_cases=bench_e2e.CPU_CASES),
+}
+
+
+def presets_help() -> str:
+    """The presets as a table, from PRESETS itself (so the help cannot drift from the code)."""
+    names = {(True, False): "GPU --full", (True, True): "GPU --quick", (False, True): "CPU --quick",
+             (False, False): "CPU --full"}
+    lines = ["Lists are comma-separated. Every option left out takes its device's preset:", ""]
+    for key, name in names.items():
+        preset = PRESETS[key]
+        cases = ", ".join(f"{c.kind} B={c.batch} T={c.tokens}" for c in preset["e2e_cases"])
+        lines.append(f"  {name}:")
+        lines += [f"    {k}: {','.join(map(str, v))}" for k, v in preset.items()
+                  if k not in ("e2e_model", "e2e_cases")]
+        lines.append(f"    e2e: {preset['e2e_model']} ({cases})")
+    lines += ["", "Output: <out>/<device>-<yyyymmdd>.{json,md,png}; see bench/results/README.md."]
+    return "\n".join(lines)
+
+
+def _list(kind):
+    return lambda s: [kind(v) for v in s.split(",") if v]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        epilog=presets_help())
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="a subset: one model, fewer M, r = 16, L = 1, one dtype (default on CPU)")
+    size.add_argument("--full", action="store_true",
+                      help="the whole sweep of issue 4 (default on a GPU), most important cases "
+                           "first so that --time-budget cuts the least useful")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run (default: cuda if available)")
+    p.add_argument("--shapes", type=_list(str), metavar="MODELS",
+                   help=f"model shapes for the layer and gate benchmarks: {', '.join(MODELS)}")
+    p.add_argument("--projections", type=_list(str), metavar="PROJS",
+                   help=f"{', '.join(PROJECTIONS)} (layer = one decoder layer's seven projections; "
+                        "qkv, gate_up = the multi-slice op)")
+    p.add_argument("--providers", type=_list(str),
+                   help=f"layer providers: {', '.join(bench_gated_lora.PROVIDERS)} (prism_fast needs "
+                        "CUDA: Triton on CPU is only its interpreter, not a timing)")
+    p.add_argument("--m", type=_list(int), metavar="M", help="rows: tokens in the batch")
+    p.add_argument("--share", type=_list(float), metavar="S", help="open shares in [0, 1]")
+    p.add_argument("--rank", type=_list(int), metavar="R", help="LoRA ranks")
+    p.add_argument("--adapters", type=_list(int), metavar="L", help="numbers of stacked adapters")
+    p.add_argument("--dtypes", type=_list(str), help=f"{', '.join(DTYPES)}; the first is the "
+                   "headline dtype (default bf16,fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--modes", type=_list(str), help="eager, graph (CUDA graphs: GPU only)")
+    p.add_argument("--gate-batch", type=_list(int), metavar="B", help="gate batch sizes")
+    p.add_argument("--no-layer", action="store_true", help="skip the layer benchmarks")
+    p.add_argument("--no-gate", action="store_true", help="skip the gate benchmark")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
+    p.add_argument("--e2e-model", choices=["llama3-8b", "tiny"],
+                   help="end-to-end model shape (default llama3-8b on GPU, tiny on CPU)")
+    p.add_argument("--e2e-layers", type=int, help="decoder layers (default: the model's)")
+    p.add_argument("--e2e-providers", type=_list(str),
+                   help=f"end-to-end providers: {', '.join(bench_e2e.PROVIDERS)}")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="output folder (default bench/results/ on GPU, bench/results/cpu/ on "
+                        "CPU, which git ignores)")
+    p.add_argument("--time-budget", type=float, metavar="S",
+                   help="stop starting new measurements after S seconds (results so far are "
+                        "written); the gate and end-to-end parts keep a reserve. Default: none, "
+                        f"except {CPU_QUICK_BUDGET:.0f} s for the CPU quick sweep; 0 = none")
+    p.add_argument("--warmup-ms", type=float, help="do_bench warmup (default 10)")
+    p.add_argument("--rep-ms", type=float, help="do_bench repetition time (default 40)")
+    p.add_argument("--graph-rep-ms", type=float, default=20.0,
+                   help="do_bench_cudagraph repetition time (default 20)")
+    return p.parse_args(argv)
+
+
+def git_info() -> tuple[str, bool]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=root,
+                                    capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+    return sha, dirty
+
+
+def version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def device_meta(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        from prism_fast.kernels import gated_lora
+
+        tuned = Path(gated_lora.__file__).parent / "configs" / (props.name.replace(" ", "_")
+                                                                 + ".json")
+        return dict(device=props.name, slug=props.name.replace(" ", "_"), gpu=True,
+                    label="GPU", capability=f"{props.major}.{props.minor}",
+                    sms=props.multi_processor_count,
+                    tuned_config=str(tuned) if tuned.exists() else None)
+    return dict(device=f"CPU ({platform.processor() or platform.machine()}, "
+                       f"{torch.get_num_threads()} threads)",
+                slug="cpu", gpu=False, label=CPU_LABEL, tuned_config=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    quick = args.quick or (not args.full and not gpu)
+    preset = PRESETS[(gpu, quick)]
+    opt = {k: getattr(args, k, None) or v for k, v in preset.items()}
+    providers = args.providers or list(bench_gated_lora.PROVIDERS)
+    for flag, given, allowed in (
+            ("--shapes", opt["shapes"], MODELS), ("--projections", opt["projections"], PROJECTIONS),
+            ("--providers", providers, bench_gated_lora.PROVIDERS), ("--dtypes", opt["dtypes"], DTYPES),
+            ("--modes", opt["modes"], ("eager", "graph")),
+            ("--e2e-providers", args.e2e_providers or [], bench_e2e.PROVIDERS)):
+        bad = [v for v in given if v not in allowed]
+        if bad:
+            raise SystemExit(f"{flag}: expected names from {', '.join(allowed)}, got {bad}")
+    if any(not 0 <= s <= 1 for s in opt["share"]):
+        raise SystemExit(f"--share: expected values in [0, 1], got {opt['share']}")
+    gate_providers = list(bench_prism_gate.PROVIDERS)
+    notes: list[str] = []
+    if not gpu:
+        dropped = [p for p in providers if p in bench_gated_lora.GPU_ONLY]
+        providers = [p for p in providers if p not in bench_gated_lora.GPU_ONLY]
+        gate_providers = [p for p in gate_providers if p not in bench_prism_gate.GPU_ONLY]
+        opt["modes"] = [m for m in opt["modes"] if m == "eager"]
+        notes.append(f"{CPU_LABEL}: Triton providers ({', '.join(dropped) or 'prism_fast'}) "
+                     "left out (on CPU Triton runs only through its interpreter, which is no "
+                     f"timing); CUDA-graph timing left out; end-to-end on {opt['e2e_model']} in "
+                     "fp32")
+    timer = TimerConfig(warmup_ms=args.warmup_ms or 10.0, rep_ms=args.rep_ms or 40.0,
+                        graph_rep_ms=args.graph_rep_ms)
+    e2e_timer = TimerConfig(warmup_ms=50.0 if gpu else 0.0, rep_ms=300.0 if gpu else 150.0,
+                            graph_rep_ms=args.graph_rep_ms)
+    headline = dict(dtype=opt["dtypes"][0], rank=16 if 16 in opt["rank"] else opt["rank"][0],
+                    adapters=1 if 1 in opt["adapters"] else opt["adapters"][0])
+
+    out_dir = args.out or (RESULTS if gpu else RESULTS / "cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = device_meta(device)
+    today = datetime.date.today()
+    stem = out_dir / f"{dev['slug']}-{today:%Y%m%d}"
+    sha, dirty = git_info()
+    meta = dict(**dev, date=today.isoformat(), torch=torch.__version__, triton=version("triton"),
+                transformers=version("transformers"), peft=version("peft"),
+                python=platform.python_version(), git_sha=sha, git_dirty=dirty,
+                command=" ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+                sweep="quick" if quick else "full", headline=headline,
+                options={k: (v if k != "e2e_cases" else [vars(c) for c in v])
+                         for k, v in opt.items()},
+                timing=("triton.testing.do_bench (L2 flushed) / do_bench_cudagraph medians" if gpu
+                        else "time.perf_counter medians"),
+                time_budget_s=(args.time_budget if args.time_budget is not None
+                               else CPU_QUICK_BUDGET if quick and not gpu else None),
+                threads=torch.get_num_threads())
+    rows: list[dict] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    def save(final: bool = False) -> None:
+        """Write the JSON and markdown (after every section, so a cut run keeps its rows)."""
+        report.add_ratios(rows)
+        if final:
+            try:
+                if report.plot(meta, rows, stem.with_suffix(".png")):
+                    log(f"plot: {stem.with_suffix('.png')}")
+            except ImportError:
+                notes.append("plot skipped: matplotlib is not installed")
+        meta["elapsed_s"] = round(time.monotonic() - started, 1)
+        report.write_json(stem.with_suffix(".json"), meta, rows, notes)
+        stem.with_suffix(".md").write_text(report.markdown(meta, rows, notes))
+
+    # `timeout` sends SIGTERM: turn it into KeyboardInterrupt so what was measured is written.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    budget = Budget(meta["time_budget_s"] or None)
+    # What the later sections need, kept back from the layer sweep (the model build included).
+    reserve_e2e = 0.0 if args.no_e2e else (30.0 if not gpu else 70.0 if quick else 100.0)
+    reserve_gate = 0.0 if args.no_gate else (5.0 if not gpu else 15.0)
+    log(f"prism_fast bench on {dev['device']} ({'quick' if quick else 'full'} sweep)"
+        + ("" if gpu else f"  [{CPU_LABEL}]"))
+    try:
+        meta["limits"] = device_limits(device, DTYPES[opt["dtypes"][0]], timer)
+        log(f"device limits: copy {meta['limits']['copy_gbps']:.0f} GB/s, matmul "
+            f"{meta['limits']['matmul_tflops']:.2f} TFLOP/s")
+        if not args.no_layer:
+            cases = bench_gated_lora.layer_cases(opt["shapes"], opt["projections"], opt["m"],
+                                                 opt["share"], opt["rank"], opt["adapters"],
+                                                 opt["dtypes"])
+            left_out = bench_gated_lora.run_layer_sweep(
+                cases, providers, opt["modes"], device, timer, meta["limits"],
+                budget.minus(reserve_e2e + reserve_gate), log, rows)
+            meta["layer_cases"] = dict(total=len(cases), left_out_by_budget=left_out)
+            failed = sum(1 for r in rows if r.get("error"))
+            if failed:
+                notes.append(f"{failed} layer measurements failed: see the rows with an error")
+            if left_out:
+                notes.append(f"time budget: {left_out} of {len(cases)} layer cases left out "
+                             "(the least important ones: cases are ordered by priority)")
+            save()
+        if gpu:
+            torch.cuda.empty_cache()
+        if not args.no_gate:
+            bench_prism_gate.run_gate_bench(
+                opt["shapes"], opt["gate_batch"], opt["dtypes"][:1], gate_providers, opt["modes"],
+                device, timer, budget.minus(reserve_e2e), log, rows)
+            save()
+        if not args.no_e2e:
+            try:
+                bench_e2e.run_e2e(
+                    opt["e2e_model"], args.e2e_layers, opt["e2e_cases"],
+                    args.e2e_providers or list(bench_e2e.PROVIDERS), device,
+                    torch.bfloat16 if gpu else torch.float32, e2e_timer, budget, log, rows, notes)
+            except Exception as e:  # e.g. the model does not fit: the other sections still count
+                notes.append(f"e2e failed: {type(e).__name__}: {e}")
+                log(notes[-1] + "\n" + traceback.format_exc(limit=6))
+    except KeyboardInterrupt:
+        notes.append("interrupted (SIGINT/SIGTERM): partial results")
+        log(notes[-1])
+        save(final=True)
+        return 130
+    save(final=True)
+    print()
+    print(report.markdown(meta, rows, notes, full=False))
+    log(f"written: {stem}.json, .md" + (", .png" if stem.with_suffix(".png").exists() else "")
+        + f" ({meta['elapsed_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

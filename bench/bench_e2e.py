@@ -1,0 +1,267 @@
+"""End to end: a random-init Llama-shaped model in eager Hugging Face, with a random PRISM adapter.
+
+The adapter is PRISM's: PEFT LoRA `persona_expert`, r = 16, α = 32, on q/k/v/o/gate/up/down of
+layers 1…N−1, and a gate (keys gate.0.weight [256, H], gate.0.bias, gate.3.weight [2, 256],
+gate.3.bias) built so that it always opens: then the gate-routed providers do the same LoRA work
+as a forced all-open route, and what they add is the routing alone.
+
+Providers (baseline: base), in the order they are measured:
+  base                 the model before any adapter is attached
+  persona_prompt       base with the ≈230-token persona system prompt that PRISM replaces
+  prism_fast_gate      prism_fast.patch_model(peft_model, gate=...): single-pass routing (prefill)
+  prism_fast_open      the same, routes forced by prism_fast.set_routes: all open
+  prism_fast_closed    all closed
+  prism_fast_half      every other sequence open (B > 1)
+  peft                 PEFT unmerged, adapter on for every row
+  peft_adapter_names   PEFT's mixed-batch path: per-row `adapter_names` (half open for B > 1)
+  two_pass             the official routing: a gate forward with the adapter off and
+                       output_hidden_states=True, the gate MLP on hidden_states[1] at the last
+                       token, the decision read on the host, then the PEFT forward (prefill only;
+                       its decode steps are the PEFT ones)
+Prefill is one forward that builds the KV cache and keeps the last token's logits (as generate
+does). A decode step is one token forward against a cache of `tokens` context, rewound after each
+call so the context stays fixed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bench.common import MODELS, Budget, ModelShape, TimerConfig, make_gate, measure
+
+ADAPTER = "persona_expert"
+PERSONA_TOKENS = 230
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROVIDERS = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",
+             "prism_fast_half", "peft", "peft_adapter_names", "two_pass")
+PREFILL_ONLY = {"two_pass", "prism_fast_gate"}
+HALF = {"prism_fast_half"}  # needs two or more sequences
+
+
+@dataclass(frozen=True)
+class E2ECase:
+    kind: str     # "prefill" or "decode"
+    batch: int
+    tokens: int   # prompt length (prefill) or context length (decode)
+
+
+GPU_CASES = [E2ECase("decode", 1, 512), E2ECase("decode", 32, 512), E2ECase("prefill", 1, 2048),
+             E2ECase("prefill", 8, 512)]
+CPU_CASES = [E2ECase("decode", 1, 128), E2ECase("decode", 8, 128), E2ECase("prefill", 1, 256),
+             E2ECase("prefill", 8, 64)]
+
+
+def build_model(shape: ModelShape, layers: int, dtype: torch.dtype, device: torch.device):
+    """Random-init LlamaForCausalLM with `shape`'s sizes, created directly on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                         intermediate_size=shape.inter, num_hidden_layers=layers,
+                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)   # created in dtype: an fp32 8B model would need 32 GB first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def add_peft_adapter(model, layers: int):
+    """PRISM's LoRA: r = 16, α = 32, seven projections of layers 1…N−1, random A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                        layers_to_transform=list(range(1, layers)), lora_dropout=0.0, bias="none",
+                        init_lora_weights=False, task_type="CAUSAL_LM")  # False: B random, not 0
+    with warnings.catch_warnings():  # PEFT calls a transformers 5 deprecated property: noise
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config, adapter_name=ADAPTER).eval()
+
+
+class Forward:
+    """Version-proof keyword names for the forward (transformers 5 renamed the cache argument)."""
+
+    def __init__(self, model):
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self.keep1 = {keep: 1} if keep else {}
+
+    def cache_of(self, out):
+        return out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+
+
+def rewind(cache, length: int) -> None:
+    """Drop the tokens a decode step appended. A negative argument means "remove that many" both
+    in transformers 4 (crop(max_length)) and 5 (crop(tokens_to_remove), which refuses > 0)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def case_fn(call: Callable, fwd: Forward, case: E2ECase, ids: torch.Tensor,
+            extra: dict) -> Callable[[], object]:
+    """The timed callable: one prefill, or one decode step after an untimed prefill."""
+    if case.kind == "prefill":
+        return lambda: call(input_ids=ids, use_cache=True, **fwd.keep1, **extra)
+    out = call(input_ids=ids, use_cache=True, **fwd.keep1, **extra)
+    cache = fwd.cache_of(out)
+    context = cache.get_seq_length()
+    tok = ids[:, -1:]                                                     # [B, 1]
+
+    def step() -> None:
+        call(input_ids=tok, use_cache=True, **{fwd.cache_kw: cache}, **extra)
+        rewind(cache, context)
+
+    return step
+
+
+def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers: list[str],
+            device: torch.device, dtype: torch.dtype, timer: TimerConfig, budget: Budget,
+            log: Callable[[str], None], rows: list[dict], notes: list[str]) -> None:
+    """Appends rows and notes as it goes. Never raises for a missing optional piece (transformers,
+    peft, prism_fast.patch_model) or a failing provider: it notes, and skips what depends on it."""
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        notes.append(f"e2e skipped: {e} (install the [hf] extra)")
+        return
+    import prism_fast
+
+    shape = MODELS[model_name]
+    layers = layers or shape.layers
+    gpu = device.type == "cuda"
+    model = build_model(shape, layers, dtype, device)
+    fwd = Forward(model)
+    gate = make_gate(shape.hidden, dtype, device, always_open=True)
+    gate_state = gate.state_dict()        # gate.0.weight, gate.0.bias, gate.3.weight, gate.3.bias
+    vocab_gen = torch.Generator(device="cpu").manual_seed(0)
+    inputs = {c: torch.randint(0, shape.vocab, (c.batch, c.tokens), generator=vocab_gen).to(device)
+              for c in cases}
+    persona = torch.randint(0, shape.vocab, (1, PERSONA_TOKENS), generator=vocab_gen).to(device)
+    log(f"[e2e] {model_name}, {layers} layers, {str(dtype).replace('torch.', '')}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on {device}")
+
+    skipped: list[str] = []   # left out by the time budget
+
+    def timed(provider: str, case: E2ECase, call: Callable, ids: torch.Tensor,
+              extra: dict | None = None) -> None:
+        if provider not in providers:
+            return
+        if budget.expired():
+            skipped.append(f"{provider} {case.kind} B={case.batch}")
+            return
+        row = dict(bench="e2e", model=model_name, layers=layers, kind=case.kind, B=case.batch,
+                   T=case.tokens, provider=provider, mode="eager",
+                   case_key=f"e2e|{case.kind}|B={case.batch}|T={case.tokens}")
+        try:
+            with torch.no_grad():
+                fn = case_fn(call, fwd, case, ids, extra or {})
+                if gpu:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                tm = measure(fn, device, "eager", timer)
+            tokens = case.batch * (case.tokens if case.kind == "prefill" else 1)
+            row.update(median_us=tm.median_us, p20_us=tm.p20_us, p80_us=tm.p80_us,
+                       tok_per_s=tokens / tm.median_us * 1e6)
+            if gpu:
+                row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            log(f"[e2e] {case.kind} B={case.batch} T={case.tokens} {provider}: "
+                f"{tm.median_us / 1e3:.2f} ms")
+        except Exception as e:  # one broken provider must not cost the others their rows
+            row["error"] = f"{type(e).__name__}: {e}"
+            log(f"[e2e] {provider} {case.kind} B={case.batch} T={case.tokens} FAILED: "
+                f"{row['error']}\n{traceback.format_exc(limit=3)}")
+        rows.append(row)
+
+    def half(b: int) -> list[int]:
+        return [0 if i % 2 == 0 else -1 for i in range(b)]                  # open, closed, …
+
+    # 1. The model before any adapter.
+    for case in cases:
+        ids = inputs[case]
+        timed("base", case, model, ids)
+        with_prompt = torch.cat([persona.expand(case.batch, -1), ids], dim=1)   # [B, 230 + T]
+        timed("persona_prompt", case, model, with_prompt)
+
+    peft_model = add_peft_adapter(model, layers)
+
+    # 2. prism_fast on the PEFT model (the drop-in case of SPEC's patch_model).
+    patch = getattr(prism_fast, "patch_model", None)
+    if patch is None:
+        notes.append("e2e: prism_fast.patch_model is not available (prism_fast/patch.py not "
+                     "written yet?): prism_fast end-to-end providers skipped")
+        log(notes[-1])
+    elif any(p.startswith("prism_fast") for p in providers):
+        if not gpu:
+            notes.append("e2e: on CPU the prism_fast providers run patch_model's torch backend "
+                         "(the reference op), not the Triton kernels")
+        try:
+            patch(peft_model, gate=gate_state)
+        except Exception as e:
+            notes.append(f"e2e: prism_fast.patch_model failed ({type(e).__name__}: {e}): "
+                         "prism_fast end-to-end providers skipped")
+            log(notes[-1])
+        else:
+            for case in cases:
+                b, ids = case.batch, inputs[case]
+                forced = {"prism_fast_open": [0] * b, "prism_fast_closed": [-1] * b,
+                          "prism_fast_half": half(b) if b > 1 else None}
+                if case.kind == "prefill":
+                    prism_fast.set_routes(peft_model, None)    # the gate decides, in the forward
+                    timed("prism_fast_gate", case, peft_model, ids)
+                for provider, routes in forced.items():
+                    if routes is None:
+                        continue
+                    prism_fast.set_routes(peft_model, torch.tensor(routes, dtype=torch.int32,
+                                                                   device=device))
+                    timed(provider, case, peft_model, ids)
+            prism_fast.unpatch_model(peft_model)
+
+    # 3. PEFT itself: unmerged, per-row adapter names, and the official two-pass routing.
+    for case in cases:
+        b, ids = case.batch, inputs[case]
+        timed("peft", case, peft_model, ids)
+        names = [ADAPTER if r == 0 else "__base__" for r in half(b)]
+        timed("peft_adapter_names", case, peft_model, ids, {"adapter_names": names})
+        if case.kind == "prefill":
+            timed("two_pass", case, two_pass(peft_model, gate, fwd), ids)
+
+    notes.append("e2e: two_pass and prism_fast_gate are prefill-only rows: their decode steps are "
+                 "those of peft / prism_fast_open (the decision is kept from the prefill)")
+    if skipped:
+        notes.append(f"e2e: time budget spent, left out: {', '.join(skipped)}")
+    del peft_model, model
+    if gpu:
+        torch.cuda.empty_cache()
+
+
+def two_pass(peft_model, gate: torch.nn.Module, fwd: Forward) -> Callable:
+    """PRISM's reference routing (prism/run_gated_lora.py): a base forward for the gate, the
+    decision on the host, then the generation forward with the adapter on or off per row."""
+
+    def call(input_ids: torch.Tensor, **kwargs):
+        with peft_model.disable_adapter():
+            out = peft_model(input_ids=input_ids, output_hidden_states=True, use_cache=False,
+                             **fwd.keep1)
+        decision = gate(out.hidden_states[1][:, -1]).argmax(dim=-1).tolist()   # host sync
+        if all(decision):
+            return peft_model(input_ids=input_ids, **kwargs)
+        if not any(decision):
+            with peft_model.disable_adapter():
+                return peft_model(input_ids=input_ids, **kwargs)
+        names = [ADAPTER if d else "__base__" for d in decision]
+        return peft_model(input_ids=input_ids, adapter_names=names, **kwargs)
+
+    return call

@@ -1,0 +1,179 @@
+"""Shared pieces of the benchmarks: device, timing, measured device limits, shapes, budget.
+
+Timing follows one rule everywhere: on a GPU, `triton.testing.do_bench` (eager, L2 flushed before
+every call) or `triton.testing.do_bench_cudagraph` (the same calls captured in one CUDA graph, so
+host launch overhead disappears), reporting the median and the 20th / 80th percentiles. On a CPU
+the same quantiles come from `time.perf_counter` around each call; such numbers are labelled
+"CPU: not a GPU result" wherever they are written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+CPU_LABEL = "CPU: not a GPU result"
+QUANTILES = [0.5, 0.2, 0.8]  # median, p20, p80: the order do_bench returns them in
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The projection sizes of one decoder architecture (and enough to build it with HF)."""
+
+    name: str
+    hidden: int
+    kv: int           # width of k_proj / v_proj = kv_heads · head_dim
+    inter: int        # MLP intermediate size
+    qkv_bias: bool    # Qwen2 has biases on q/k/v, Llama has none
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    def groups(self, proj: str) -> list[tuple[int, list[int], bool]]:
+        """The op calls a projection name stands for: [(K, [N_s per slice], bias)].
+
+        Single projections are one slice; "qkv" / "gate_up" are the shared-input multi-slice
+        calls; "layer" is one decoder layer: qkv, o, gate_up, down (the seven projections).
+        """
+        h, kv, i, qb = self.hidden, self.kv, self.inter, self.qkv_bias
+        table = {
+            "q": [(h, [h], qb)], "k": [(h, [kv], qb)], "v": [(h, [kv], qb)], "o": [(h, [h], False)],
+            "gate": [(h, [i], False)], "up": [(h, [i], False)], "down": [(i, [h], False)],
+            "qkv": [(h, [h, kv, kv], qb)], "gate_up": [(h, [i, i], False)],
+        }
+        table["layer"] = table["qkv"] + table["o"] + table["gate_up"] + table["down"]
+        return table[proj]
+
+
+MODELS = {
+    "llama3-8b": ModelShape("llama3-8b", 4096, 1024, 14336, False, 32, 32, 8, 128256),
+    "qwen2.5-7b": ModelShape("qwen2.5-7b", 3584, 512, 18944, True, 28, 28, 4, 152064),
+    # CPU-sized stand-in: same structure (GQA, 7 projections), small enough for 2 cores.
+    "tiny": ModelShape("tiny", 256, 64, 704, False, 4, 4, 1, 1024),
+}
+PROJECTIONS = ("layer", "qkv", "gate_up", "q", "k", "v", "o", "gate", "up", "down")
+
+
+class Budget:
+    """A wall-clock deadline that sections check before starting a new measurement."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.left() <= 0
+
+    def minus(self, reserve: float) -> Budget:
+        """A budget that ends `reserve` seconds before this one (kept for the later sections)."""
+        return Budget(None if self.deadline is None else max(0.0, self.left() - reserve))
+
+
+@dataclass
+class Timing:
+    median_us: float
+    p20_us: float
+    p80_us: float
+
+
+@dataclass
+class TimerConfig:
+    warmup_ms: float
+    rep_ms: float
+    graph_rep_ms: float
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, mode: str, cfg: TimerConfig) -> Timing:
+    """Quantiles of one call of `fn` in µs. mode: "eager" or "graph" (CUDA graph, GPU only)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        if mode == "graph":
+            q = triton.testing.do_bench_cudagraph(fn, rep=cfg.graph_rep_ms, quantiles=QUANTILES)
+        else:
+            q = triton.testing.do_bench(fn, warmup=cfg.warmup_ms, rep=cfg.rep_ms,
+                                        quantiles=QUANTILES)
+        return Timing(*(v * 1e3 for v in q))
+    if mode != "eager":
+        raise ValueError(f"mode: {mode!r} needs a CUDA device; on CPU only 'eager' exists")
+    return _cpu_quantiles(fn, cfg)
+
+
+def _cpu_quantiles(fn: Callable[[], object], cfg: TimerConfig) -> Timing:
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    estimate = max(time.perf_counter() - t0, 1e-7)
+    for _ in range(max(1, int(cfg.warmup_ms * 1e-3 / estimate))):
+        fn()
+    times = []
+    # At least 5 samples so that p20/p80 mean something, at most 10k so tiny ops stay bounded.
+    for _ in range(min(10_000, max(5, int(cfg.rep_ms * 1e-3 / estimate)))):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    q = np.quantile(np.array(times), QUANTILES) * 1e6
+    return Timing(*(float(v) for v in q))
+
+
+def device_limits(device: torch.device, dtype: torch.dtype, cfg: TimerConfig) -> dict:
+    """Measured copy bandwidth (GB/s) and dense matmul throughput (TFLOP/s) of this device.
+
+    The achieved GB/s and TFLOP/s of every row are reported as a share of these, so "% of peak"
+    means "of what this device did in the same process", not of a datasheet.
+    """
+    gpu = device.type == "cuda"
+    copy_bytes = (1 << 30) if gpu else (64 << 20)
+    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    t_copy = measure(lambda: dst.copy_(src), device, "eager", cfg).median_us
+    n = 8192 if gpu else 1024
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    t_mm = measure(lambda: a @ b, device, "eager", cfg).median_us
+    return {
+        "copy_gbps": 2 * copy_bytes / t_copy / 1e3,  # read + write
+        "matmul_tflops": 2 * n**3 / t_mm / 1e6,
+        "copy_bytes": copy_bytes, "matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+class GateMLP(nn.Module):
+    """PRISM's BinaryGate: `gate.0` Linear(H, 256) → GELU → Dropout → `gate.3` Linear(256, C).
+
+    Built as the reference code builds it, so its state_dict has exactly the keys of `gate.pt`.
+    """
+
+    def __init__(self, hidden: int, classes: int = 2, width: int = 256):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Dropout(0.1),
+                                  nn.Linear(width, classes))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, H] → [B, C] logits
+        return self.gate(h)
+
+
+def make_gate(hidden: int, dtype: torch.dtype, device: torch.device, *,
+              always_open: bool = False) -> GateMLP:
+    """A random gate in eval mode. always_open: the lora class wins for every input, so that
+    single-pass and two-pass routing do the same work as a forced all-open route."""
+    gate = GateMLP(hidden).to(device=device, dtype=dtype).eval()
+    if always_open:
+        with torch.no_grad():
+            gate.gate[3].weight.mul_(1e-3)
+            gate.gate[3].bias.copy_(torch.tensor([-4.0, 4.0]))
+    return gate

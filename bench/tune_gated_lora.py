@@ -1,0 +1,169 @@
+"""Tune the block sizes of kernels/gated_lora.py's stages on this GPU.
+
+    python -m bench.tune_gated_lora [--out FILE] [--time-budget S]
+
+Writes the per-GPU table that `pick_config` reads (kernels/configs/<device name, spaces → _>.json)
+in its format: keys "<entry>:<next power of 2 of M>", where "fused", "shrink" and "expand" hold
+block sizes merged over the heuristic defaults (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps)
+and "split_k" an integer. The path itself (fused or split) stays the heuristic's, which decides
+it per shape; a "path:" entry would force one path on every shape.
+
+One table entry serves every shape, so each candidate is scored by its summed time over one
+Llama-3-8B decoder layer's op calls (q/k/v, o, gate/up, down; r = 16, L = 1, bf16, every row
+open) that take the stage, checked against the reference, and kept only where it beats the
+current choice by more than 3 %. Entries of an existing table are kept unless beaten. The
+fused stage keeps its heuristic BLOCK_R: it must cover all S·R columns of u, which vary by shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = [(4096, [4096, 1024, 1024]), (4096, [4096]), (4096, [14336, 14336]), (14336, [4096])]
+RANK = 16
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+MIN_GAIN = 0.03
+STAGE_OF = {"fused": 0, "shrink": 1, "split_k": 1, "expand": 2}  # entry → the stage it tunes
+
+
+def candidates(entry: str, m: int) -> list:
+    bms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, m)]
+    if entry == "fused":
+        return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+                for bn, bk, w in itertools.product([32, 64, 128], [64, 128, 256], [4, 8])]
+    if entry == "shrink":
+        return [dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=4)
+                for bm, bk, br in itertools.product(bms, [64, 128], [16, 32, 64])]
+    if entry == "split_k":
+        return [1, 2, 4, 8, 16]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=w)
+            for bm, bn, br, w in itertools.product(bms, [32, 64, 128], [16, 32], [4, 8])]
+
+
+def with_entry(config: dict, entry: str, value) -> dict:
+    """pick_config's config with one table entry applied, as pick_config would apply it."""
+    out = copy.deepcopy(config)
+    if entry == "split_k":
+        out["SPLIT_K"] = value
+    else:
+        out[STAGE_OF[entry]].update(value)
+    return out
+
+
+class Problem:
+    """One op call of the layer: inputs, outputs written in place, and the reference LoRA term."""
+
+    def __init__(self, m: int, k: int, ns: list[int]):
+        from prism_fast import reference
+        from prism_fast.kernels import gated_lora as gl
+
+        dev, dt = torch.device("cuda"), torch.bfloat16
+        s = len(ns)
+        self.x = torch.randn(m, k, device=dev, dtype=dt)                          # [M, K]
+        self.a = torch.randn(1, s * RANK, k, device=dev, dtype=dt) / k**0.5       # [1, S·R, K]
+        self.b = torch.randn(1, sum(ns), RANK, device=dev, dtype=dt) * 0.01       # [1, ΣN, R]
+        self.scaling = torch.full((s, 1), 2.0, device=dev)                         # [S, 1]
+        self.ids = torch.zeros(m, dtype=torch.int32, device=dev)                   # all open
+        self.ys = [torch.zeros(m, n, device=dev, dtype=dt) for n in ns]
+        offsets = [sum(ns[:i]) for i in range(s)]
+        # With W = 0 the reference output is the LoRA term alone.
+        self.ref = [reference.gated_lora_linear(
+            self.x, torch.zeros(n, k, device=dev, dtype=dt), None,
+            self.a[:, i * RANK:(i + 1) * RANK], self.b[:, o:o + n], self.scaling[i], self.ids)
+            for i, (o, n) in enumerate(zip(offsets, ns))]
+        # The current choice (heuristic, or an existing table) for this shape.
+        self.config = gl.pick_config(m, k, max(ns), s * RANK, RANK, dev)
+
+    def run(self, config: dict) -> None:
+        from prism_fast.kernels import add_gated_lora_
+
+        add_gated_lora_(self.ys, self.x, self.a, self.b, self.scaling, self.ids, False, config)
+
+    def time_us(self, config: dict) -> float | None:
+        """CUDA-graph median of one call, or None if the result is wrong or will not compile."""
+        import triton.testing
+
+        try:
+            for y in self.ys:
+                y.zero_()
+            self.run(config)
+            for y, r in zip(self.ys, self.ref):
+                if not torch.linalg.norm((y - r).float()) <= 1e-2 * torch.linalg.norm(r.float()):
+                    return None
+            return triton.testing.do_bench_cudagraph(lambda: self.run(config), rep=10,
+                                                     return_mode="median") * 1e3
+        except Exception:  # a config the compiler refuses (shared memory, registers): no candidate
+            return None
+
+
+def score(problems: list[Problem], entry: str, value) -> float | None:
+    times = [p.time_us(with_entry(p.config, entry, value) if value is not None else p.config)
+             for p in problems]
+    return None if any(t is None for t in times) else sum(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tune_gated_lora", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="table to write (default: the one pick_config "
+                                                 "reads for this GPU)")
+    parser.add_argument("--time-budget", type=float, metavar="S",
+                        help="stop after S seconds, writing the entries finished so far")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_gated_lora: needs a CUDA GPU (Triton on CPU is only its interpreter)")
+        return 1
+    from prism_fast.kernels import gated_lora as gl
+
+    name = torch.cuda.get_device_name()
+    default_path = Path(gl.__file__).parent / "configs" / (name.replace(" ", "_") + ".json")
+    out = args.out or default_path
+    table = json.loads(default_path.read_text()) if default_path.exists() else {}
+    deadline = time.monotonic() + (args.time_budget or float("inf"))
+    for m in MS:
+        problems = [Problem(m, k, ns) for k, ns in SHAPES]
+        # Shrink before split_k before expand: each is tuned on top of the ones accepted before.
+        for entry in ("fused", "shrink", "split_k", "expand"):
+            if time.monotonic() > deadline:
+                print("time budget spent: remaining entries left untuned")
+                return write(out, table, name)
+            users = [p for p in problems if STAGE_OF[entry] in p.config["stages"]]
+            if not users:
+                continue
+            current = score(users, entry, None)
+            best, best_t = None, current
+            for value in candidates(entry, m):
+                t = score(users, entry, value)
+                if t is not None and (best_t is None or t < best_t):
+                    best, best_t = value, t
+            key = f"{entry}:{m}"
+            if best is not None and current is not None and best_t < (1 - MIN_GAIN) * current:
+                table[key] = best
+                for p in users:
+                    p.config = with_entry(p.config, entry, best)
+                print(f"{key}: {current:.1f} → {best_t:.1f} µs over {len(users)} calls with "
+                      f"{best}", flush=True)
+            else:
+                shown = "–" if current is None else f"{current:.1f}"
+                print(f"{key}: current choice kept ({shown} µs over {len(users)} calls)",
+                      flush=True)
+    return write(out, table, name)
+
+
+def write(out: Path, table: dict, name: str) -> int:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
+    print(f"written: {out} ({name})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
