@@ -21,6 +21,12 @@ Providers (baseline: base), in the order they are measured:
 Prefill is one forward that builds the KV cache and keeps the last token's logits (as generate
 does). A decode step is one token forward against a cache of `tokens` context, rewound after each
 call so the context stays fixed.
+
+Graphed decode (GPU only, mode "graph"): base and the prism_fast route mixes also run their
+decode steps as `torch.compile(forward, backend="cudagraphs", fullgraph=True)` against a
+StaticCache: one CUDA-graph replay per token, so launch overhead no longer hides the kernels.
+The cudagraphs backend (no inductor codegen) keeps the compile short enough for the 8-minute
+GPU check; each step appends one token (context T … T + 40, the same for every provider).
 """
 
 from __future__ import annotations
@@ -31,9 +37,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from bench.common import MODELS, Budget, ModelShape, TimerConfig, make_gate, measure
+from bench.common import (
+    MODELS,
+    QUANTILES,
+    Budget,
+    ModelShape,
+    TimerConfig,
+    Timing,
+    make_gate,
+    measure,
+)
 
 ADAPTER = "persona_expert"
 PERSONA_TOKENS = 230
@@ -41,6 +57,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PROVIDERS = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",
              "prism_fast_half", "peft", "peft_adapter_names", "two_pass")
 PREFILL_ONLY = {"two_pass", "prism_fast_gate"}
+GRAPHED = {"base", "prism_fast_open", "prism_fast_closed", "prism_fast_half"}
+GRAPH_WARMUP, GRAPH_STEPS = 4, 40
 HALF = {"prism_fast_half"}  # needs two or more sequences
 
 
@@ -126,6 +144,32 @@ def case_fn(call: Callable, fwd: Forward, case: E2ECase, ids: torch.Tensor,
     return step
 
 
+def graphed_decode(model, fwd: Forward, case: E2ECase, ids: torch.Tensor) -> Timing:
+    """Per-token decode time with the forward compiled into CUDA graphs (static KV cache)."""
+    from transformers import StaticCache
+
+    b, t = ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=t + GRAPH_WARMUP + GRAPH_STEPS + 8)
+    positions = torch.arange(t, device=ids.device)[None].expand(b, t)
+    out = model(input_ids=ids, position_ids=positions, use_cache=True, **{fwd.cache_kw: cache},
+                **fwd.keep1)                                           # eager prefill
+    step = torch.compile(model.forward, backend="cudagraphs", fullgraph=True, dynamic=False)
+    tok = out.logits[:, -1:].argmax(-1)                                # [B, 1]
+    times = []
+    for i in range(GRAPH_WARMUP + GRAPH_STEPS):
+        pos = torch.full((b, 1), t + i, device=ids.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(input_ids=tok, position_ids=pos, use_cache=True, **{fwd.cache_kw: cache},
+             **fwd.keep1)
+        end.record()
+        if i >= GRAPH_WARMUP:
+            times.append((start, end))
+    torch.cuda.synchronize()
+    us = np.array([s.elapsed_time(e) * 1e3 for s, e in times])
+    return Timing(*(float(v) for v in np.quantile(us, QUANTILES)))
+
+
 def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers: list[str],
             device: torch.device, dtype: torch.dtype, timer: TimerConfig, budget: Budget,
             log: Callable[[str], None], rows: list[dict], notes: list[str]) -> None:
@@ -156,22 +200,25 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
     skipped: list[str] = []   # left out by the time budget
 
     def timed(provider: str, case: E2ECase, call: Callable, ids: torch.Tensor,
-              extra: dict | None = None) -> None:
+              extra: dict | None = None, mode: str = "eager") -> None:
         if provider not in providers:
             return
         if budget.expired():
-            skipped.append(f"{provider} {case.kind} B={case.batch}")
+            skipped.append(f"{provider} {case.kind} B={case.batch} {mode}")
             return
         row = dict(bench="e2e", model=model_name, layers=layers, kind=case.kind, B=case.batch,
-                   T=case.tokens, provider=provider, mode="eager",
-                   case_key=f"e2e|{case.kind}|B={case.batch}|T={case.tokens}")
+                   T=case.tokens, provider=provider, mode=mode,
+                   case_key=f"e2e|{case.kind}|B={case.batch}|T={case.tokens}|{mode}")
         try:
             with torch.no_grad():
-                fn = case_fn(call, fwd, case, ids, extra or {})
                 if gpu:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                tm = measure(fn, device, "eager", timer)
+                if mode == "graph":
+                    tm = graphed_decode(call, fwd, case, ids)
+                else:
+                    tm = measure(case_fn(call, fwd, case, ids, extra or {}), device, "eager",
+                                 timer)
             tokens = case.batch * (case.tokens if case.kind == "prefill" else 1)
             row.update(median_us=tm.median_us, p20_us=tm.p20_us, p80_us=tm.p80_us,
                        tok_per_s=tokens / tm.median_us * 1e6)
@@ -194,6 +241,8 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
         timed("base", case, model, ids)
         with_prompt = torch.cat([persona.expand(case.batch, -1), ids], dim=1)   # [B, 230 + T]
         timed("persona_prompt", case, model, with_prompt)
+        if gpu and case.kind == "decode":
+            timed("base", case, model, ids, mode="graph")
 
     peft_model = add_peft_adapter(model, layers)
 
@@ -227,6 +276,8 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
                     prism_fast.set_routes(peft_model, torch.tensor(routes, dtype=torch.int32,
                                                                    device=device))
                     timed(provider, case, peft_model, ids)
+                    if gpu and case.kind == "decode" and provider in GRAPHED:
+                        timed(provider, case, peft_model, ids, mode="graph")
             prism_fast.unpatch_model(peft_model)
 
     # 3. PEFT itself: unmerged, per-row adapter names, and the official two-pass routing.

@@ -159,11 +159,12 @@ def e2e_table(rows: list[dict]) -> str:
                     key=lambda r: E2E_ORDER.index(r["provider"]))
         for r in rs:
             t = r["T"] + (230 if r["provider"] == "persona_prompt" else 0)
+            kind = r["kind"] + (f" ({r['mode']})" if r.get("mode", "eager") != "eager" else "")
             if r.get("error"):
-                body.append([r["kind"], str(r["B"]), str(t), r["provider"], "error: " + r["error"],
+                body.append([kind, str(r["B"]), str(t), r["provider"], "error: " + r["error"],
                              "–", "–", "–"])
                 continue
-            body.append([r["kind"], str(r["B"]), str(t), r["provider"],
+            body.append([kind, str(r["B"]), str(t), r["provider"],
                          f"{r['median_us'] / 1e3:.2f} ({r['p20_us'] / 1e3:.2f}–"
                          f"{r['p80_us'] / 1e3:.2f})", _fmt(r["ratio"], ".3f"),
                          f"{r['tok_per_s']:.0f}", _fmt(r.get("peak_mem_mib"), ".0f")])
@@ -213,19 +214,25 @@ def target_checks(rows: list[dict], meta: dict) -> list[list[str]]:
         check(f"{model} layer half open vs all open (ratio of ratios)", excess.get(worst), 1.0,
               f"worst at M = {worst}" if excess else "")
 
-    e2e = {(r["kind"], r["B"], r["provider"]): r.get("ratio") for r in rows
-           if r["bench"] == "e2e" and not r.get("error")}
+    e2e = {(r["kind"], r["B"], r["provider"], r.get("mode", "eager")): r.get("ratio")
+           for r in rows if r["bench"] == "e2e" and not r.get("error")}
     for b in sorted({k[1] for k in e2e if k[0] == "decode"}):
-        check(f"e2e decode B = {b}, all open", e2e.get(("decode", b, "prism_fast_open")), 1.15)
-        if b > 1:
-            check(f"e2e decode B = {b}, half open", e2e.get(("decode", b, "prism_fast_half")),
-                  1.15)
-        check(f"e2e decode B = {b}, all closed", e2e.get(("decode", b, "prism_fast_closed")),
-              1.01)
+        for mode, open_target in (("eager", 1.15), ("graph", 1.10)):
+            if not any(k[0] == "decode" and k[1] == b and k[3] == mode for k in e2e):
+                continue
+            label = f"e2e decode B = {b}{' graphed' if mode == 'graph' else ''}"
+            check(f"{label}, all open", e2e.get(("decode", b, "prism_fast_open", mode)),
+                  open_target)
+            if b > 1:
+                check(f"{label}, half open", e2e.get(("decode", b, "prism_fast_half", mode)),
+                      1.15)
+            check(f"{label}, all closed", e2e.get(("decode", b, "prism_fast_closed", mode)),
+                  1.01)
     for b in sorted({k[1] for k in e2e if k[0] == "prefill"}):
-        check(f"e2e prefill B = {b}, all open", e2e.get(("prefill", b, "prism_fast_open")), 1.05)
-        gated, forced = e2e.get(("prefill", b, "prism_fast_gate")), e2e.get(
-            ("prefill", b, "prism_fast_open"))
+        check(f"e2e prefill B = {b}, all open",
+              e2e.get(("prefill", b, "prism_fast_open", "eager")), 1.05)
+        gated = e2e.get(("prefill", b, "prism_fast_gate", "eager"))
+        forced = e2e.get(("prefill", b, "prism_fast_open", "eager"))
         routing = gated - forced if gated is not None and forced is not None else None
         check(f"e2e prefill B = {b}, routing cost (gate − forced, × base)", routing, 0.01)
     return out
