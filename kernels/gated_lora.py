@@ -44,6 +44,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._checks import check_input, check_tensor, expect
+
 STAGE_FUSED = 0
 STAGE_SHRINK = 1
 STAGE_EXPAND = 2
@@ -274,26 +276,7 @@ def pick_config(m: int, k: int, n_max: int, sr: int, r: int, device: torch.devic
 # checks (shared with the PyTorch backend, so both raise the same errors)
 # ----------------------------------------------------------------------------------------------
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _INTS = (torch.int8, torch.int16, torch.int32, torch.int64)  # signed: −1 means closed
-
-
-def _expect(cond: bool, exc: type[Exception], msg: str) -> None:
-    if not cond:
-        raise exc(msg)
-
-
-def _check_tensor(name: str, t: object, x: torch.Tensor, ndim: int | None = None,
-                  dtype: torch.dtype | None = None) -> None:
-    _expect(isinstance(t, torch.Tensor), TypeError,
-            f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    _expect(t.device == x.device, ValueError,
-            f"{name}: expected device {x.device} (the device of x), got {t.device}")
-    if dtype is not None:
-        _expect(t.dtype == dtype, TypeError, f"{name}: expected dtype {dtype}, got {t.dtype}")
-    if ndim is not None:
-        _expect(t.dim() == ndim, ValueError,
-                f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
 
 
 def check_gated_lora_args(x: torch.Tensor, weights: list[torch.Tensor],
@@ -306,58 +289,55 @@ def check_gated_lora_args(x: torch.Tensor, weights: list[torch.Tensor],
     The id range is checked only where that needs no device sync (CPU tensors); on a GPU an
     out-of-range id is treated as a closed gate by the kernels.
     """
-    _expect(isinstance(x, torch.Tensor), TypeError,
-            f"x: expected a torch.Tensor, got {type(x).__name__}")
-    _expect(x.dtype in _FLOATS, TypeError,
-            f"x: expected dtype float16, bfloat16 or float32, got {x.dtype}")
-    _expect(x.dim() >= 1, ValueError, "x: expected shape (..., K), got a 0-d tensor")
+    check_input("x", x)
+    expect(x.dim() >= 1, ValueError, "x: expected shape (..., K), got a 0-d tensor")
     k = x.shape[-1]
     s = len(weights)
-    _expect(1 <= s <= MAX_SLICES, ValueError,
+    expect(1 <= s <= MAX_SLICES, ValueError,
             f"weights: expected 1 to {MAX_SLICES} projections, got {s}")
-    _expect(len(biases) == s, ValueError,
+    expect(len(biases) == s, ValueError,
             f"biases: expected {s} entries (one per weight), got {len(biases)}")
     for i, (w, b) in enumerate(zip(weights, biases)):
-        _check_tensor(f"weight[{i}]" if s > 1 else "weight", w, x, 2, x.dtype)
-        _expect(w.shape[1] == k, ValueError,
+        check_tensor(f"weight[{i}]" if s > 1 else "weight", w, x, "x", 2, x.dtype)
+        expect(w.shape[1] == k, ValueError,
                 f"weight: expected shape (N, {k}) to match x (..., {k}), got {tuple(w.shape)}")
         if b is not None:
-            _check_tensor(f"bias[{i}]" if s > 1 else "bias", b, x, 1, x.dtype)
-            _expect(b.shape[0] == w.shape[0], ValueError,
+            check_tensor(f"bias[{i}]" if s > 1 else "bias", b, x, "x", 1, x.dtype)
+            expect(b.shape[0] == w.shape[0], ValueError,
                     f"bias: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
-    _check_tensor("lora_a", lora_a, x, 3, x.dtype)
-    _check_tensor("lora_b", lora_b, x, 3, x.dtype)
+    check_tensor("lora_a", lora_a, x, "x", 3, x.dtype)
+    check_tensor("lora_b", lora_b, x, "x", 3, x.dtype)
     n_adapters, sr, ka = lora_a.shape
-    _expect(1 <= n_adapters <= MAX_ADAPTERS, ValueError,
+    expect(1 <= n_adapters <= MAX_ADAPTERS, ValueError,
             f"lora_a: expected 1 to {MAX_ADAPTERS} adapters (dim 0), got {n_adapters}")
-    _expect(sr % s == 0 and 1 <= sr // s <= MAX_RANK, ValueError,
+    expect(sr % s == 0 and 1 <= sr // s <= MAX_RANK, ValueError,
             f"lora_a: expected rank 1 to {MAX_RANK} per projection (dim 1 = {s}·R), got {sr}")
     r = sr // s
-    _expect(ka == k, ValueError, f"lora_a: expected shape (L, R, {k}) to match x, got "
+    expect(ka == k, ValueError, f"lora_a: expected shape (L, R, {k}) to match x, got "
             f"{tuple(lora_a.shape)}")
     n_total = sum(w.shape[0] for w in weights)
-    _expect(tuple(lora_b.shape) == (n_adapters, n_total, r), ValueError,
+    expect(tuple(lora_b.shape) == (n_adapters, n_total, r), ValueError,
             f"lora_b: expected shape ({n_adapters}, {n_total}, {r}) to match lora_a and weight, "
             f"got {tuple(lora_b.shape)}")
-    _check_tensor("scaling", scaling, x)
-    _expect(scaling.dtype.is_floating_point, TypeError,
+    check_tensor("scaling", scaling, x, "x")
+    expect(scaling.dtype.is_floating_point, TypeError,
             f"scaling: expected a floating-point tensor, got {scaling.dtype}")
     expect_scaling = (n_adapters,) if s == 1 else (s, n_adapters)
-    _expect(tuple(scaling.shape) == expect_scaling, ValueError,
+    expect(tuple(scaling.shape) == expect_scaling, ValueError,
             f"scaling: expected shape {expect_scaling} (one per adapter), got "
             f"{tuple(scaling.shape)}")
-    _check_tensor("adapter_ids", adapter_ids, x)
-    _expect(adapter_ids.dtype in _INTS, TypeError,
+    check_tensor("adapter_ids", adapter_ids, x, "x")
+    expect(adapter_ids.dtype in _INTS, TypeError,
             f"adapter_ids: expected a signed integer tensor, got {adapter_ids.dtype}")
     per_token = tuple(x.shape[:-1])
     per_seq = tuple(x.shape[:1]) if x.dim() == 3 else None
     shape = tuple(adapter_ids.shape)
-    _expect(shape == per_token or shape == per_seq, ValueError,
+    expect(shape == per_token or shape == per_seq, ValueError,
             f"adapter_ids: expected shape {per_token} (one per token)"
             + (f" or {per_seq} (one per sequence)" if per_seq else "") + f", got {shape}")
     if adapter_ids.device.type == "cpu" and adapter_ids.numel() > 0:
         lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
-        _expect(lo >= -1 and hi < n_adapters, ValueError,
+        expect(lo >= -1 and hi < n_adapters, ValueError,
                 f"adapter_ids: expected values in -1…{n_adapters - 1} (-1 = base), got "
                 f"values in {lo}…{hi}")
 

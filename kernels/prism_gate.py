@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_input, check_tensor
+
 
 @triton.jit
 def _prism_gate_kernel(
@@ -57,28 +59,15 @@ def _prism_gate_kernel(
     tl.store(out_ptr + rows, (best - 1).to(tl.int32), mask=row_mask)
 
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def check_prism_gate_args(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                           w2: torch.Tensor, b2: torch.Tensor) -> None:
     """TypeError / ValueError naming the argument, what was expected and what was given."""
-    if not isinstance(h, torch.Tensor):
-        raise TypeError(f"h: expected a torch.Tensor, got {type(h).__name__}")
-    if h.dtype not in _FLOATS:
-        raise TypeError(f"h: expected dtype float16, bfloat16 or float32, got {h.dtype}")
+    check_input("h", h)
     if h.dim() != 2:
         raise ValueError(f"h: expected shape (B, H), got {tuple(h.shape)}")
     b, hdim = h.shape
     for name, t, nd in (("w1", w1, 2), ("b1", b1, 1), ("w2", w2, 2), ("b2", b2, 1)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.device != h.device:
-            raise ValueError(f"{name}: expected device {h.device} (the device of h), got {t.device}")
-        if t.dtype != h.dtype:
-            raise TypeError(f"{name}: expected dtype {h.dtype} (the dtype of h), got {t.dtype}")
-        if t.dim() != nd:
-            raise ValueError(f"{name}: expected {nd} dimensions, got shape {tuple(t.shape)}")
+        check_tensor(name, t, h, "h", nd, h.dtype)
     d = w1.shape[0]
     if w1.shape[1] != hdim:
         raise ValueError(f"w1: expected shape (D, {hdim}) to match h (B, {hdim}), got "

@@ -1,0 +1,36 @@
+"""Argument checks shared by the ops: errors name the argument, what was expected and what was
+given (SPEC §5). Host-side only; nothing here synchronises with a device."""
+
+from __future__ import annotations
+
+import torch
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def expect(cond: bool, exc: type[Exception], msg: str) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def check_input(name: str, t: object) -> None:
+    """The leading floating-point tensor that fixes every other argument's device and dtype."""
+    expect(isinstance(t, torch.Tensor), TypeError,
+           f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    expect(t.dtype in FLOATS, TypeError,
+           f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+
+
+def check_tensor(name: str, t: object, ref: torch.Tensor, ref_name: str,
+                 ndim: int | None = None, dtype: torch.dtype | None = None) -> None:
+    """A tensor on ref's device, with ndim dimensions and the given dtype where those are set."""
+    expect(isinstance(t, torch.Tensor), TypeError,
+           f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    expect(t.device == ref.device, ValueError,
+           f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
+    if dtype is not None:
+        expect(t.dtype == dtype, TypeError,
+               f"{name}: expected dtype {dtype} (the dtype of {ref_name}), got {t.dtype}")
+    if ndim is not None:
+        expect(t.dim() == ndim, ValueError,
+               f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
