@@ -62,7 +62,10 @@ class _Routing:
     gate: tuple[torch.Tensor, ...] | None          # (w1, b1, w2, b2) in layer 0's dtype/device
     routes: torch.Tensor | None = None             # [B] int32, updated in place
     fixed: torch.Tensor | None = None              # [B] from set_routes
-    all_closed: bool = False                       # learned by one sync per eager prefill
+    fixed_all_closed: bool | None = None           # known on the host when set_routes had CPU ids
+    all_closed: bool = False                       # every route closed: decode skips LoRA
+    in_prefill: bool = False
+    known_closed: bool | None = None               # this prefill's all_closed, if host-known
     gate_pending: bool = False
     attention_mask: torch.Tensor | None = None
     default_adapter: int = 0
@@ -76,9 +79,6 @@ class _Routing:
             self.routes.copy_(routes)
         else:
             self.routes = routes.to(torch.int32).clone()
-        # SPEC §3: at most one host sync per prefill, to let all-closed decodes skip LoRA.
-        # Traced code never syncs; it leaves the flag off so an eager step after it launches.
-        self.all_closed = False if _tracing() else not bool((self.routes >= 0).any())
 
     def skip_lora(self) -> bool:
         return self.all_closed and not _tracing()
@@ -295,6 +295,7 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto"):
     patch.hooks.append(decoder.register_forward_pre_hook(_before_decoder(routing),
                                                          with_kwargs=True))
     patch.hooks.append(layers[0].register_forward_hook(_after_layer0(routing)))
+    patch.hooks.append(decoder.register_forward_hook(_after_decoder(routing), with_kwargs=True))
     model.__dict__["_prism_patch"] = patch
     return model
 
@@ -396,6 +397,10 @@ def _before_decoder(routing: _Routing):
         if not _is_prefill(_cache_of(kwargs), t):
             return None
         routing.gate_pending = False
+        # Whether this prefill's routes are all closed is known on the host (set_routes with
+        # CPU ids, or no gate), or learned when it ends; until then it launches (closed tiles
+        # exit early).
+        routing.all_closed, routing.in_prefill, routing.known_closed = False, True, None
         if routing.fixed is not None:
             n = routing.fixed.shape[0]
             if n == 0 or b % n:
@@ -403,12 +408,35 @@ def _before_decoder(routing: _Routing):
                                  f"(expected {b} or a divisor of it)")
             # generate() repeats each prompt for beams / num_return_sequences, contiguously.
             routing.assign(routing.fixed.to(x.device).repeat_interleave(b // n))
+            routing.known_closed = routing.fixed_all_closed
+            routing.all_closed = bool(routing.known_closed) and not _tracing()
         elif routing.gate is None:
             routing.assign(torch.full((b,), routing.default_adapter, dtype=torch.int32,
                                       device=x.device))
+            routing.known_closed = False
         else:
             routing.gate_pending = True
             routing.attention_mask = kwargs.get("attention_mask")
+        return None
+
+    return hook
+
+
+def _after_decoder(routing: _Routing):
+    """SPEC §3: the one host sync a prefill may make, after all of its LoRA launches (never
+    between the gate and them), to learn whether its decode steps can skip LoRA entirely.
+    Traced code never syncs: the flag stays off and every step launches."""
+
+    def hook(module, args, kwargs, output):
+        if not routing.in_prefill:
+            return None
+        routing.in_prefill = False
+        if _tracing():
+            routing.all_closed = False
+        elif routing.known_closed is not None:
+            routing.all_closed = routing.known_closed
+        else:
+            routing.all_closed = not bool((routing.routes >= 0).any())
         return None
 
     return hook
@@ -456,31 +484,43 @@ def unpatch_model(model):
     return model
 
 
-def set_routes(model, routes: torch.Tensor | None) -> None:
-    """Fix routes [B] (−1 = base, 0…L−1 = persona) for the following forwards; None = use the
-    gate (or adapter 0 without one) again from the next prefill."""
+def set_routes(model, routes: torch.Tensor | list[int] | None) -> None:
+    """Fix routes [B] (−1 = base, 0…L−1 = persona) for the following forwards, also the decode
+    steps in flight; None = the gate (or adapter 0 without one) decides again from the next
+    prefill. Routes for B prompts also serve B·k rows (generate's beams / return sequences).
+
+    Ids given on the CPU are range-checked here; ids already on the GPU are not (that would
+    need a device sync): the kernels treat an id outside −1…L−1 as a closed gate.
+    """
     routing = _patch_of(model).routing
     if routes is None:
-        routing.fixed = None
+        routing.fixed, routing.fixed_all_closed = None, None
         return
+    if isinstance(routes, (list, tuple)):
+        routes = torch.tensor(routes)
     if not isinstance(routes, torch.Tensor):
         raise TypeError(f"routes: expected an integer tensor of shape (B,), got "
                         f"{type(routes).__name__}")
-    if routes.dtype.is_floating_point or routes.dtype == torch.bool or routes.dim() != 1:
-        raise ValueError(f"routes: expected an integer tensor of shape (B,), got {routes.dtype} "
-                         f"of shape {tuple(routes.shape)}")
-    if routes.numel():
-        lo, hi = int(routes.min()), int(routes.max())   # set_routes is a host call, not a decode step
+    if routes.dtype.is_floating_point or routes.dtype.is_complex or routes.dtype == torch.bool \
+            or routes.dim() != 1 or routes.numel() == 0:
+        raise ValueError(f"routes: expected an integer tensor of shape (B,) with B ≥ 1, got "
+                         f"{routes.dtype} of shape {tuple(routes.shape)}")
+    known_closed = None
+    if routes.device.type == "cpu":
+        lo, hi = int(routes.min()), int(routes.max())
         if lo < -1 or hi >= routing.n_adapters:
             raise ValueError(f"routes: expected values in -1…{routing.n_adapters - 1}, got values "
                              f"in {lo}…{hi}")
+        known_closed = hi < 0
     routes = routes.to(device=routing.device, dtype=torch.int32)
     if routing.fixed is not None and routing.fixed.shape == routes.shape:
         routing.fixed.copy_(routes)      # in place: a captured prefill reads the new values
     else:
         routing.fixed = routes
+    routing.fixed_all_closed = known_closed
     if routing.routes is not None and routing.routes.shape == routes.shape:
         routing.assign(routes)           # in place: captured decode steps read the new values
+        routing.all_closed = bool(known_closed)
 
 
 def get_routes(model) -> torch.Tensor | None:

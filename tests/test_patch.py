@@ -203,7 +203,7 @@ def test_generate_sampling_and_beam_search(prism_dir):
 
 
 def test_few_launches(prism_dir, monkeypatch):
-    path, base, _, _ = prism_dir
+    path, base, _, gate = prism_dir
     model = prism_fast.patch_model(M.clone(base), path, backend="triton")
     launches = []
     real = gl._gated_lora_kernel
@@ -220,10 +220,18 @@ def test_few_launches(prism_dir, monkeypatch):
     # 2 LoRA layers × (q/k/v, o, gate/up, down) = 8 groups, one fused launch each (M = 10 rows)
     assert len(launches) == 8
     launches.clear()
+    # all closed, known on the host: neither the prefill nor the decode steps launch
     prism_fast.set_routes(model, torch.tensor([-1, -1]))
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert launches == [], "an all-closed batch must launch no LoRA work"
+    # all closed by the gate's decision: the prefill launches (early exits), its decodes don't
+    closed_gate = dict(gate, **{"gate.3.bias": torch.tensor([100.0, -100.0])})
+    model = prism_fast.patch_model(M.clone(base), path, gate=closed_gate, backend="triton")
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(prism_fast.get_routes(model), torch.tensor([-1, -1], dtype=torch.int32))
+    assert len(launches) == 8, "the prefill launches once per group, the decode steps never"
 
 
 # ---- loading -----------------------------------------------------------------------------
@@ -351,7 +359,7 @@ def test_refuse_misuse(prism_dir):
         prism_fast.set_routes(model, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="routes: expected an integer tensor"):
         prism_fast.set_routes(model, torch.zeros(2))
-    prism_fast.set_routes(model, torch.tensor([0, -1, 0]))
+    prism_fast.set_routes(model, [0, -1, 0])             # a list is fine too
     ids, mask = M.prompts(2, 5)
     with pytest.raises(ValueError, match="routes: set_routes gave 3 routes but the batch has 2 rows"):
         forward(model, ids, mask)
