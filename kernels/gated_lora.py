@@ -367,7 +367,7 @@ def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tenso
     if m == 0:
         return
     t = x.shape[1] if seq_ids else 1
-    ids = adapter_ids.reshape(-1)
+    ids = adapter_ids.reshape(-1).contiguous()               # the kernels index ids densely
     if seq_ids and t == 1:
         seq_ids = False  # decode: one row per sequence, so per-row tiles pack sequences densely
     ns = [y.shape[-1] for y in ys]

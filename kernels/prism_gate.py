@@ -90,6 +90,7 @@ def prism_gate_triton(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: t
     out = torch.empty(b, dtype=torch.int32, device=h.device)  # [B]
     if b == 0:
         return out
+    b1, b2 = b1.contiguous(), b2.contiguous()                 # indexed densely by the kernel
     block_b = 16
     _prism_gate_kernel[(triton.cdiv(b, block_b),)](
         h_ptr=h, w1_ptr=w1, b1_ptr=b1, w2_ptr=w2, b2_ptr=b2, out_ptr=out,

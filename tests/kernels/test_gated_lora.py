@@ -202,6 +202,25 @@ def test_out_of_range_ids_are_closed_and_safe():
     check_op(x[6:], w, None, a, bb, s, ids[6:], y[6:])
 
 
+def test_non_contiguous_ids():
+    """Strided, expanded and per-sequence strided ids (SPEC §4: never read past their storage)."""
+    x = torch.randn(6, 32)
+    w = torch.randn(20, 32)
+    a, bb, s = make_lora(3, 4, 32, 20, torch.float32)
+    for ids in (torch.tensor([0, 9, 1, 9, -1, 9, 2, 9, 1, 9, -1, 9])[::2],
+                torch.tensor([1]).expand(6),
+                torch.tensor([[0, 2, 1, 0, -1, 1, 2, 0, 1, 1, -1, 2]]).view(2, 6)[:, ::2].reshape(6)):
+        y = prism_fast.gated_lora_linear(x, w, None, a, bb, s, ids, backend="triton")
+        check_op(x, w, None, a, bb, s, ids, y)
+    x3 = torch.randn(2, 5, 32)
+    seq = torch.tensor([1, 5, 0, 5])[::2]                    # [1, 0], stride 2
+    y3 = prism_fast.gated_lora_linear(x3, w, None, a, bb, s, seq, backend="triton")
+    check_op(x3, w, None, a, bb, s, seq, y3)
+    ids2 = torch.tensor([[0, 1], [2, -1], [1, 0], [0, 2], [-1, 1]]).T  # [2, 5], transposed
+    y4 = prism_fast.gated_lora_linear(x3, w, None, a, bb, s, ids2, backend="triton")
+    check_op(x3, w, None, a, bb, s, ids2, y4)
+
+
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64, torch.int16, torch.int8])
 def test_id_dtypes(id_dtype):
     x = torch.randn(9, 20)

@@ -61,6 +61,7 @@ def test_exact_on_fp32_and_ties_go_to_base():
 def test_non_contiguous_input():
     h = torch.randn(64, 20).T             # [20, 64] column-major
     w1, b1, w2, b2 = make_gate(64, 48, 3, torch.float32)
+    b1, b2 = torch.randn(96)[::2], torch.randn(6)[::2]       # strided biases
     assert torch.equal(prism_fast.prism_gate(h, w1, b1, w2, b2, backend="triton"),
                        reference.prism_gate(h, w1, b1, w2, b2))
 
