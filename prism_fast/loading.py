@@ -50,6 +50,7 @@ class PrismAdapter:
     personas: list[Persona]
     gate: dict[str, torch.Tensor] | None = None     # keys "0.weight", "0.bias", "3.weight", "3.bias"
     prism_config: dict = field(default_factory=dict)
+    gated_sources: list[str] = field(default_factory=list)  # PRISM dirs whose gates were left out
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -176,13 +177,18 @@ def load_peft_dir(path: str | Path, name: str | None = None) -> Persona:
 
 def load_prism(path: str | Path | list) -> PrismAdapter:
     """A PRISM output directory, a plain PEFT adapter directory, or a list of those (several
-    personas, persona i = adapter i). A single PRISM directory brings its gate.pt; for a list,
-    pass a gate with L + 1 classes to `patch_model(gate=...)`."""
+    personas, persona i = adapter i). A PRISM directory brings its gate.pt (a missing one is a
+    FileNotFoundError: use its persona_expert/ subdirectory for the adapter alone). Several
+    PRISM gates cannot be merged into one L + 1 class gate: pass that gate to
+    `patch_model(gate=...)`, or use the persona_expert/ subdirectories and `set_routes`."""
     if isinstance(path, (list, tuple)):
         if not path:
             raise ValueError("adapter: expected at least one adapter directory, got an empty list")
         loaded = [load_prism(p) for p in path]
-        return PrismAdapter(personas=[p for a in loaded for p in a.personas])
+        if len(loaded) == 1:
+            return loaded[0]
+        return PrismAdapter(personas=[p for a in loaded for p in a.personas],
+                            gated_sources=[str(p) for p, a in zip(path, loaded) if a.gate])
     if not isinstance(path, (str, Path)):
         raise TypeError(f"adapter: expected a directory path, a list of them, or a PrismAdapter, "
                         f"got {type(path).__name__}")
@@ -196,7 +202,11 @@ def load_prism(path: str | Path | list) -> PrismAdapter:
         raise FileNotFoundError(f"adapter: expected {root}/adapter_config.json (PEFT) or "
                                 f"{root}/{PRISM_ADAPTER_SUBDIR}/ (PRISM output), found neither")
     persona = load_peft_dir(root / PRISM_ADAPTER_SUBDIR, name=root.name)
-    gate = load_gate(root / GATE_FILE) if (root / GATE_FILE).exists() else None
+    if not (root / GATE_FILE).exists():
+        raise FileNotFoundError(f"gate: expected {root / GATE_FILE} in the PRISM output directory, "
+                                f"found none (for the adapter without its gate, pass "
+                                f"{root / PRISM_ADAPTER_SUBDIR})")
+    gate = load_gate(root / GATE_FILE)
     config = _read_json(root / PRISM_CONFIG_FILE) if (root / PRISM_CONFIG_FILE).exists() else {}
     return PrismAdapter(personas=[persona], gate=gate, prism_config=config)
 

@@ -15,6 +15,7 @@ one multi-slice op for the whole group and hands the others their outputs.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -71,6 +72,9 @@ class _Routing:
     default_adapter: int = 0
     seq_len: int = 1                               # T of the current forward
     token_ids: torch.Tensor | None = None          # routes repeated over T, built on demand
+    in_generate: int = 0                           # depth of patched generate() calls
+    decided_in_generate: bool = False              # this generate() already had its prefill
+    disabled: bool = False                         # PEFT's disable_adapter(): the base model
 
     def assign(self, routes: torch.Tensor) -> None:
         """Write routes in place when the batch size allows, so captured graphs see them."""
@@ -81,7 +85,7 @@ class _Routing:
             self.routes = routes.to(torch.int32).clone()
 
     def skip_lora(self) -> bool:
-        return self.all_closed and not _tracing()
+        return self.disabled or (self.all_closed and not _tracing())
 
     def ids_for(self, x: torch.Tensor) -> torch.Tensor:
         """Routes [B] for x [B, T, K]; per-token ids [B·T] for x [B·T, K] (MoE blocks flatten)."""
@@ -181,8 +185,9 @@ class GatedLoraLinear(nn.Module):
 @dataclass
 class _Patch:
     routing: _Routing
-    originals: list[tuple[nn.Module, str, nn.Module]]
+    swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]   # parent, attr, original, ours
     hooks: list = field(default_factory=list)
+    methods: list[tuple[object, str]] = field(default_factory=list)  # instance overrides
     personas: list[str] = field(default_factory=list)
 
 
@@ -257,6 +262,11 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto"):
                              "a load_prism() result (or pass a PeftModel), got None")
         loaded = adapter if isinstance(adapter, PrismAdapter) else load_prism(adapter)
         personas, gate_state = loaded.personas, loaded.gate
+        if loaded.gated_sources and gate is None:
+            raise ValueError(f"gate: {len(loaded.gated_sources)} PRISM directories each bring a "
+                             f"binary gate, which cannot route between {len(personas)} personas; "
+                             f"pass gate= with {len(personas) + 1} classes, or pass their "
+                             f"persona_expert/ subdirectories and use set_routes")
     if gate is not None:
         gate_state = load_gate(gate)
     n_layers = len(layers)
@@ -270,7 +280,7 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto"):
         routing.gate = _check_gate(gate_state, root, len(personas), targets, layer0_device,
                                    first.weight.dtype)
     # Everything is checked: from here on, nothing can fail half-way.
-    originals = []
+    swaps = []
     shared = SHARED_INPUT.get(model_type, SHARED_INPUT["default"])
     by_layer: dict[int, list[str]] = {}
     for path in targets:
@@ -289,13 +299,14 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto"):
                 group.members.append(module)
                 parent_path, _, attr = path.rpartition(".")
                 parent = root.get_submodule(parent_path)
-                originals.append((parent, attr, getattr(parent, attr)))
+                swaps.append((parent, attr, getattr(parent, attr), module))
                 setattr(parent, attr, module)
-    patch = _Patch(routing=routing, originals=originals, personas=[p.name for p in personas])
+    patch = _Patch(routing=routing, swaps=swaps, personas=[p.name for p in personas])
     patch.hooks.append(decoder.register_forward_pre_hook(_before_decoder(routing),
                                                          with_kwargs=True))
     patch.hooks.append(layers[0].register_forward_hook(_after_layer0(routing)))
     patch.hooks.append(decoder.register_forward_hook(_after_decoder(routing), with_kwargs=True))
+    _override_methods(model, root, patch)
     model.__dict__["_prism_patch"] = patch
     return model
 
@@ -394,8 +405,11 @@ def _before_decoder(routing: _Routing):
             x = args[0]
         b, t = x.shape[0], x.shape[1]
         routing.seq_len, routing.token_ids = t, None
+        if routing.in_generate and routing.decided_in_generate:
+            return None        # generate(use_cache=False) re-feeds the whole sequence: not a prefill
         if not _is_prefill(_cache_of(kwargs), t):
             return None
+        routing.decided_in_generate = bool(routing.in_generate)
         routing.gate_pending = False
         # Whether this prefill's routes are all closed is known on the host (set_routes with
         # CPU ids, or no gate), or learned when it ends; until then it launches (closed tiles
@@ -403,10 +417,10 @@ def _before_decoder(routing: _Routing):
         routing.all_closed, routing.in_prefill, routing.known_closed = False, True, None
         if routing.fixed is not None:
             n = routing.fixed.shape[0]
-            if n == 0 or b % n:
-                raise ValueError(f"routes: set_routes gave {n} routes but the batch has {b} rows "
-                                 f"(expected {b} or a divisor of it)")
             # generate() repeats each prompt for beams / num_return_sequences, contiguously.
+            if b != n and not (routing.in_generate and b % n == 0):
+                raise ValueError(f"routes: set_routes gave {n} routes but the batch has {b} rows "
+                                 f"(expected {b}, or one per prompt inside generate)")
             routing.assign(routing.fixed.to(x.device).repeat_interleave(b // n))
             routing.known_closed = routing.fixed_all_closed
             routing.all_closed = bool(routing.known_closed) and not _tracing()
@@ -465,6 +479,70 @@ def _after_layer0(routing: _Routing):
     return hook
 
 
+def _override_methods(model, root, patch: _Patch) -> None:
+    """Instance-level overrides, removed by unpatch_model:
+    generate()         marks one prefill per call (use_cache=False re-feeds whole sequences)
+                       and lets routes given per prompt cover beams / return sequences;
+    PeftModel extras   disable_adapter() and disable/enable_adapter_layers() switch every row
+                       to the base model; save_pretrained() saves PEFT's own modules (swapped
+                       back for the call); adapter_names=… is refused: use set_routes."""
+    routing = patch.routing
+
+    def override(obj, name, fn):
+        obj.__dict__[name] = fn
+        patch.methods.append((obj, name))
+
+    for obj in dict.fromkeys([model, root]):
+        original = obj.generate
+
+        def generate(*args, _original=original, **kwargs):
+            _refuse_adapter_names(kwargs)
+            routing.in_generate += 1
+            if routing.in_generate == 1:
+                routing.decided_in_generate = False
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                routing.in_generate -= 1
+
+        override(obj, "generate", generate)
+    if not _is_peft_model(model):
+        return
+    patch.hooks.append(model.register_forward_pre_hook(
+        lambda module, args, kwargs: _refuse_adapter_names(kwargs), with_kwargs=True))
+
+    @contextlib.contextmanager
+    def disable_adapter():
+        previous, routing.disabled = routing.disabled, True
+        try:
+            yield
+        finally:
+            routing.disabled = previous
+
+    save = model.save_pretrained
+
+    def save_pretrained(*args, **kwargs):
+        for parent, attr, original, _ in patch.swaps:
+            setattr(parent, attr, original)
+        try:
+            return save(*args, **kwargs)
+        finally:
+            for parent, attr, _, ours in patch.swaps:
+                setattr(parent, attr, ours)
+
+    override(model, "disable_adapter", disable_adapter)
+    override(model, "disable_adapter_layers", lambda: setattr(routing, "disabled", True))
+    override(model, "enable_adapter_layers", lambda: setattr(routing, "disabled", False))
+    override(model, "save_pretrained", save_pretrained)
+
+
+def _refuse_adapter_names(kwargs: dict) -> None:
+    if kwargs.get("adapter_names") is not None:
+        raise ValueError("adapter_names: PEFT's per-row adapter selection is replaced by routes "
+                         "on a prism_fast-patched model; use prism_fast.set_routes(model, routes) "
+                         "(-1 = base, i = persona i)")
+
+
 def _patch_of(model) -> _Patch:
     patch = getattr(model, "_prism_patch", None)
     if patch is None:
@@ -476,10 +554,12 @@ def _patch_of(model) -> _Patch:
 def unpatch_model(model):
     """Restore the original modules (the same objects) and remove the hooks."""
     patch = _patch_of(model)
-    for parent, attr, original in reversed(patch.originals):
+    for parent, attr, original, _ in reversed(patch.swaps):
         setattr(parent, attr, original)
     for handle in patch.hooks:
         handle.remove()
+    for obj, name in patch.methods:
+        del obj.__dict__[name]
     del model.__dict__["_prism_patch"]
     return model
 
@@ -512,7 +592,7 @@ def set_routes(model, routes: torch.Tensor | list[int] | None) -> None:
             raise ValueError(f"routes: expected values in -1…{routing.n_adapters - 1}, got values "
                              f"in {lo}…{hi}")
         known_closed = hi < 0
-    routes = routes.to(device=routing.device, dtype=torch.int32)
+    routes = routes.to(device=routing.device, dtype=torch.int32, copy=True)  # never the caller's
     if routing.fixed is not None and routing.fixed.shape == routes.shape:
         routing.fixed.copy_(routes)      # in place: a captured prefill reads the new values
     else:
@@ -524,5 +604,7 @@ def set_routes(model, routes: torch.Tensor | list[int] | None) -> None:
 
 
 def get_routes(model) -> torch.Tensor | None:
-    """Routes (B,) int32 decided at the last prefill (or fixed by set_routes)."""
-    return _patch_of(model).routing.routes
+    """Routes (B,) int32 decided at the last prefill (or fixed by set_routes): a copy, on the
+    model's device; None before the first prefill."""
+    routes = _patch_of(model).routing.routes
+    return None if routes is None else routes.clone()

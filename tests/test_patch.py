@@ -246,7 +246,7 @@ def test_load_formats(tmp_path, prism_dir):
     # several personas: a list of PEFT dirs and a 3-class gate
     pm2 = M.peft_model(M.clone(base), n_adapters=2)
     pm2.save_pretrained(str(tmp_path / "two"))
-    dirs = [tmp_path / "two", tmp_path / "two" / "p1"]
+    dirs = [tmp_path / "two" / "persona_expert", tmp_path / "two" / "p1"]   # plain PEFT dirs
     ids, mask = M.prompts(4, 8)
     gate3 = M.random_gate(64, n_classes=3)
     model = prism_fast.patch_model(M.clone(base), dirs, gate=gate3, backend="torch")
@@ -401,3 +401,80 @@ def test_readme_examples():
     assert blocks, "README has python examples"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+# ---- found in review: generate without a cache, copies, PEFT methods, gates of PRISM dirs ----
+
+
+def test_generate_without_cache_decides_once(prism_dir):
+    """generate(use_cache=False) re-feeds the whole sequence each step; the decision is still
+    the prefill's (SPEC: kept for every decode step), so tokens equal the cached generate."""
+    path, base, pm, gate = prism_dir
+    model = prism_fast.patch_model(M.clone(base), path, backend="torch")
+    ids, mask = M.prompts(6, 10, "left", seed=5)
+    routes = M.official_routes(base, gate, ids, mask)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        cached = model.generate(**kw)
+        uncached = model.generate(**kw, use_cache=False)
+    assert torch.equal(prism_fast.get_routes(model), routes)
+    assert torch.equal(uncached, cached)
+
+
+def test_routes_are_copies(prism_dir):
+    path, base, _, _ = prism_dir
+    model = prism_fast.patch_model(M.clone(base), path, backend="torch")
+    assert prism_fast.get_routes(model) is None          # no prefill yet
+    mine = torch.tensor([0, -1], dtype=torch.int32)
+    prism_fast.set_routes(model, mine)
+    ids, mask = M.prompts(2, 6)
+    forward(model, ids, mask)
+    first = prism_fast.get_routes(model)
+    prism_fast.set_routes(model, torch.tensor([-1, 0], dtype=torch.int32))
+    forward(model, ids, mask)
+    assert torch.equal(mine, torch.tensor([0, -1], dtype=torch.int32)), "caller's tensor kept"
+    assert torch.equal(first, mine) and not torch.equal(prism_fast.get_routes(model), first)
+    with pytest.raises(ValueError, match="set_routes gave 2 routes but the batch has 4 rows"):
+        forward(model, *M.prompts(4, 6))                 # outside generate: exactly B routes
+
+
+def test_peft_methods_after_drop_in(tmp_path):
+    base = M.base_model()
+    pm = M.peft_model(M.clone(base))
+    ids, mask = M.prompts(2, 6)
+    ref = forward(pm, ids, mask)
+    prism_fast.patch_model(pm, backend="torch")
+    with pm.disable_adapter():
+        assert torch.equal(forward(pm, ids, mask), forward(base, ids, mask))
+    pm.disable_adapter_layers()
+    assert torch.equal(forward(pm, ids, mask), forward(base, ids, mask))
+    pm.enable_adapter_layers()
+    assert rel_err(forward(pm, ids, mask), ref) <= MODEL_REL_TOL
+    with pytest.raises(ValueError, match="adapter_names: .*set_routes"):
+        pm(input_ids=ids, attention_mask=mask, adapter_names=["__base__", "persona_expert"])
+    with pytest.raises(ValueError, match="adapter_names: .*set_routes"):
+        pm.generate(input_ids=ids, max_new_tokens=2, adapter_names=["__base__"] * 2)
+    pm.save_pretrained(str(tmp_path / "saved"))          # PEFT's own modules, weights included
+    assert isinstance(pm.base_model.model.model.layers[1].mlp.up_proj,
+                      prism_fast.patch.GatedLoraLinear)
+    # PEFT writes a non-"default" adapter into its own subfolder: the PRISM layout
+    reloaded = prism_fast.patch_model(M.clone(base), tmp_path / "saved" / "persona_expert",
+                                      backend="torch")
+    assert rel_err(forward(reloaded, ids, mask), ref) <= MODEL_REL_TOL
+    prism_fast.unpatch_model(pm)
+    assert "disable_adapter" not in pm.__dict__ and "generate" not in pm.__dict__
+
+
+def test_gates_of_prism_dirs(tmp_path, prism_dir):
+    path, base, pm, _ = prism_dir
+    assert prism_fast.load_prism([path]).gate is not None          # a list of one: same dir
+    other = M.save_prism_dir(M.peft_model(M.clone(base), seed=9), M.random_gate(64),
+                             tmp_path / "other")
+    with pytest.raises(ValueError, match="gate: 2 PRISM directories each bring a binary gate"):
+        prism_fast.patch_model(M.clone(base), [path, other])
+    model = prism_fast.patch_model(M.clone(base), [path, other], gate=M.random_gate(64, 3))
+    assert prism_fast.patch.GatedLoraLinear in {type(m) for m in model.modules()}
+    (other / "gate.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="gate: expected .*gate.pt.*persona_expert"):
+        prism_fast.load_prism(other)
+    assert prism_fast.load_prism(other / "persona_expert").gate is None
