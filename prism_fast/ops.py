@@ -32,9 +32,12 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """y = F.linear(x, W, b) + [id ≥ 0] · scaling[id] · (x A[id]ᵀ) B[id]ᵀ.
 
     x [..., K] fp16/bf16/fp32; weight [N, K]; bias [N] or None; lora_a [L, R, K];
-    lora_b [L, N, R]; scaling [L]; adapter_ids x.shape[:-1] or [B] for x [B, T, K]; −1 = base.
+    lora_b [L, N, R]; scaling [L] (a tensor, or a list of floats); adapter_ids x.shape[:-1] or
+    [B] for x [B, T, K]; −1 = base.
     Returns [..., N] in x's dtype; rows with id −1 are bit-identical to F.linear.
     """
+    if isinstance(scaling, (list, tuple)) and isinstance(x, torch.Tensor):
+        scaling = torch.tensor(scaling, dtype=torch.float32, device=x.device)   # [L]
     check_gated_lora_args(x, [weight], [bias], lora_a, lora_b, scaling, adapter_ids)
     if use_triton(backend, x.device):
         return torch.ops.prism_fast.gated_lora(x, [weight], [bias], lora_a, lora_b, scaling,

@@ -282,6 +282,8 @@ def test_backends_agree(backend):
     ref = float64_ref(*args.values())
     y = prism_fast.gated_lora_linear(**args, backend=backend)
     assert rel_err(y, ref) <= REL_TOL[torch.float32]
+    args["scaling"] = args["scaling"].tolist()            # a list of floats is accepted too
+    assert torch.equal(prism_fast.gated_lora_linear(**args, backend=backend), y)
 
 
 BAD = [
