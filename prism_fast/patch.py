@@ -69,7 +69,6 @@ class _Routing:
     known_closed: bool | None = None               # this prefill's all_closed, if host-known
     gate_pending: bool = False
     attention_mask: torch.Tensor | None = None
-    default_adapter: int = 0
     seq_len: int = 1                               # T of the current forward
     token_ids: torch.Tensor | None = None          # routes repeated over T, built on demand
     in_generate: int = 0                           # depth of patched generate() calls
@@ -151,7 +150,7 @@ class _Group:
 class GatedLoraLinear(nn.Module):
     """Drop-in for one nn.Linear: the same `weight` / `bias` parameters, plus gated personas."""
 
-    def __init__(self, base: nn.Linear, group: _Group | None, slot: int, routing: _Routing):
+    def __init__(self, base: nn.Linear, group: _Group, slot: int, routing: _Routing):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -188,7 +187,6 @@ class _Patch:
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]   # parent, attr, original, ours
     hooks: list = field(default_factory=list)
     methods: list[tuple[object, str]] = field(default_factory=list)  # instance overrides
-    personas: list[str] = field(default_factory=list)
 
 
 def _is_peft_model(model) -> bool:
@@ -301,7 +299,7 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto"):
                 parent = root.get_submodule(parent_path)
                 swaps.append((parent, attr, getattr(parent, attr), module))
                 setattr(parent, attr, module)
-    patch = _Patch(routing=routing, swaps=swaps, personas=[p.name for p in personas])
+    patch = _Patch(routing=routing, swaps=swaps)
     patch.hooks.append(decoder.register_forward_pre_hook(_before_decoder(routing),
                                                          with_kwargs=True))
     patch.hooks.append(layers[0].register_forward_hook(_after_layer0(routing)))
@@ -425,7 +423,7 @@ def _before_decoder(routing: _Routing):
             routing.known_closed = routing.fixed_all_closed
             routing.all_closed = bool(routing.known_closed) and not _tracing()
         elif routing.gate is None:
-            routing.assign(torch.full((b,), routing.default_adapter, dtype=torch.int32,
+            routing.assign(torch.full((b,), 0, dtype=torch.int32,   # SPEC: no gate → adapter 0
                                       device=x.device))
             routing.known_closed = False
         else:
