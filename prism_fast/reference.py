@@ -20,9 +20,7 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Closed rows are taken from F.linear untouched (bit-exact passthrough).
     """
     y = F.linear(x, weight, bias)                                       # [..., N]
-    ids = adapter_ids
-    if ids.shape != x.shape[:-1]:                                       # one id per sequence
-        ids = ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    ids = per_token_ids(x, adapter_ids)
     acc = torch.promote_types(x.dtype, torch.float32)                  # fp32, or fp64 as oracle
     delta = torch.zeros(y.shape, dtype=acc, device=y.device)            # [..., N]
     for adapter in range(lora_a.shape[0]):
@@ -30,6 +28,13 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         delta = torch.where((ids == adapter)[..., None], d * scaling[adapter].to(acc), delta)
     is_open = ((ids >= 0) & (ids < lora_a.shape[0]))[..., None]
     return torch.where(is_open, (y.to(acc) + delta).to(y.dtype), y)
+
+
+def per_token_ids(x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+    """adapter_ids as x.shape[:-1]: one id per sequence ([B] for x [B, T, K]) repeated over T."""
+    if adapter_ids.shape == x.shape[:-1]:
+        return adapter_ids
+    return adapter_ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
 
 
 def prism_gate(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,

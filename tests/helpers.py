@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
+
+from prism_fast import reference
 
 
 def make_lora(n_adapters: int, rank: int, k: int, n: int, dtype: torch.dtype,
@@ -25,8 +30,6 @@ def make_ids(shape: tuple[int, ...], n_adapters: int, p_closed: float = 0.3) -> 
 
 def float64_ref(x, w, b, a, bb, scaling, ids):
     """The reference op evaluated entirely in float64 (the oracle for accuracy bounds)."""
-    from prism_fast import reference
-
     return reference.gated_lora_linear(
         x.double(), w.double(), None if b is None else b.double(), a.double(), bb.double(),
         scaling.double(), ids)
@@ -34,11 +37,8 @@ def float64_ref(x, w, b, a, bb, scaling, ids):
 
 def plain_torch(x, w, b, a, bb, scaling, ids):
     """PEFT-style op in x's dtype: base + s · B(A x), everything rounded as PyTorch rounds it."""
-    import torch.nn.functional as F
-
     y = F.linear(x, w, b)
-    full = ids if ids.shape == x.shape[:-1] else ids.view(-1, *([1] * (x.dim() - 2))).expand(
-        x.shape[:-1])
+    full = reference.per_token_ids(x, ids)
     for adapter in range(a.shape[0]):
         d = F.linear(F.linear(x, a[adapter]), bb[adapter]) * scaling[adapter].to(x.dtype)
         y = torch.where((full == adapter)[..., None], y + d, y)
@@ -47,6 +47,4 @@ def plain_torch(x, w, b, a, bb, scaling, ids):
 
 def compiled_gpu_mode() -> bool:
     """TRITON_INTERPRET=0 on a CUDA machine: the kernel tests run compiled on the GPU."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import prism_fast
+from prism_fast import reference
 from prism_fast.kernels.gated_lora import (
     STAGE_EXPAND,
     STAGE_FUSED,
@@ -38,8 +39,7 @@ FORCED = {
 def check_op(x, w, b, a, bb, scaling, ids, y):
     """Open rows within SPEC bounds and ≤ 2× the plain op's error; closed rows bit-exact."""
     ref = float64_ref(x, w, b, a, bb, scaling, ids)
-    full = ids if ids.shape == x.shape[:-1] else ids.view(-1, *([1] * (x.dim() - 2))).expand(
-        x.shape[:-1])
+    full = reference.per_token_ids(x, ids)
     is_open = full >= 0
     base = F.linear(x, w, b)
     assert y.dtype == x.dtype and y.shape == base.shape
