@@ -30,8 +30,19 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
     python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, \
 '| cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', \
 transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device_name())"
-    echo "== install"
-    python -m pip install --no-deps --no-build-isolation -q -e . || echo "install FAILED"
+} 2>&1 | tee "$out/gpu_check.log"
+
+echo "== install" | tee -a "$out/gpu_check.log"
+if ! python -m pip install --no-deps --no-build-isolation -q -e . >>"$out/gpu_check.log" 2>&1; then
+    # Seen with an old setuptools and no `wheel` package (no bdist_wheel for the editable
+    # build): run from the source tree instead, with prism_fast.kernels linked to kernels/ as
+    # setup.py's package_dir maps it. The link exists only in this scratch copy.
+    echo "install FAILED: running from the source tree" | tee -a "$out/gpu_check.log"
+    [ -e prism_fast/kernels ] || ln -s ../kernels prism_fast/kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
     echo "== tests (compiled, TRITON_INTERPRET=0)"
     # The GPU tests first; tests/kernels then runs its whole suite on cuda tensors (see
     # tests/kernels/conftest.py). The model-patching tests on CPU tensors need the interpreter
@@ -39,7 +50,7 @@ transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device
     timeout "${TEST_S:-240}" python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
         tests/kernels tests/test_reference.py
     echo "tests: exit code $? (124 = hit TEST_S)"
-} 2>&1 | tee "$out/gpu_check.log"
+} 2>&1 | tee -a "$out/gpu_check.log"
 
 if [ "${TUNE:-0}" = 1 ]; then
     tune_s="${TUNE_S:-120}"
