@@ -12,7 +12,7 @@ One table entry serves every shape, so each candidate is scored by its summed ti
 Llama-3-8B decoder layer's op calls (q/k/v, o, gate/up, down; r = 16, L = 1, bf16, every row
 open) that take the stage, checked against the reference, and kept only where it beats the
 current choice by more than 3 %. Entries of an existing table are kept unless beaten. The
-fused stage keeps its heuristic BLOCK_R: it must cover all S·R columns of u, which vary by shape.
+fused stage keeps its heuristic BLOCK_R: it must cover the R columns of a slice of u.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Problem:
             self.a[:, i * RANK:(i + 1) * RANK], self.b[:, o:o + n], self.scaling[i], self.ids)
             for i, (o, n) in enumerate(zip(offsets, ns))]
         # The current choice (heuristic, or an existing table) for this shape.
-        self.config = gl.pick_config(m, k, max(ns), s * RANK, RANK, dev)
+        self.config = gl.pick_config(m, k, tuple(ns), RANK, dev)
 
     def run(self, config: dict) -> None:
         from prism_fast.kernels import add_gated_lora_

@@ -22,8 +22,8 @@ bit-identical to it: the kernels never store into closed rows. The LoRA term is 
                         tensor-core dots keep ≈16 mantissa bits of u, never one rounding to 8)
 
 Two paths, one kernel body (`STAGE`), chosen per call by `pick_config`:
-  * FUSED, one launch (decode: ≤ 64 rows and a small A): each program computes its rows'
-    shrink for all slices, then expands one N tile of every slice.
+  * FUSED, one launch (decode: ≤ 64 rows and a small A slice): each program owns one N tile
+    of one slice, computes its rows' shrink for that slice, then expands it.
   * SHRINK then EXPAND (prefill, and decode with a large A, where re-streaming A in every N
     tile would cost more than a second launch): the shrink splits K across programs when
     the grid is small, each split writing its own fp32 partial [SPLIT_K, M, S·R] that the
@@ -139,6 +139,27 @@ def _split_u(u, dtype: tl.constexpr, SPLIT_U: tl.constexpr):
 
 
 @triton.jit
+def _slice_tile(pid_n, N0, N1, N2, y0_ptr, y1_ptr, y2_ptr, stride_y0, stride_y1, stride_y2,
+                BLOCK_N: tl.constexpr, NUM_SLICES: tl.constexpr):
+    """The slice a program's pid_n falls in, with its output, row stride, width, row offset in
+    lora_b and the N tile within it. One slice per program keeps a single expand in the body
+    (unrolling all slices into every program spilled registers on sm_90) and its grid has no
+    idle programs where the slices differ in width (q 4096 vs k/v 1024)."""
+    if NUM_SLICES == 1:
+        return y0_ptr, stride_y0, N0, 0, 0, pid_n
+    t0 = tl.cdiv(N0, BLOCK_N)
+    t01 = t0 + tl.cdiv(N1, BLOCK_N)
+    in1 = pid_n >= t0
+    in2 = pid_n >= t01
+    y_ptr = tl.where(in2, y2_ptr, tl.where(in1, y1_ptr, y0_ptr))
+    stride_ym = tl.where(in2, stride_y2, tl.where(in1, stride_y1, stride_y0))
+    n_size = tl.where(in2, N2, tl.where(in1, N1, N0))
+    n_off = tl.where(in2, N0 + N1, tl.where(in1, N0, 0))
+    tile = pid_n - tl.where(in2, t01, tl.where(in1, t0, 0))
+    return y_ptr, stride_ym, n_size, n_off, in1.to(tl.int32) + in2.to(tl.int32), tile
+
+
+@triton.jit
 def _gated_lora_kernel(
     x_ptr, a_ptr, b_ptr, scale_ptr, ids_ptr, buf_ptr, y0_ptr, y1_ptr, y2_ptr,
     M, K, T, L, R, N0, N1, N2,
@@ -176,38 +197,35 @@ def _gated_lora_kernel(
             tl.store(buf_ptr + split * stride_uk + rows[:, None] * stride_um + cols[None, :], u,
                      mask=sel[:, None] & col_mask[None, :])
         else:
-            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            if STAGE == 0:  # FUSED: the whole [BM, S·R] shrink in registers
-                cols = tl.arange(0, BLOCK_R)
-                u = _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, cols < SR, 0, K,
+            # One (slice, N tile) per program: pid_n runs over slice 0's N tiles, then 1's, 2's.
+            y_ptr, stride_ym, n_size, n_off, s, tile = _slice_tile(
+                pid_n, N0, N1, N2, y0_ptr, y1_ptr, y2_ptr, stride_y0, stride_y1, stride_y2,
+                BLOCK_N, NUM_SLICES)
+            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = n < n_size
+            scale = tl.load(scale_ptr + s * L + adapter)
+            col_lo = s * R
+            if STAGE == 0:  # FUSED: this slice's [BM, R] shrink in registers
+                cols = col_lo + tl.arange(0, BLOCK_R)
+                u = _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, cols < col_lo + R, 0, K,
                             stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
                             BLOCK_M, BLOCK_R, BLOCK_K)
                 u_hi, u_lo = _split_u(u, dtype, SPLIT_U)
-            for s in tl.static_range(NUM_SLICES):
-                y_ptr = y0_ptr if s == 0 else (y1_ptr if s == 1 else y2_ptr)
-                stride_ym = stride_y0 if s == 0 else (stride_y1 if s == 1 else stride_y2)
-                n_size = N0 if s == 0 else (N1 if s == 1 else N2)
-                n_off = 0 if s == 0 else (N0 if s == 1 else N0 + N1)
-                if pid_n * BLOCK_N < n_size:
-                    n_mask = n < n_size
-                    scale = tl.load(scale_ptr + s * L + adapter)
-                    if STAGE == 0:
-                        out = _expand(u_hi, u_lo, b_ptr, adapter, cols, s * R, s * R + R,
-                                      n_off, n, n_mask, stride_bl, stride_bn, stride_br, SPLIT_U)
-                    else:  # EXPAND: read u back in BLOCK_R column chunks of this slice
-                        out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                        for c0 in range(s * R, s * R + R, BLOCK_R):
-                            cols = c0 + tl.arange(0, BLOCK_R)
-                            u_ptrs = buf_ptr + rows[:, None] * stride_um + cols[None, :]
-                            u_mask = sel[:, None] & (cols < s * R + R)[None, :]
-                            u = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-                            for split in range(SPLIT_K):
-                                u += tl.load(u_ptrs + split * stride_uk, mask=u_mask, other=0.0)
-                            u_hi, u_lo = _split_u(u, dtype, SPLIT_U)
-                            out += _expand(u_hi, u_lo, b_ptr, adapter, cols, s * R, s * R + R,
-                                           n_off, n, n_mask, stride_bl, stride_bn, stride_br,
-                                           SPLIT_U)
-                    _add_into(y_ptr, stride_ym, rows, sel, n, n_mask, out, scale)
+                out = _expand(u_hi, u_lo, b_ptr, adapter, cols, col_lo, col_lo + R, n_off, n,
+                              n_mask, stride_bl, stride_bn, stride_br, SPLIT_U)
+            else:  # EXPAND: read u back in BLOCK_R column chunks of this slice
+                out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for c0 in range(col_lo, col_lo + R, BLOCK_R):
+                    cols = c0 + tl.arange(0, BLOCK_R)
+                    u_ptrs = buf_ptr + rows[:, None] * stride_um + cols[None, :]
+                    u_mask = sel[:, None] & (cols < col_lo + R)[None, :]
+                    u = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                    for split in range(SPLIT_K):
+                        u += tl.load(u_ptrs + split * stride_uk, mask=u_mask, other=0.0)
+                    u_hi, u_lo = _split_u(u, dtype, SPLIT_U)
+                    out += _expand(u_hi, u_lo, b_ptr, adapter, cols, col_lo, col_lo + R, n_off,
+                                   n, n_mask, stride_bl, stride_bn, stride_br, SPLIT_U)
+            _add_into(y_ptr, stride_ym, rows, sel, n, n_mask, out, scale)
         remaining = remaining & (ids != adapter)
 
 
@@ -216,10 +234,11 @@ def _gated_lora_kernel(
 # ----------------------------------------------------------------------------------------------
 
 FUSED_MAX_ROWS = 64   # decode batches; above this the shrink always gets its own launch
-# The fused decode kernel recomputes its rows' shrink in every program (one per N tile), so
-# each program streams all of A[S·R, K] from L2 on its own. Model, not measurement (no GPU has
+# The fused decode kernel recomputes its slice's shrink in every program (one per N tile), so
+# each program streams its A slice [R, K] from L2 on its own. Model, not measurement (no GPU has
 # been available yet): at ~150 GB/s per SM, 64K bf16 elements cost ≈ 1 µs per program, about
 # what a second launch costs under CUDA graphs; above that the split shrink + expand pair wins.
+# Llama-3-8B at r = 16: q/k/v, o and gate/up fuse (K·R = 64K), down (K = 14336) splits.
 FUSED_MAX_A_ELEMS = 64 * 1024
 
 
@@ -238,26 +257,43 @@ def _device_key(device: torch.device) -> tuple[str, int]:
 
 
 @functools.lru_cache(maxsize=4096)
-def pick_config(m: int, k: int, n_max: int, sr: int, r: int, device: torch.device) -> dict:
+def pick_config(m: int, k: int, ns: tuple[int, ...], r: int, device: torch.device) -> dict:
     """Path and block sizes for one call: {"stages": [...], stage: {BLOCK_*, num_warps}, "SPLIT_K"}.
 
-    A per-GPU table (kernels/configs/<GPU name>.json, written by bench/tune_gated_lora.py) may
-    override any entry, keyed "<stage>:<next power of 2 of M>". Cached: no work on the hot path.
+    m rows, k inputs, ns the width of each slice, r the rank. Cached: no work on the hot path.
+    See `config_for`.
     """
-    name, sms = _device_key(device)
-    table = _tuned_table(name)
+    return config_for(m, k, ns, r, *_device_key(device))
+
+
+def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sms: int) -> dict:
+    """`pick_config` for a named GPU with `sms` multiprocessors (bench/kernel_resources.py
+    compiles these for a GPU that is not here). A per-GPU table (kernels/configs/<GPU name>.json,
+    written by bench/tune_gated_lora.py) may override any entry, keyed "<stage>:<next power of 2
+    of M>"."""
+    table = _tuned_table(device_name)
     m_key = triton.next_power_of_2(max(m, 1))
-    fused = m <= FUSED_MAX_ROWS and sr <= 128 and k * sr <= FUSED_MAX_A_ELEMS
-    fused = table.get(f"path:{m_key}", "fused" if fused else "split") == "fused" and sr <= 128
+    sr, n_max = len(ns) * r, max(ns)
+    fused = m <= FUSED_MAX_ROWS and k * r <= FUSED_MAX_A_ELEMS
+    fused = table.get(f"path:{m_key}", "fused" if fused else "split") == "fused"
+    # Block sizes and warps keep every variant the sweep's shapes use free of register spills
+    # on sm_90 under Triton 3.6 and 3.9 (bench/kernel_resources.py, checked in CI). Before this
+    # rule, 64-row tiles with 4 warps spilled up to 2.4 KB per thread and a K tile of 128 in the
+    # fused decode kernel took 233 registers (3.6) against 128 for a K tile of 64.
     if fused:
-        br = max(16, triton.next_power_of_2(sr))
-        cfg = {STAGE_FUSED: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if br <= 64 else 64,
-                                 BLOCK_R=br, num_warps=4)}
+        br = max(16, triton.next_power_of_2(r))   # one slice's R columns of u per program
+        # Every program streams its A slice, whatever its N tile: wider tiles where 64 would
+        # take more than one wave (Llama-3-8B gate/up: 448 programs at 64, 224 at 128).
+        bn = 128 if br == 16 and sum(triton.cdiv(n, 64) for n in ns) > sms else 64
+        cfg = {STAGE_FUSED: dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=64, BLOCK_R=br,
+                                 num_warps=4 if br <= 32 else 8)}
         cfg[STAGE_FUSED].update(table.get(f"fused:{m_key}", {}))
+        cfg[STAGE_FUSED]["BLOCK_R"] = max(cfg[STAGE_FUSED]["BLOCK_R"], br)   # must cover R
         return {"stages": [STAGE_FUSED], "SPLIT_K": 1, **cfg}
     bm = 64 if m >= 256 else 16
-    br = max(16, min(64, triton.next_power_of_2(sr)))
-    shrink = dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=64, BLOCK_R=br, num_warps=4)
+    warps = 8 if bm == 64 else 4
+    shrink = dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=64,
+                  BLOCK_R=max(16, min(64, triton.next_power_of_2(sr))), num_warps=warps)
     shrink.update(table.get(f"shrink:{m_key}", {}))
     # Split K until the shrink grid fills the GPU twice over, keeping ≥ 256 of K per split.
     tiles = triton.cdiv(m, shrink["BLOCK_M"]) * triton.cdiv(sr, shrink["BLOCK_R"])
@@ -265,8 +301,9 @@ def pick_config(m: int, k: int, n_max: int, sr: int, r: int, device: torch.devic
     while tiles * split < 2 * sms and k // (split * 2) >= 256 and split < 16:
         split *= 2
     split = table.get(f"split_k:{m_key}", split)
+    # The expand reads u back in chunks of ≤ 32 columns (a rank-64 slice takes two).
     expand = dict(BLOCK_M=bm, BLOCK_N=64 if n_max >= 64 else 32, BLOCK_K=16,
-                  BLOCK_R=max(16, min(64, triton.next_power_of_2(r))), num_warps=4)
+                  BLOCK_R=max(16, min(32, triton.next_power_of_2(r))), num_warps=warps)
     expand.update(table.get(f"expand:{m_key}", {}))
     return {"stages": [STAGE_SHRINK, STAGE_EXPAND], "SPLIT_K": split,
             STAGE_SHRINK: shrink, STAGE_EXPAND: expand}
@@ -377,7 +414,11 @@ def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tenso
     while len(ns) < MAX_SLICES:
         ns.append(0)
         y2.append(y2[0])
-    cfg = config or pick_config(m, k, max(ns), sr, r, x.device)
+    cfg = config or pick_config(m, k, tuple(ns[:len(ys)]), r, x.device)
+    if config is not None and STAGE_FUSED in config["stages"]:
+        expect(config[STAGE_FUSED]["BLOCK_R"] >= r, ValueError,
+               f"config: the fused stage needs BLOCK_R ≥ rank {r}, got "
+               f"{config[STAGE_FUSED]['BLOCK_R']}")
     split_k = cfg["SPLIT_K"]
     u = scaling   # placeholder pointer for the fused path, never read
     if STAGE_SHRINK in cfg["stages"]:
@@ -391,8 +432,8 @@ def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tenso
             grid_m = triton.cdiv(m, blocks["BLOCK_M"])
         if stage == STAGE_SHRINK:
             grid_n = triton.cdiv(sr, blocks["BLOCK_R"]) * split_k
-        else:
-            grid_n = triton.cdiv(max(ns), blocks["BLOCK_N"])
+        else:   # one program per (slice, N tile)
+            grid_n = sum(triton.cdiv(n, blocks["BLOCK_N"]) for n in ns)
         _gated_lora_kernel[(grid_m, grid_n)](
             x_ptr=x2, a_ptr=lora_a, b_ptr=lora_b, scale_ptr=scaling, ids_ptr=ids, buf_ptr=u,
             y0_ptr=y2[0], y1_ptr=y2[1], y2_ptr=y2[2],

@@ -169,8 +169,10 @@ def test_non_contiguous_x(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [3, 100])
 @pytest.mark.parametrize("n_slices", [2, 3])
-def test_multi_slice_shares_shrink(n_slices, m, dtype):
-    """One call over q/k/v-like slices equals one reference call per slice."""
+@pytest.mark.parametrize("path", [None, "fused", "split_k"])
+def test_multi_slice_shares_shrink(n_slices, m, dtype, path):
+    """One call over q/k/v-like slices equals one reference call per slice (forced paths: several
+    N tiles in the first slice, one in the others, so program → slice mapping is exercised)."""
     k = 44
     ns = [40, 12, 12][:n_slices]
     x = torch.randn(m, k, dtype=dtype)
@@ -181,9 +183,19 @@ def test_multi_slice_shares_shrink(n_slices, m, dtype):
     a = torch.cat([lo[0] for lo in loras], dim=1)            # [L, S·R, K]
     bb = torch.cat([lo[1] for lo in loras], dim=1)           # [L, ΣN, R]
     s = torch.stack([lo[2] for lo in loras])                 # [S, L]
-    ys = gated_lora_linear_triton(x, ws, bs, a, bb, s, ids)
+    ys = gated_lora_linear_triton(x, ws, bs, a, bb, s, ids, config=FORCED[path] if path else None)
     for y, w, bias, (ai, bi, si) in zip(ys, ws, bs, loras):
         check_op(x, w, bias, ai, bi, si, ids, y)
+
+
+def test_fused_config_must_cover_the_rank():
+    x = torch.randn(4, 32)
+    a, bb, s = make_lora(1, 32, 32, 8, torch.float32)
+    cfg = {"stages": [STAGE_FUSED], "SPLIT_K": 1,
+           STAGE_FUSED: dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_R=16)}
+    with pytest.raises(ValueError, match="BLOCK_R ≥ rank 32"):
+        add_gated_lora_([torch.zeros(4, 8)], x, a, bb, s.reshape(1, -1), torch.zeros(4), False,
+                        cfg)
 
 
 def test_out_of_range_ids_are_closed_and_safe():
@@ -352,20 +364,22 @@ def test_pick_config_paths_and_tuned_table(monkeypatch):
 
     cpu = torch.device("cpu")
     gated_lora.pick_config.cache_clear()
-    # Llama-3-8B q/k/v decode: A is 48 × 4096, too much to re-stream per N tile → split path
-    cfg = gated_lora.pick_config(1, 4096, 4096, 48, 16, cpu)
+    # Llama-3-8B down_proj decode: an A slice of 16 × 14336 is too much to re-stream per N tile
+    cfg = gated_lora.pick_config(1, 14336, (4096,), 16, cpu)
     assert cfg["stages"] == [STAGE_SHRINK, STAGE_EXPAND] and cfg["SPLIT_K"] > 1
-    # a small adapter on a small layer decodes in one launch
-    assert gated_lora.pick_config(8, 512, 512, 16, 16, cpu)["stages"] == [STAGE_FUSED]
+    # q/k/v decodes in one launch: each program streams one slice's 16 × 4096 of A
+    cfg = gated_lora.pick_config(1, 4096, (4096, 1024, 1024), 16, cpu)
+    assert cfg["stages"] == [STAGE_FUSED] and cfg[STAGE_FUSED]["BLOCK_R"] == 16
+    assert gated_lora.pick_config(8, 512, (512,), 16, cpu)["stages"] == [STAGE_FUSED]
     # prefill never fuses
-    assert gated_lora.pick_config(4096, 512, 512, 16, 16, cpu)["stages"][0] == STAGE_SHRINK
+    assert gated_lora.pick_config(4096, 512, (512,), 16, cpu)["stages"][0] == STAGE_SHRINK
     monkeypatch.setattr(gated_lora, "_tuned_table", lambda name: {
-        "path:1": "fused", "fused:1": {"BLOCK_N": 128}, "split_k:4096": 4})
+        "path:1": "fused", "fused:1": {"BLOCK_N": 32}, "split_k:4096": 4})
     gated_lora.pick_config.cache_clear()
     try:
-        tuned = gated_lora.pick_config(1, 4096, 4096, 48, 16, cpu)
-        assert tuned["stages"] == [STAGE_FUSED] and tuned[STAGE_FUSED]["BLOCK_N"] == 128
-        assert gated_lora.pick_config(4096, 4096, 4096, 48, 16, cpu)["SPLIT_K"] == 4
+        tuned = gated_lora.pick_config(1, 14336, (4096,), 16, cpu)
+        assert tuned["stages"] == [STAGE_FUSED] and tuned[STAGE_FUSED]["BLOCK_N"] == 32
+        assert gated_lora.pick_config(4096, 4096, (4096, 1024, 1024), 16, cpu)["SPLIT_K"] == 4
     finally:
         gated_lora.pick_config.cache_clear()
 
