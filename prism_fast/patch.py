@@ -132,8 +132,12 @@ class _Group:
     def run(self, slot: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         op = torch.ops.prism_fast.gated_lora if torch.compiler.is_compiling() \
             else gated_lora_linear_triton
-        if slot != 0 or len(self.members) == 1:
-            if slot and self.pending_x is x and self.pending[slot] is not None:
+        if len(self.members) == 1:   # the stacked tensors are this projection's own
+            member = self.members[0]
+            return op(x, [member.weight], [member.bias], self.lora_a, self.lora_b, self.scaling,
+                      ids)[0]
+        if slot != 0:
+            if self.pending_x is x and self.pending[slot] is not None:
                 y, self.pending[slot] = self.pending[slot], None
                 if all(p is None for p in self.pending[1:]):
                     self.pending_x, self.pending = None, []
