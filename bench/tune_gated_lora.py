@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             current = score(users, entry, None)
             best, best_t = None, current
             for value in candidates(entry, m):
+                if time.monotonic() > deadline:
+                    break                    # keep the best so far; the loop above then stops
                 t = score(users, entry, value)
                 if t is not None and (best_t is None or t < best_t):
                     best, best_t = value, t
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 table[key] = best
                 for p in users:
                     p.config = with_entry(p.config, entry, best)
+                write(out, table, name)      # a run cut by `timeout` keeps what it found
                 print(f"{key}: {current:.1f} → {best_t:.1f} µs over {len(users)} calls with "
                       f"{best}", flush=True)
             else:

@@ -96,8 +96,8 @@ def official_routes(model, gate: dict, input_ids, attention_mask) -> torch.Tenso
     hs = out.hidden_states[1]
     last = torch.tensor([int(torch.nonzero(m).max()) for m in attention_mask])
     h = hs[torch.arange(hs.shape[0]), last]
-    w1, b1, w2, b2 = (gate[f"gate.{k}"].to(hs.dtype) for k in ("0.weight", "0.bias", "3.weight",
-                                                                   "3.bias"))
+    w1, b1, w2, b2 = (gate[f"gate.{k}"].to(hs.device, hs.dtype)
+                      for k in ("0.weight", "0.bias", "3.weight", "3.bias"))
     return (F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2).argmax(-1) - 1).to(torch.int32)
 
 
