@@ -5,8 +5,10 @@
 Writes the per-GPU table that `pick_config` reads (kernels/configs/<device name, spaces → _>.json)
 in its format: keys "<entry>:<next power of 2 of M>", where "fused", "shrink" and "expand" hold
 block sizes merged over the heuristic defaults (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps)
-and "split_k" an integer. The path itself (fused or split) stays the heuristic's, which decides
-it per shape; a "path:" entry would force one path on every shape.
+and "split_k" an integer. The path (one fused launch, or shrink + expand) is decided per shape
+by the size of an A slice, K·R: "fused_max_a_elems" replaces the heuristic's limit (64K, a
+model of L2 traffic, not a measurement) with the one that times best here, tuned first over
+the decode sizes M ≤ 64.
 
 One table entry serves every shape, so each candidate is scored by its summed time over one
 Llama-3-8B decoder layer's op calls (q/k/v, o, gate/up, down; r = 16, L = 1, bf16, every row
@@ -37,10 +39,11 @@ STAGE_OF = {"fused": 0, "shrink": 1, "split_k": 1, "expand": 2}  # entry → the
 def candidates(entry: str, m: int) -> list:
     bms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, m)]
     if entry == "fused":
-        return [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
-                for bn, bk, w in itertools.product([32, 64, 128], [64, 128, 256], [4, 8])]
-    if entry == "shrink":
-        return [dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=4)
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+                for bm, bn, bk, w in itertools.product([bm for bm in (16, 64) if bm in bms],
+                                                       [64, 128], [64, 128], [4, 8])]
+    if entry == "shrink":   # 64-row tiles with 4 warps spill on sm_90 (bench/kernel_resources)
+        return [dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=8 if bm >= 64 else 4)
                 for bm, bk, br in itertools.product(bms, [64, 128], [16, 32, 64])]
     if entry == "split_k":
         return [1, 2, 4, 8, 16]
@@ -58,14 +61,17 @@ def with_entry(config: dict, entry: str, value) -> dict:
     return out
 
 
+FUSED_LIMITS = [0, 16 * 1024, 32 * 1024, 64 * 1024, 128 * 1024, 256 * 1024]  # K·R candidates
+
+
 class Problem:
     """One op call of the layer: inputs, outputs written in place, and the reference LoRA term."""
 
-    def __init__(self, m: int, k: int, ns: list[int]):
+    def __init__(self, m: int, k: int, ns: list[int], table: dict):
         from prism_fast import reference
-        from prism_fast.kernels import gated_lora as gl
 
         dev, dt = torch.device("cuda"), torch.bfloat16
+        self.m, self.k, self.ns = m, k, tuple(ns)
         s = len(ns)
         self.x = torch.randn(m, k, device=dev, dtype=dt)                          # [M, K]
         self.a = torch.randn(1, s * RANK, k, device=dev, dtype=dt) / k**0.5       # [1, S·R, K]
@@ -79,8 +85,15 @@ class Problem:
             self.x, torch.zeros(n, k, device=dev, dtype=dt), None,
             self.a[:, i * RANK:(i + 1) * RANK], self.b[:, o:o + n], self.scaling[i], self.ids)
             for i, (o, n) in enumerate(zip(offsets, ns))]
-        # The current choice (heuristic, or an existing table) for this shape.
-        self.config = gl.pick_config(m, k, tuple(ns), RANK, dev)
+        # The current choice (heuristic, or the table tuned so far) for this shape.
+        self.config = self.config_for(table)
+
+    def config_for(self, table: dict) -> dict:
+        from prism_fast.kernels import gated_lora as gl
+
+        props = torch.cuda.get_device_properties(self.x.device)
+        return gl.config_for(self.m, self.k, self.ns, RANK, props.name,
+                             props.multi_processor_count, table=table)
 
     def run(self, config: dict) -> None:
         from prism_fast.kernels import add_gated_lora_
@@ -110,6 +123,33 @@ def score(problems: list[Problem], entry: str, value) -> float | None:
     return None if any(t is None for t in times) else sum(times)
 
 
+def tune_fused_limit(problems: list, table: dict, deadline: float) -> bool:
+    """Set table["fused_max_a_elems"] to the K·R limit whose summed time over `problems` (decode
+    sizes, every shape) is best, if it beats the current limit by more than MIN_GAIN. Each
+    problem needs .config_for(table) and .time_us(config). Returns whether the table changed."""
+    def total(limit: int) -> float | None:
+        trial = {**table, "fused_max_a_elems": limit}
+        times = [p.time_us(p.config_for(trial)) for p in problems]
+        return None if any(t is None for t in times) else sum(times)
+
+    from prism_fast.kernels.gated_lora import FUSED_MAX_A_ELEMS
+
+    current = total(table.get("fused_max_a_elems", FUSED_MAX_A_ELEMS))
+    best, best_t = None, current
+    for limit in FUSED_LIMITS:
+        if time.monotonic() > deadline:
+            break
+        t = total(limit)
+        if t is not None and (best_t is None or t < best_t):
+            best, best_t = limit, t
+    if best is None or current is None or best_t >= (1 - MIN_GAIN) * current:
+        print(f"fused_max_a_elems: current limit kept ({current} µs)", flush=True)
+        return False
+    table["fused_max_a_elems"] = best
+    print(f"fused_max_a_elems: {current:.1f} → {best_t:.1f} µs with {best}", flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tune_gated_lora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_path
     table = json.loads(default_path.read_text()) if default_path.exists() else {}
     deadline = time.monotonic() + (args.time_budget or float("inf"))
+    decode = [Problem(m, k, ns, table) for m in MS if m <= gl.FUSED_MAX_ROWS for k, ns in SHAPES]
+    if tune_fused_limit(decode, table, deadline):
+        write(out, table, name)
+    del decode
     for m in MS:
-        problems = [Problem(m, k, ns) for k, ns in SHAPES]
+        problems = [Problem(m, k, ns, table) for k, ns in SHAPES]
         # Shrink before split_k before expand: each is tuned on top of the ones accepted before.
         for entry in ("fused", "shrink", "split_k", "expand"):
             if time.monotonic() > deadline:

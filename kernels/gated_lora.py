@@ -266,15 +266,16 @@ def pick_config(m: int, k: int, ns: tuple[int, ...], r: int, device: torch.devic
     return config_for(m, k, ns, r, *_device_key(device))
 
 
-def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sms: int) -> dict:
+def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sms: int,
+               table: dict | None = None) -> dict:
     """`pick_config` for a named GPU with `sms` multiprocessors (bench/kernel_resources.py
     compiles these for a GPU that is not here). A per-GPU table (kernels/configs/<GPU name>.json,
-    written by bench/tune_gated_lora.py) may override any entry, keyed "<stage>:<next power of 2
-    of M>"."""
-    table = _tuned_table(device_name)
+    written by bench/tune_gated_lora.py; `table` replaces it) may override any entry, keyed
+    "<stage>:<next power of 2 of M>", and the fused path's A-slice limit, "fused_max_a_elems"."""
+    table = _tuned_table(device_name) if table is None else table
     m_key = triton.next_power_of_2(max(m, 1))
     sr, n_max = len(ns) * r, max(ns)
-    fused = m <= FUSED_MAX_ROWS and k * r <= FUSED_MAX_A_ELEMS
+    fused = m <= FUSED_MAX_ROWS and k * r <= table.get("fused_max_a_elems", FUSED_MAX_A_ELEMS)
     fused = table.get(f"path:{m_key}", "fused" if fused else "split") == "fused"
     # Block sizes and warps keep every variant the sweep's shapes use free of register spills
     # on sm_90 under Triton 3.6 and 3.9 (bench/kernel_resources.py, checked in CI). Before this
