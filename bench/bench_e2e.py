@@ -143,15 +143,21 @@ def case_fn(call: Callable, fwd: Forward, case: E2ECase, ids: torch.Tensor,
     return step
 
 
-def graphed_decode(model, fwd: Forward, case: E2ECase, ids: torch.Tensor) -> Timing:
+def graphed_decode(model, fwd: Forward, case: E2ECase, ids: torch.Tensor,
+                   routes: list[int] | None = None) -> Timing:
     """Per-token decode time of one decode step captured by hand as a CUDA graph and replayed
     against a StaticCache (no torch.compile: the cudagraphs backend treats every weight as an
     input it copies on each replay, and inductor compiles too long for the GPU check).
 
     The StaticCache keeps its length in a device tensor that each step advances in place, so a
-    replay appends one token at the position held in the static `pos` tensor.
+    replay appends one token at the position held in the static `pos` tensor. `routes`: the
+    prism_fast model's forced routes; its first warm-up step runs with every route open, so
+    that the LoRA kernels the capture launches are compiled and loaded before it (with every
+    route closed, eager steps skip them, and a first load inside the capture would fail).
     """
     from transformers import StaticCache
+
+    import prism_fast
 
     b, t = ids.shape
     warm = 2                                     # eager steps before capture (side stream)
@@ -170,7 +176,9 @@ def graphed_decode(model, fwd: Forward, case: E2ECase, ids: torch.Tensor) -> Tim
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(warm):
+        for i in range(warm):
+            if routes is not None:
+                prism_fast.set_routes(model, [0] * b if i == 0 else routes)
             step()
             pos.add_(1)
     torch.cuda.current_stream().wait_stream(side)
@@ -222,7 +230,8 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
     skipped: list[str] = []   # left out by the time budget
 
     def timed(provider: str, case: E2ECase, call: Callable, ids: torch.Tensor,
-              extra: dict | None = None, mode: str = "eager") -> None:
+              extra: dict | None = None, mode: str = "eager",
+              routes: list[int] | None = None) -> None:
         if provider not in providers:
             return
         if budget.expired():
@@ -237,7 +246,7 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 if mode == "graph":
-                    tm = graphed_decode(call, fwd, case, ids)
+                    tm = graphed_decode(call, fwd, case, ids, routes)
                 else:
                     tm = measure(case_fn(call, fwd, case, ids, extra or {}), device, "eager",
                                  timer)
@@ -299,7 +308,7 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
                                                                    device=device))
                     timed(provider, case, peft_model, ids)
                     if gpu and case.kind == "decode" and provider in GRAPHED:
-                        timed(provider, case, peft_model, ids, mode="graph")
+                        timed(provider, case, peft_model, ids, mode="graph", routes=routes)
             prism_fast.unpatch_model(peft_model)
 
     # 3. PEFT itself: unmerged, per-row adapter names, and the official two-pass routing.

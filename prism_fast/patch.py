@@ -69,6 +69,7 @@ class _Routing:
     known_closed: bool | None = None               # this prefill's all_closed, if host-known
     gate_pending: bool = False
     attention_mask: torch.Tensor | None = None
+    generate_mask: torch.Tensor | None = None      # the 2-D mask given to generate(), if any
     seq_len: int = 1                               # T of the current forward
     token_ids: torch.Tensor | None = None          # routes repeated over T, built on demand
     in_generate: int = 0                           # depth of patched generate() calls
@@ -432,10 +433,20 @@ def _before_decoder(routing: _Routing):
             routing.known_closed = False
         else:
             routing.gate_pending = True
-            routing.attention_mask = kwargs.get("attention_mask")
+            routing.attention_mask = _padding_mask(kwargs.get("attention_mask"), routing, b)
         return None
 
     return hook
+
+
+def _padding_mask(mask: torch.Tensor | None, routing: _Routing, b: int) -> torch.Tensor | None:
+    """The prefill's 2-D padding mask [B, T]. With a static cache, generate() hands the decoder
+    a 4-D mask instead (prepare_inputs_for_generation); then the 2-D one given to generate()
+    stands in, repeated for beams / num_return_sequences as generate repeats the prompts."""
+    given = routing.generate_mask
+    if (mask is None or mask.dim() != 2) and given is not None and b % given.shape[0] == 0:
+        return given.repeat_interleave(b // given.shape[0], dim=0)
+    return mask
 
 
 def _after_decoder(routing: _Routing):
@@ -502,10 +513,15 @@ def _override_methods(model, root, patch: _Patch) -> None:
             routing.in_generate += 1
             if routing.in_generate == 1:
                 routing.decided_in_generate = False
+                mask = kwargs.get("attention_mask")
+                routing.generate_mask = mask if isinstance(mask, torch.Tensor) \
+                    and mask.dim() == 2 else None
             try:
                 return _original(*args, **kwargs)
             finally:
                 routing.in_generate -= 1
+                if not routing.in_generate:
+                    routing.generate_mask = None
 
         override(obj, "generate", generate)
     if not _is_peft_model(model):

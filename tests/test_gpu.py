@@ -110,23 +110,28 @@ def test_cuda_graph_replays_after_routes_change(setup):
 def test_compiled_decode_matches_eager(setup):
     """HF's own compiled decode (static cache → torch.compile(fullgraph=True, mode=
     "reduce-overhead") of the decode forward): no graph break, CUDA graphs really used (a skip
-    raises), PEFT's tokens, and routes that follow the prompts from one generate to the next."""
-    from transformers import CompileConfig
+    raises), PEFT's tokens, and routes that follow the prompts from one generate to the next
+    while the second call reuses the first's cache (same addresses: graphs are replayed)."""
+    from transformers import CompileConfig, StaticCache
 
     path, base, pm, gate = setup
     model = prism_fast.patch_model(M.clone(base), path)
     compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    ids0, mask0 = (t.cuda() for t in M.prompts(4, 9, "left", seed=5))   # mixed routes
+    seen = []
     with torch.no_grad(), torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
-        ids0, mask0 = (t.cuda() for t in M.prompts(4, 9, "left", seed=8))
-        # The same prompts in reverse order: same shapes, so the second call replays the graphs
-        # captured by the first, with the routes reversed.
+        # The same prompts in reverse order: same shapes, the routes reversed.
         for ids, mask in ((ids0, mask0), (ids0.flip(0), mask0.flip(0))):
             routes = M.official_routes(base, gate, ids, mask)
             names = ["__base__" if r < 0 else "persona_expert" for r in routes.tolist()]
+            cache.reset()
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
-                                 do_sample=False, cache_implementation="static",
+                                 do_sample=False, past_key_values=cache,
                                  compile_config=compile_config)
             ref = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
                               do_sample=False, adapter_names=names)
             assert torch.equal(prism_fast.get_routes(model), routes)
             assert torch.equal(out, ref)
+            seen.append(routes)
+    assert (seen[0] < 0).any() and (seen[0] >= 0).any() and not torch.equal(*seen)

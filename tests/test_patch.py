@@ -421,6 +421,25 @@ def test_generate_without_cache_decides_once(prism_dir):
     assert torch.equal(uncached, cached)
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_static_cache_generate_gates_at_the_last_prompt_token(prism_dir, padding):
+    """With a static cache, generate hands the decoder a 4-D mask; the gate still reads each
+    row's last non-pad token from the 2-D mask given to generate (right padding: not t − 1),
+    also with beams (the mask repeated per beam)."""
+    path, base, _, gate = prism_dir
+    model = prism_fast.patch_model(M.clone(base), path, backend="torch")
+    for seed in range(4):
+        ids, mask = M.prompts(4, 9, padding, seed=seed)
+        routes = M.official_routes(base, gate, ids, mask)
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                  cache_implementation="static")
+        with torch.no_grad():
+            model.generate(**kw)
+            assert torch.equal(prism_fast.get_routes(model), routes), f"seed {seed}"
+            model.generate(**kw, num_beams=2)
+            assert torch.equal(prism_fast.get_routes(model), routes.repeat_interleave(2))
+
+
 def test_routes_are_copies(prism_dir):
     path, base, _, _ = prism_dir
     model = prism_fast.patch_model(M.clone(base), path, backend="torch")
