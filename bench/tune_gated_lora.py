@@ -117,32 +117,42 @@ class Problem:
             return None
 
 
-def score(problems: list[Problem], entry: str, value) -> float | None:
-    times = [p.time_us(with_entry(p.config, entry, value) if value is not None else p.config)
-             for p in problems]
+def summed(times: list[float | None]) -> float | None:
+    """Total µs over a set of calls; None if any of them failed."""
     return None if any(t is None for t in times) else sum(times)
+
+
+def search(values: list, total, deadline: float):
+    """(best value or None, current total, best total): `total(None)` times the current
+    choice, `total(v)` a candidate; the best is kept only if it beats the current choice by
+    more than MIN_GAIN. Stops trying candidates at the deadline, keeping the best so far."""
+    current = total(None)
+    best, best_t = None, current
+    for value in values:
+        if time.monotonic() > deadline:
+            break
+        t = total(value)
+        if t is not None and (best_t is None or t < best_t):
+            best, best_t = value, t
+    if best is None or current is None or best_t >= (1 - MIN_GAIN) * current:
+        best = None
+    return best, current, best_t
 
 
 def tune_fused_limit(problems: list, table: dict, deadline: float) -> bool:
     """Set table["fused_max_a_elems"] to the K·R limit whose summed time over `problems` (decode
     sizes, every shape) is best, if it beats the current limit by more than MIN_GAIN. Each
     problem needs .config_for(table) and .time_us(config). Returns whether the table changed."""
-    def total(limit: int) -> float | None:
-        trial = {**table, "fused_max_a_elems": limit}
-        times = [p.time_us(p.config_for(trial)) for p in problems]
-        return None if any(t is None for t in times) else sum(times)
-
     from prism_fast.kernels.gated_lora import FUSED_MAX_A_ELEMS
 
-    current = total(table.get("fused_max_a_elems", FUSED_MAX_A_ELEMS))
-    best, best_t = None, current
-    for limit in FUSED_LIMITS:
-        if time.monotonic() > deadline:
-            break
-        t = total(limit)
-        if t is not None and (best_t is None or t < best_t):
-            best, best_t = limit, t
-    if best is None or current is None or best_t >= (1 - MIN_GAIN) * current:
+    def total(limit: int | None) -> float | None:
+        if limit is None:
+            limit = table.get("fused_max_a_elems", FUSED_MAX_A_ELEMS)
+        trial = {**table, "fused_max_a_elems": limit}
+        return summed([p.time_us(p.config_for(trial)) for p in problems])
+
+    best, current, best_t = search(FUSED_LIMITS, total, deadline)
+    if best is None:
         print(f"fused_max_a_elems: current limit kept ({current} µs)", flush=True)
         return False
     table["fused_max_a_elems"] = best
@@ -182,16 +192,15 @@ def main(argv: list[str] | None = None) -> int:
             users = [p for p in problems if STAGE_OF[entry] in p.config["stages"]]
             if not users:
                 continue
-            current = score(users, entry, None)
-            best, best_t = None, current
-            for value in candidates(entry, m):
-                if time.monotonic() > deadline:
-                    break                    # keep the best so far; the loop above then stops
-                t = score(users, entry, value)
-                if t is not None and (best_t is None or t < best_t):
-                    best, best_t = value, t
+
+            def total(value, users=users, entry=entry) -> float | None:
+                return summed([p.time_us(p.config if value is None
+                                         else with_entry(p.config, entry, value))
+                               for p in users])
+
+            best, current, best_t = search(candidates(entry, m), total, deadline)
             key = f"{entry}:{m}"
-            if best is not None and current is not None and best_t < (1 - MIN_GAIN) * current:
+            if best is not None:
                 table[key] = best
                 for p in users:
                     p.config = with_entry(p.config, entry, best)

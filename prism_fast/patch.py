@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from prism_fast import reference
 from prism_fast.kernels import gated_lora_linear_triton, prism_gate_triton
+from prism_fast.kernels.gated_lora import MAX_RANK
 from prism_fast.loading import (
     GATE_KEYS,
     Persona,
@@ -346,9 +347,9 @@ def _check_targets(root, personas: list[Persona], wrapped: dict, n_layers: int,
                 raise ValueError(f"adapter: persona {persona.name!r} on {path}: expected lora_A "
                                  f"(r, {k}) and lora_B ({n}, r), got {tuple(lw.a.shape)} and "
                                  f"{tuple(lw.b.shape)} (an adapter made for another model?)")
-            if lw.a.shape[0] > 128:
+            if lw.a.shape[0] > MAX_RANK:
                 raise ValueError(f"adapter: persona {persona.name!r} on {path}: expected rank "
-                                 f"≤ 128, got {lw.a.shape[0]}")
+                                 f"≤ {MAX_RANK}, got {lw.a.shape[0]}")
             targets[path] = base
     if not targets:
         raise ValueError("adapter: the personas target no module of this model")
