@@ -45,3 +45,23 @@ def prism_gate(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
     """
     logits = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)             # [B, C]
     return (logits.argmax(dim=-1) - 1).to(torch.int32)
+
+
+def topk_distill_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      topk_values: torch.Tensor, topk_indices: torch.Tensor, mask: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Per-row loss [N] of PRISM Stage B: T² · KL(teacher ‖ student) over the teacher's top-k.
+
+    h [N, H]; weight [V, H] (LM head); bias [V] or None; topk_values / topk_indices [N, k]
+    (the teacher's raw top-k logits and their ids); mask [N] bool. Masked rows give 0.
+    The official loss of one sample is the mean of the unmasked rows ("batchmean").
+    """
+    acc = torch.promote_types(h.dtype, torch.float32)                  # fp32, or fp64 as oracle
+    rows = weight[topk_indices.long()].to(acc)                          # [N, k, H]
+    z = torch.einsum("nh,nkh->nk", h.to(acc), rows)                    # [N, k]
+    if bias is not None:
+        z = z + bias[topk_indices.long()].to(acc)
+    log_ps = F.log_softmax(z / temperature, dim=-1)
+    log_pt = F.log_softmax(topk_values.to(acc) / temperature, dim=-1)
+    kl = F.kl_div(log_ps, log_pt, log_target=True, reduction="none").sum(-1) * temperature ** 2
+    return torch.where(mask, kl, torch.zeros_like(kl))
