@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from prism_fast import sharding
 from prism_fast.hf import (
     LAYER_PATH,
     Overrides,
@@ -85,25 +86,31 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     if gate_state is not None:
         routing.gate = check_gate(gate_state, root, len(personas), targets, layer0_device,
                                   first.weight.dtype)
-    # Everything is checked: from here on, nothing can fail half-way.
-    swaps = []
     by_layer: dict[int, list[str]] = {}
     for path in targets:
         by_layer.setdefault(int(LAYER_PATH.match(path).group(1)), []).append(path)
-    for idx, paths in sorted(by_layer.items()):
-        rels = [LAYER_PATH.match(p).group(2) for p in paths]
-        for rel_names in groups_of(model_type, rels):
-            full = [f"model.layers.{idx}.{r}" for r in rel_names]
-            bases = [targets[p] for p in full]
-            group = Group(*stack(full, [b.weight for b in bases], personas,
-                                  adapter_dtype or bases[0].weight.dtype))
-            for slot, (path, base) in enumerate(zip(full, bases)):
-                module = GatedLoraLinear(base, group, slot, routing)
-                group.members.append(module)
-                parent_path, _, attr = path.rpartition(".")
-                parent = root.get_submodule(parent_path)
-                swaps.append((parent, attr, getattr(parent, attr), module))
-                setattr(parent, attr, module)
+    groups = [[f"model.layers.{idx}.{r}" for r in rel_names]
+              for idx, paths in sorted(by_layer.items())
+              for rel_names in groups_of(model_type, [LAYER_PATH.match(p).group(2) for p in paths])]
+    plan = sharding.tp_plan(root, targets, peft=bool(wrapped))
+    if plan is not None:
+        sharding.check_groups(plan, groups)
+    # Everything is checked: from here on, nothing can fail half-way.
+    swaps = []
+    for full in groups:
+        bases = [targets[p] for p in full]
+        dtype = adapter_dtype or bases[0].weight.dtype
+        if plan is None:
+            group = Group(*stack(full, [b.weight for b in bases], personas, dtype))
+        else:
+            group = sharding.ShardedGroup(full, bases, personas, dtype, plan[full[0]])
+        for slot, (path, base) in enumerate(zip(full, bases)):
+            module = GatedLoraLinear(base, group, slot, routing)
+            group.members.append(module)
+            parent_path, _, attr = path.rpartition(".")
+            parent = root.get_submodule(parent_path)
+            swaps.append((parent, attr, getattr(parent, attr), module))
+            setattr(parent, attr, module)
     hooks = install_hooks(routing, decoder, layers[0])
     overrides = override_methods(model, root, routing, swaps)
     model.__dict__["_prism_patch"] = _Patch(routing, swaps, hooks, overrides)
