@@ -65,18 +65,31 @@ def variants(models: list[str], ranks: list[int], device_name: str, sms: int) ->
     return out
 
 
+def gated_lora_pointers(dtype: str, ids: str = "i32") -> dict[str, str]:
+    """Pointer types of one `_gated_lora_kernel` launch: x, A, B and the outputs in `dtype`;
+    ids int32 as a patched model passes them (the public op also accepts int64 ids)."""
+    pointers = {p: f"*{dtype}" for p in ("x_ptr", "a_ptr", "b_ptr", "y0_ptr", "y1_ptr", "y2_ptr")}
+    pointers.update(scale_ptr="*fp32", ids_ptr=f"*{ids}", buf_ptr="*fp32")
+    return pointers
+
+
+def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Triton's compile signature for a kernel: the given pointer types, the constexprs, and
+    i32 scalars, except the row stride of x, which arrives as a 64-bit int when it is large."""
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+    if "stride_xm" in sig:
+        sig["stride_xm"] = "i64"
+    return sig
+
+
 def compile_variant(key: tuple, dtype: str, arch: int) -> dict:
     """ptxas's registers / spill bytes and Triton's shared memory for one kernel variant."""
     stage, slices, split_k, blocks, warps, seq_ids = key
     fn = gl._gated_lora_kernel
     constexprs = dict(STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=slices, SPLIT_K=split_k,
                       **dict(blocks))
-    pointers = {p: f"*{dtype}" for p in ("x_ptr", "a_ptr", "b_ptr", "y0_ptr", "y1_ptr", "y2_ptr")}
-    pointers.update(scale_ptr="*fp32", ids_ptr="*i32", buf_ptr="*fp32")
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32")
-                 for n in fn.arg_names}
-    signature["stride_xm"] = "i64"
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=signature(fn, gated_lora_pointers(dtype), constexprs),
+                    constexprs=constexprs)
     triton.knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     with contextlib.redirect_stdout(log):

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from prism_fast.kernels import gated_lora as gl
 
     name = torch.cuda.get_device_name()
-    default_path = Path(gl.__file__).parent / "configs" / (name.replace(" ", "_") + ".json")
+    default_path = gl.config_path(name)
     out = args.out or default_path
     table = json.loads(default_path.read_text()) if default_path.exists() else {}
     deadline = time.monotonic() + (args.time_budget or float("inf"))

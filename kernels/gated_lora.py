@@ -242,9 +242,14 @@ FUSED_MAX_ROWS = 64   # decode batches; above this the shrink always gets its ow
 FUSED_MAX_A_ELEMS = 64 * 1024
 
 
+def config_path(device_name: str) -> Path:
+    """Where bench/tune_gated_lora.py writes, and pick_config reads, a GPU's tuned table."""
+    return Path(__file__).parent / "configs" / (device_name.replace(" ", "_") + ".json")
+
+
 @functools.lru_cache(maxsize=8)
 def _tuned_table(device_name: str) -> dict:
-    path = Path(__file__).parent / "configs" / (device_name.replace(" ", "_") + ".json")
+    path = config_path(device_name)
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -278,9 +283,9 @@ def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sm
     fused = m <= FUSED_MAX_ROWS and k * r <= table.get("fused_max_a_elems", FUSED_MAX_A_ELEMS)
     fused = table.get(f"path:{m_key}", "fused" if fused else "split") == "fused"
     # Block sizes and warps keep every variant the sweep's shapes use free of register spills
-    # on sm_90 under Triton 3.6 and 3.9 (bench/kernel_resources.py, checked in CI). Before this
-    # rule, 64-row tiles with 4 warps spilled up to 2.4 KB per thread and a K tile of 128 in the
-    # fused decode kernel took 233 registers (3.6) against 128 for a K tile of 64.
+    # on sm_90 under Triton 3.6 and 3.9 (bench/kernel_resources.py, checked in CI): 64-row
+    # tiles with 4 warps spill up to 2.4 KB per thread, and a K tile of 128 in the fused decode
+    # kernel takes 233 registers (3.6) against 128 for a K tile of 64.
     if fused:
         br = max(16, triton.next_power_of_2(r))   # one slice's R columns of u per program
         # Every program streams its A slice, whatever its N tile: wider tiles where 64 would

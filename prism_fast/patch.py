@@ -20,10 +20,11 @@ from prism_fast.hf import (
     groups_of,
     is_peft_model,
     override_methods,
+    personas_from_peft_model,
 )
 from prism_fast.kernels._checks import FLOATS
 from prism_fast.layer import GatedLoraLinear, Group, stack
-from prism_fast.loading import PrismAdapter, load_gate, load_prism, personas_from_peft_model
+from prism_fast.loading import PrismAdapter, load_gate, load_prism
 from prism_fast.ops import use_triton
 from prism_fast.routing import Routing, install_hooks
 from prism_fast.targets import check_gate, check_targets
