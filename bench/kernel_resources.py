@@ -65,11 +65,14 @@ def variants(models: list[str], ranks: list[int], device_name: str, sms: int) ->
     return out
 
 
-def gated_lora_pointers(dtype: str, ids: str = "i32") -> dict[str, str]:
-    """Pointer types of one `_gated_lora_kernel` launch: x, A, B and the outputs in `dtype`;
-    ids int32 as a patched model passes them (the public op also accepts int64 ids)."""
-    pointers = {p: f"*{dtype}" for p in ("x_ptr", "a_ptr", "b_ptr", "y0_ptr", "y1_ptr", "y2_ptr")}
-    pointers.update(scale_ptr="*fp32", ids_ptr=f"*{ids}", buf_ptr="*fp32")
+def gated_lora_pointers(dtype: str, ids: str = "i32",
+                        adapters: str | None = None) -> dict[str, str]:
+    """Pointer types of one `_gated_lora_kernel` launch: x and the outputs in `dtype`, A and B
+    in `adapters` (default: `dtype`; "fp32" for adapter_dtype=torch.float32); ids int32 as a
+    patched model passes them (the public op also accepts int64 ids)."""
+    pointers = {p: f"*{dtype}" for p in ("x_ptr", "y0_ptr", "y1_ptr", "y2_ptr")}
+    pointers.update(a_ptr=f"*{adapters or dtype}", b_ptr=f"*{adapters or dtype}",
+                    scale_ptr="*fp32", ids_ptr=f"*{ids}", buf_ptr="*fp32")
     return pointers
 
 

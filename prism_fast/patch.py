@@ -81,6 +81,11 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     model_type = getattr(getattr(root, "config", None), "model_type", "default")
     targets = check_targets(root, personas, wrapped, len(layers), model_type)
     first = next(iter(targets.values()))
+    # The kernels take adapters in x's dtype or fp32 (PEFT's); refuse others before patching.
+    odd = {str(t.weight.dtype) for t in targets.values() if t.weight.dtype != adapter_dtype}
+    if adapter_dtype not in (None, torch.float32) and odd:
+        raise ValueError(f"adapter_dtype: expected None, torch.float32 or the layers' own dtype, "
+                         f"got {adapter_dtype} for layers in {', '.join(sorted(odd))}")
     layer0_device = next(layers[0].parameters()).device
     routing = Routing(n_adapters=len(personas), triton=use_triton(backend, first.weight.device),
                       device=layer0_device, gate=None)

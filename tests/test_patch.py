@@ -419,6 +419,9 @@ def test_fp32_adapters_are_closer_to_peft_on_a_bf16_model():
     for bad, exc in (("float32", TypeError), (torch.int8, ValueError), (torch.float64, ValueError)):
         with pytest.raises(exc, match="adapter_dtype: expected None .* or a floating dtype"):
             prism_fast.patch_model(M.clone(pm), adapter_dtype=bad)
+    with pytest.raises(ValueError, match="adapter_dtype: expected None, torch.float32 or the "
+                                         "layers' own dtype, got torch.float16"):
+        prism_fast.patch_model(M.clone(pm), adapter_dtype=torch.float16)
 
 
 def test_refuse_prism_adapter_of_a_model_with_other_layer_count(tmp_path):

@@ -41,6 +41,11 @@ def main() -> None:
                 SPLIT_K=2 if stage == 1 else 1, BLOCK_M=16 if stage == 0 else 64,
                 BLOCK_N=64, BLOCK_K=64, BLOCK_R=64))
         if ids == "i32":
+            if dt != "fp32":     # fp32 adapters on a half-precision model (adapter_dtype=float32)
+                for stage in (0, 1, 2):
+                    compile_one(_gated_lora_kernel, gated_lora_pointers(dt, ids, "fp32"), dict(
+                        STAGE=stage, SEQ_IDS=False, NUM_SLICES=3, SPLIT_K=2 if stage == 1 else 1,
+                        BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16))
             ptrs = {p: f"*{dt}" for p in ("h_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr")}
             ptrs["out_ptr"] = "*i32"
             compile_one(_prism_gate_kernel, ptrs, dict(BLOCK_B=16, BLOCK_H=64, BLOCK_D=64,
