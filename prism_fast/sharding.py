@@ -49,6 +49,12 @@ def tp_plan(root, targets: dict[str, nn.Linear], peft: bool) -> dict[str, str] |
     sharded = [p for p, m in targets.items() if dtensor is not None
                and isinstance(m.weight, dtensor)]
     if not sharded:
+        for path, m in targets.items():
+            if tuple(m.weight.shape) != (m.out_features, m.in_features):
+                raise ValueError(f"model: {path} declares ({m.out_features}, {m.in_features}) "
+                                 f"but holds a {tuple(m.weight.shape)} weight (sharded without "
+                                 f"DTensor parameters?); patch_model handles tensor parallelism "
+                                 f"with DTensor weights (transformers ≥ 5 tp_plan)")
         return None
     if peft:
         raise ValueError("model: a PeftModel over a tensor-parallel model is not supported; load "

@@ -435,7 +435,8 @@ def test_refuse_prism_adapter_of_a_model_with_other_layer_count(tmp_path):
     prism_fast.patch_model(M.base_model(n_layers=6), d / "persona_expert")
 
 
-@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning",
+                            "ignore::DeprecationWarning")
 def test_refuse_quantized_targets(prism_dir):
     path, base, _, _ = prism_dir
     quantized = torch.ao.quantization.quantize_dynamic(M.clone(base), {torch.nn.Linear},

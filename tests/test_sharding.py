@@ -207,13 +207,17 @@ def test_tp_refusals(ranks):
                      errors["uneven"])
 
 
-def test_tp_not_sharded_model_is_untouched_by_sharding(ranks):
-    """A model without DTensor weights takes the single-device path (tp_plan returns None)."""
+def test_tp_not_sharded_model_is_untouched_by_sharding():
+    """A model without DTensor weights takes the single-device path (tp_plan returns None),
+    unless its weights are local shards without DTensor (older tensor parallelism): refused."""
     from prism_fast import sharding
 
     base = M.base_model()
-    targets = {"model.layers.1.mlp.up_proj": base.model.layers[1].mlp.up_proj}
-    assert sharding.tp_plan(base, targets, peft=False) is None
+    up = base.model.layers[1].mlp.up_proj
+    assert sharding.tp_plan(base, {"model.layers.1.mlp.up_proj": up}, peft=False) is None
+    up.weight = torch.nn.Parameter(up.weight[:48])            # this rank's half of the rows
+    with pytest.raises(ValueError, match=r"declares \(96, 64\) but holds a \(48, 64\) weight"):
+        sharding.tp_plan(base, {"model.layers.1.mlp.up_proj": up}, peft=False)
 
 
 def test_readme_tp_example_runs_under_torchrun(tmp_path):
