@@ -49,6 +49,7 @@ from ._checks import check_input, check_tensor, expect
 STAGE_FUSED = 0
 STAGE_SHRINK = 1
 STAGE_EXPAND = 2
+STAGE_COOP = 3   # experimental: shrink, grid barrier, expand in one launch
 MAX_SLICES = 3
 MAX_ADAPTERS = 64
 MAX_RANK = 128
@@ -160,51 +161,84 @@ def _slice_tile(pid_n, N0, N1, N2, y0_ptr, y1_ptr, y2_ptr, stride_y0, stride_y1,
 
 
 @triton.jit
+def _grid_barrier(ctr_ptr, n_programs):
+    """Wait until `n_programs` programs have arrived at ctr_ptr[0]; the last to leave resets
+    both counters (arrivals, departures) to 0 for the next launch, which stream order keeps
+    from starting before this one ends. Needs every program of the row co-resident (the
+    cooperative config caps its grid at one program per SM). GPU only: the interpreter runs
+    programs one after another, so there the cooperative stage runs as two launches."""
+    tl.atomic_add(ctr_ptr, 1, sem="release")
+    seen = tl.atomic_add(ctr_ptr, 0, sem="acquire")
+    while seen < n_programs:
+        seen = tl.atomic_add(ctr_ptr, 0, sem="acquire")
+    if tl.atomic_add(ctr_ptr + 1, 1, sem="acq_rel") == n_programs - 1:
+        tl.atomic_xchg(ctr_ptr, 0)
+        tl.atomic_xchg(ctr_ptr + 1, 0)
+
+
+@triton.jit
 def _gated_lora_kernel(
-    x_ptr, a_ptr, b_ptr, scale_ptr, ids_ptr, buf_ptr, y0_ptr, y1_ptr, y2_ptr,
+    x_ptr, a_ptr, b_ptr, scale_ptr, ids_ptr, buf_ptr, y0_ptr, y1_ptr, y2_ptr, ctr_ptr,
     M, K, T, L, R, N0, N1, N2,
     stride_xm, stride_xk, stride_al, stride_ar, stride_ak, stride_bl, stride_bn, stride_br,
     stride_y0, stride_y1, stride_y2, stride_um, stride_uk,
     STAGE: tl.constexpr, SEQ_IDS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PHASE: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows, ids = _tile_rows(ids_ptr, pid_m, M, T, L, BLOCK_M, SEQ_IDS)
-    remaining = ids >= 0
-    if tl.max(remaining.to(tl.int32), axis=0) == 0:
-        return  # every row of the tile is closed: no load of x, A or B
+    if tl.max((ids >= 0).to(tl.int32), axis=0) == 0:
+        # Every row of the tile is closed: no load of x, A or B. Every program of this row of
+        # the grid sees the same ids, so a cooperative row leaves its barrier together.
+        return
     SR = NUM_SLICES * R
     SPLIT_U: tl.constexpr = y0_ptr.dtype.element_ty != tl.float32
     dtype: tl.constexpr = y0_ptr.dtype.element_ty
+    # COOP (STAGE 3) = SHRINK's work spread over the expand's grid, a grid barrier, then
+    # EXPAND's work: PHASE 0 is the one-launch GPU kernel; PHASE 1 / 2 run its halves as two
+    # launches (the interpreter runs programs one after another, so a barrier would hang).
+    DO_SHRINK: tl.constexpr = STAGE == 1 or (STAGE == 3 and PHASE != 2)
+    DO_EXPAND: tl.constexpr = STAGE == 0 or STAGE == 2 or (STAGE == 3 and PHASE != 1)
 
     # Loop over the distinct adapters of the tile (once for per-sequence ids or PRISM's L = 1).
-    while tl.max(remaining.to(tl.int32), axis=0) > 0:
-        adapter = tl.min(tl.where(remaining, ids, L), axis=0)
-        sel = remaining & (ids == adapter)
-        if STAGE == 1:  # SHRINK: one column tile of u over one K split
-            cols = (pid_n // SPLIT_K) * BLOCK_R + tl.arange(0, BLOCK_R)
-            col_mask = cols < SR
-            k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-            k_lo = (pid_n % SPLIT_K) * k_per
-            k_hi = tl.minimum(K, k_lo + k_per)
-            u = _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, col_mask, k_lo, k_hi,
-                        stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
-                        BLOCK_M, BLOCK_R, BLOCK_K)
-            # Each K split writes its own partial: no memset launch, no atomics, and the
-            # expand's sum over partials is deterministic.
-            split = (pid_n % SPLIT_K).to(tl.int64)
-            tl.store(buf_ptr + split * stride_uk + rows[:, None] * stride_um + cols[None, :], u,
-                     mask=sel[:, None] & col_mask[None, :])
-        else:
-            # One (slice, N tile) per program: pid_n runs over slice 0's N tiles, then 1's, 2's.
-            y_ptr, stride_ym, n_size, n_off, s, tile = _slice_tile(
-                pid_n, N0, N1, N2, y0_ptr, y1_ptr, y2_ptr, stride_y0, stride_y1, stride_y2,
-                BLOCK_N, NUM_SLICES)
-            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = n < n_size
+    if DO_SHRINK:   # one column tile of u over one K split per program (unit)
+        unit_cols = tl.cdiv(SR, BLOCK_R)
+        if pid_n < unit_cols * SPLIT_K:   # the cooperative grid may be wider than the units
+            remaining = ids >= 0
+            while tl.max(remaining.to(tl.int32), axis=0) > 0:
+                adapter = tl.min(tl.where(remaining, ids, L), axis=0)
+                sel = remaining & (ids == adapter)
+                cols = (pid_n // SPLIT_K) * BLOCK_R + tl.arange(0, BLOCK_R)
+                col_mask = cols < SR
+                k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+                k_lo = (pid_n % SPLIT_K) * k_per
+                k_hi = tl.minimum(K, k_lo + k_per)
+                u = _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, col_mask, k_lo, k_hi,
+                            stride_xm, stride_xk, stride_al, stride_ar, stride_ak,
+                            BLOCK_M, BLOCK_R, BLOCK_K)
+                # Each K split writes its own partial: no memset launch, no atomics, and the
+                # expand's sum over partials is deterministic.
+                split = (pid_n % SPLIT_K).to(tl.int64)
+                tl.store(buf_ptr + split * stride_uk + rows[:, None] * stride_um + cols[None, :],
+                         u, mask=sel[:, None] & col_mask[None, :])
+                remaining = remaining & (ids != adapter)
+    if STAGE == 3 and PHASE == 0:
+        _grid_barrier(ctr_ptr + 2 * pid_m, tl.num_programs(1))
+    if DO_EXPAND:
+        # One (slice, N tile) per program: pid_n runs over slice 0's N tiles, then 1's, 2's.
+        y_ptr, stride_ym, n_size, n_off, s, tile = _slice_tile(
+            pid_n, N0, N1, N2, y0_ptr, y1_ptr, y2_ptr, stride_y0, stride_y1, stride_y2,
+            BLOCK_N, NUM_SLICES)
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < n_size
+        col_lo = s * R
+        remaining = ids >= 0
+        while tl.max(remaining.to(tl.int32), axis=0) > 0:
+            adapter = tl.min(tl.where(remaining, ids, L), axis=0)
+            sel = remaining & (ids == adapter)
             scale = tl.load(scale_ptr + s * L + adapter)
-            col_lo = s * R
             if STAGE == 0:  # FUSED: this slice's [BM, R] shrink in registers
                 cols = col_lo + tl.arange(0, BLOCK_R)
                 u = _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, cols < col_lo + R, 0, K,
@@ -213,7 +247,7 @@ def _gated_lora_kernel(
                 u_hi, u_lo = _split_u(u, dtype, SPLIT_U)
                 out = _expand(u_hi, u_lo, b_ptr, adapter, cols, col_lo, col_lo + R, n_off, n,
                               n_mask, stride_bl, stride_bn, stride_br, SPLIT_U)
-            else:  # EXPAND: read u back in BLOCK_R column chunks of this slice
+            else:  # EXPAND / COOP: read u back in BLOCK_R column chunks of this slice
                 out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
                 for c0 in range(col_lo, col_lo + R, BLOCK_R):
                     cols = c0 + tl.arange(0, BLOCK_R)
@@ -226,20 +260,24 @@ def _gated_lora_kernel(
                     out += _expand(u_hi, u_lo, b_ptr, adapter, cols, col_lo, col_lo + R, n_off,
                                    n, n_mask, stride_bl, stride_bn, stride_br, SPLIT_U)
             _add_into(y_ptr, stride_ym, rows, sel, n, n_mask, out, scale)
-        remaining = remaining & (ids != adapter)
+            remaining = remaining & (ids != adapter)
 
 
 # ----------------------------------------------------------------------------------------------
 # configs: heuristic defaults, optionally overridden by a per-GPU table from bench/tune_gated_lora
 # ----------------------------------------------------------------------------------------------
 
-FUSED_MAX_ROWS = 64   # decode batches; above this the shrink always gets its own launch
-# The fused decode kernel recomputes its slice's shrink in every program (one per N tile), so
-# each program streams its A slice [R, K] from L2 on its own. Model, not measurement (no GPU has
-# been available yet): at ~150 GB/s per SM, 64K bf16 elements cost ≈ 1 µs per program, about
-# what a second launch costs under CUDA graphs; above that the split shrink + expand pair wins.
-# Llama-3-8B at r = 16: q/k/v, o and gate/up fuse (K·R = 64K), down (K = 14336) splits.
-FUSED_MAX_A_ELEMS = 64 * 1024
+FUSED_MAX_ROWS = 64   # decode batches (M ≤ 64): the rows where the path is a choice
+PATHS = ("split", "fused", "coop")
+# The decode path is SPLIT (a shrink launch over every slice of the group, then an expand
+# launch), because it is what the only GPU evidence favours (shared/EVIDENCE.md, H200, CUDA
+# graphs, bf16, r = 16, Llama-3-8B shapes, M = 1): recomputing the shrink in every N tile, the
+# FUSED design, added +9.8 µs to q_proj (1.95×), +8.9 µs to k_proj (2.41×) and +30.3 µs to
+# down_proj (1.94×); shrink + expand added +4.3, +3.7 and +6.7 µs. At decode the per-program
+# streaming of A and the launch count dominate, not bytes. FUSED stays selectable per GPU
+# (table "path:<M>" = "fused", or "fused_max_a_elems": fuse where K·R is at most this) and COOP
+# (one launch with a grid barrier, experimental) only by a table or prism_fast.tune's choice.
+FUSED_MAX_A_ELEMS = 0
 
 
 @functools.lru_cache(maxsize=8)
@@ -256,6 +294,25 @@ def _device_key(device: torch.device) -> tuple[str, int]:
     return "cpu", 4
 
 
+# Paths chosen at run time (prism_fast.tune, measured on this GPU), by (K, N_s…, R, M bucket):
+# they take precedence over the table's "path:<M>" entries.
+_CHOSEN_PATHS: dict[tuple[int, tuple[int, ...], int, int], str] = {}
+
+
+def choose_path(k: int, ns: tuple[int, ...], r: int, m_bucket: int, path: str | None) -> None:
+    """Use `path` ("split", "fused" or "coop"; None = the default again) for calls with these
+    shapes whose M rounds up to the power of two `m_bucket`. Clears the config and plan caches."""
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS} or None, got {path!r}")
+    key = (k, tuple(ns), r, m_bucket)
+    if path is None:
+        _CHOSEN_PATHS.pop(key, None)
+    else:
+        _CHOSEN_PATHS[key] = path
+    pick_config.cache_clear()
+    _PLANS.clear()
+
+
 @functools.lru_cache(maxsize=4096)
 def pick_config(m: int, k: int, ns: tuple[int, ...], r: int, device: torch.device) -> dict:
     """Path and block sizes for one call: {"stages": [...], stage: {BLOCK_*, num_warps}, "SPLIT_K"}.
@@ -263,25 +320,33 @@ def pick_config(m: int, k: int, ns: tuple[int, ...], r: int, device: torch.devic
     m rows, k inputs, ns the width of each slice, r the rank. Cached: no work on the hot path.
     See `config_for`.
     """
-    return config_for(m, k, ns, r, *_device_key(device))
+    m_key = triton.next_power_of_2(max(m, 1))
+    return config_for(m, k, ns, r, *_device_key(device),
+                      path=_CHOSEN_PATHS.get((k, ns, r, m_key)))
 
 
 def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sms: int,
-               table: dict | None = None) -> dict:
+               table: dict | None = None, path: str | None = None) -> dict:
     """`pick_config` for a named GPU with `sms` multiprocessors (bench/kernel_resources.py
     compiles these for a GPU that is not here). A per-GPU table (kernels/configs/<GPU name>.json,
     written by bench/tune_gated_lora.py; `table` replaces it) may override any entry, keyed
-    "<stage>:<next power of 2 of M>", and the fused path's A-slice limit, "fused_max_a_elems"."""
+    "<stage>:<next power of 2 of M>", the decode path, "path:<M>" (split, fused or coop), and
+    "fused_max_a_elems" (decode fuses where K·R is at most this; default 0). `path` forces the
+    path of a decode call (M ≤ 64); prefill always splits. COOP falls back to SPLIT where its
+    grid would exceed one program per SM (its barrier needs every program resident)."""
     table = _tuned_table(device_name) if table is None else table
     m_key = triton.next_power_of_2(max(m, 1))
     sr, n_max = len(ns) * r, max(ns)
-    fused = m <= FUSED_MAX_ROWS and k * r <= table.get("fused_max_a_elems", FUSED_MAX_A_ELEMS)
-    fused = table.get(f"path:{m_key}", "fused" if fused else "split") == "fused"
+    if m > FUSED_MAX_ROWS:
+        path = "split"
+    elif path is None:
+        fused = k * r <= table.get("fused_max_a_elems", FUSED_MAX_A_ELEMS)
+        path = table.get(f"path:{m_key}", "fused" if fused else "split")
     # Block sizes and warps keep every variant the sweep's shapes use free of register spills
     # on sm_90 under Triton 3.6 and 3.9 (bench/kernel_resources.py, checked in CI). Before this
     # rule, 64-row tiles with 4 warps spilled up to 2.4 KB per thread and a K tile of 128 in the
     # fused decode kernel took 233 registers (3.6) against 128 for a K tile of 64.
-    if fused:
+    if path == "fused":
         br = max(16, triton.next_power_of_2(r))   # one slice's R columns of u per program
         # Every program streams its A slice, whatever its N tile: wider tiles where 64 would
         # take more than one wave (Llama-3-8B gate/up: 448 programs at 64, 224 at 128).
@@ -291,6 +356,11 @@ def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sm
         cfg[STAGE_FUSED].update(table.get(f"fused:{m_key}", {}))
         cfg[STAGE_FUSED]["BLOCK_R"] = max(cfg[STAGE_FUSED]["BLOCK_R"], br)   # must cover R
         return {"stages": [STAGE_FUSED], "SPLIT_K": 1, **cfg}
+    if path == "coop":
+        coop = _coop_config(m, k, ns, r, sms)
+        if coop is not None:
+            coop[STAGE_COOP].update(table.get(f"coop:{m_key}", {}))
+            return coop
     bm = 64 if m >= 256 else 16
     warps = 8 if bm == 64 else 4
     shrink = dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=64,
@@ -308,6 +378,27 @@ def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sm
     expand.update(table.get(f"expand:{m_key}", {}))
     return {"stages": [STAGE_SHRINK, STAGE_EXPAND], "SPLIT_K": split,
             STAGE_SHRINK: shrink, STAGE_EXPAND: expand}
+
+
+def _coop_config(m: int, k: int, ns: tuple[int, ...], r: int, sms: int) -> dict | None:
+    """COOP blocks: the expand's (slice, N tile) grid, N tiles widened until the whole grid fits
+    one program per SM; its programs first share the shrink's (column tile, K split) units.
+    None where even 256-wide tiles do not fit."""
+    bm = 16
+    grid_m = -(-m // bm)
+    for bn in (64, 128, 256):
+        grid_n = sum(-(-n // bn) for n in ns)
+        if grid_m * grid_n <= sms:
+            break
+    else:
+        return None
+    br = max(16, min(32, triton.next_power_of_2(r)))
+    cols = -(-len(ns) * r // br)
+    split = 1   # as many K splits as the grid has programs for, ≥ 256 of K each
+    while cols * split * 2 <= grid_n and k // (split * 2) >= 256 and split < 64:
+        split *= 2
+    return {"stages": [STAGE_COOP], "SPLIT_K": split,
+            STAGE_COOP: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_R=br, num_warps=4)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +481,141 @@ def ids_per_sequence(x: torch.Tensor, adapter_ids: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+class _StagePlan:
+    """One launch of a plan: its grid and every non-pointer argument, fixed by the plan's key,
+    and the compiled kernels it has launched, by (current device, pointer alignment)."""
+
+    __slots__ = ("grid", "kwargs", "tail", "compiled")
+
+    def __init__(self, grid: tuple[int, int], kwargs: dict):
+        self.grid, self.kwargs = grid, kwargs
+        names = _gated_lora_kernel.arg_names
+        self.tail = tuple(kwargs[n] for n in names[len(_POINTERS):])   # in the kernel's order
+        self.compiled: dict = {}
+
+
+class _Plan:
+    """Everything a call's shapes and strides decide, resolved once: config, grids, integer
+    arguments, the buffers' shapes and (on a GPU) the compiled kernel of each stage."""
+
+    __slots__ = ("stages", "u_shape", "counters", "two_launch")
+
+    def __init__(self, stages: list[_StagePlan], u_shape: tuple | None, counters: int,
+                 two_launch: bool):
+        self.stages, self.u_shape, self.counters, self.two_launch = stages, u_shape, counters, \
+            two_launch
+
+
+_POINTERS = ("x_ptr", "a_ptr", "b_ptr", "scale_ptr", "ids_ptr", "buf_ptr", "y0_ptr", "y1_ptr",
+             "y2_ptr", "ctr_ptr")
+_PLANS: dict[tuple, _Plan] = {}
+_COUNTERS: dict[tuple, torch.Tensor] = {}   # COOP's barrier counters, zero between launches
+_direct: list = []   # [get_current_device, get_current_stream, knobs.runtime] once resolved
+
+
+def _interpreted() -> bool:
+    return not hasattr(_gated_lora_kernel, "device_caches")   # an InterpretedFunction
+
+
+def _make_plan(m: int, t: int, seq_ids: bool, x2: torch.Tensor, lora_a: torch.Tensor,
+               lora_b: torch.Tensor, y2: list[torch.Tensor], config: dict | None) -> _Plan:
+    k = x2.shape[1]
+    ns = [y.shape[1] for y in y2]
+    n_adapters, sr, _ = lora_a.shape
+    r = sr // len(ns)
+    cfg = config or pick_config(m, k, tuple(ns), r, x2.device)
+    if config is not None and STAGE_FUSED in config["stages"]:
+        expect(config[STAGE_FUSED]["BLOCK_R"] >= r, ValueError,
+               f"config: the fused stage needs BLOCK_R ≥ rank {r}, got "
+               f"{config[STAGE_FUSED]['BLOCK_R']}")
+    strides_y = [y.stride(0) for y in y2]
+    while len(ns) < MAX_SLICES:
+        ns.append(0)
+        strides_y.append(strides_y[0])
+    split_k = cfg["SPLIT_K"]
+    n_rows = m // t if seq_ids else m
+    stages = []
+    for stage in cfg["stages"]:
+        blocks = cfg[stage]
+        bm = blocks["BLOCK_M"]
+        grid_m = n_rows * -(-t // bm) if seq_ids else -(-m // bm)
+        if stage == STAGE_SHRINK:
+            grid_n = -(-sr // blocks["BLOCK_R"]) * split_k
+        else:   # one program per (slice, N tile)
+            bn = blocks["BLOCK_N"]
+            grid_n = -(-ns[0] // bn) - (-ns[1] // bn) - (-ns[2] // bn)
+        kwargs = dict(
+            M=m, K=k, T=t, L=n_adapters, R=r, N0=ns[0], N1=ns[1], N2=ns[2],
+            stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+            stride_al=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
+            stride_bl=lora_b.stride(0), stride_bn=lora_b.stride(1), stride_br=lora_b.stride(2),
+            stride_y0=strides_y[0], stride_y1=strides_y[1], stride_y2=strides_y[2],
+            stride_um=sr, stride_uk=m * sr, STAGE=stage, SEQ_IDS=seq_ids,
+            NUM_SLICES=len(y2), SPLIT_K=split_k, PHASE=0, **blocks)
+        stages.append(_StagePlan((grid_m, grid_n), kwargs))
+    coop = STAGE_COOP in cfg["stages"]
+    if coop and _interpreted():   # no barrier under the interpreter: its two halves in turn
+        kwargs = stages[0].kwargs
+        stages = [_StagePlan(stages[0].grid, {**kwargs, "PHASE": 1}),
+                  _StagePlan(stages[0].grid, {**kwargs, "PHASE": 2})]
+    needs_u = coop or STAGE_SHRINK in cfg["stages"]
+    return _Plan(stages, (split_k, m, sr) if needs_u else None,
+                 2 * stages[0].grid[0] if coop else 0, coop and len(stages) == 2)
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 barrier counters (2 per row of the grid), shared by launches on `device`:
+    stream order keeps two cooperative launches from overlapping, and each resets its own."""
+    key = (device, n)
+    ctr = _COUNTERS.get(key)
+    if ctr is None:
+        ctr = _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return ctr
+
+
+def _hooked(hook) -> bool:
+    """A launch hook that does something: a HookChain with calls, or any other callable."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _launch(stage: _StagePlan, ptrs: tuple) -> None:
+    """Launch one stage. On a GPU, the compiled kernel found by Triton's own `kernel[grid]` path
+    the first time is launched directly afterwards (Triton 3.4 to 3.9 expose the same
+    `CompiledKernel.run(gx, gy, gz, stream, function, packed_metadata, launch_metadata,
+    enter_hook, exit_hook, *args)`), skipping the binder, specialisation and cache key (≈ 17 µs
+    of host time per launch with this kernel's 34 arguments). The compiled kernel depends on
+    what Triton specialises on: every integer argument (fixed by the plan's key), the dtypes
+    (in the key) and whether each pointer is 16-byte aligned, hence the alignment mask here.
+    Triton's path is kept wherever it does more: the interpreter, launch hooks (profilers;
+    Triton 3.6 and 3.9 hold them in HookChains whose empty `calls` the launcher would call for
+    nothing, while a None hook it skips), pre-run hooks."""
+    if _direct:
+        get_device, get_stream, runtime = _direct
+        if not _hooked(runtime.launch_enter_hook) and not _hooked(runtime.launch_exit_hook) \
+                and not _gated_lora_kernel.pre_run_hooks:
+            aligned = 0
+            for p in ptrs:
+                aligned = (aligned << 1) | (p.data_ptr() & 15 == 0)
+            device = get_device()
+            kernel = stage.compiled.get((device, aligned))
+            if kernel is not None:
+                gx, gy = stage.grid
+                kernel.run(gx, gy, 1, get_stream(device), kernel.function, kernel.packed_metadata,
+                           None, None, None, *ptrs, *stage.tail)
+                return
+            kernel = _gated_lora_kernel[stage.grid](*ptrs, **stage.kwargs)
+            if all(hasattr(kernel, a) for a in ("function", "packed_metadata", "run")):
+                stage.compiled[(device, aligned)] = kernel
+            return
+    _gated_lora_kernel[stage.grid](*ptrs, **stage.kwargs)
+    if not _direct and not _interpreted():
+        from triton import knobs
+        from triton.runtime import driver
+
+        active = driver.active
+        _direct.extend([active.get_current_device, active.get_current_stream, knobs.runtime])
+
+
 def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tensor,
                     lora_b: torch.Tensor, scaling: torch.Tensor, adapter_ids: torch.Tensor,
                     seq_ids: bool, config: dict | None = None) -> None:
@@ -398,54 +624,38 @@ def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tenso
     x [..., K]; lora_a [L, S·R, K]; lora_b [L, ΣN_s, R]; scaling [S, L] fp32;
     adapter_ids [B] (seq_ids, x = [B, T, K]) or x.shape[:-1]. Arguments are assumed checked.
     `config` (pick_config's format) forces a path and block sizes: tests reach every stage.
+
+    Everything the shapes, strides and dtypes decide (config, grids, integer arguments) is
+    resolved once per distinct key into a plan (`_PLANS`); a call then costs the key, the
+    buffer allocation and the launches.
     """
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)                                     # [M, K], a view where possible
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])     # [M, K], a view where possible
     m = x2.shape[0]
     if m == 0:
         return
+    ids = adapter_ids if adapter_ids.dim() == 1 and adapter_ids.is_contiguous() \
+        else adapter_ids.reshape(-1).contiguous()             # the kernels index ids densely
     t = x.shape[1] if seq_ids else 1
-    ids = adapter_ids.reshape(-1).contiguous()               # the kernels index ids densely
     if seq_ids and t == 1:
         seq_ids = False  # decode: one row per sequence, so per-row tiles pack sequences densely
-    ns = [y.shape[-1] for y in ys]
-    y2 = [y.view(-1, n) for y, n in zip(ys, ns)]              # [M, N_s]
-    n_adapters, sr, _ = lora_a.shape
-    r = sr // len(ys)
-    while len(ns) < MAX_SLICES:
-        ns.append(0)
-        y2.append(y2[0])
-    cfg = config or pick_config(m, k, tuple(ns[:len(ys)]), r, x.device)
-    if config is not None and STAGE_FUSED in config["stages"]:
-        expect(config[STAGE_FUSED]["BLOCK_R"] >= r, ValueError,
-               f"config: the fused stage needs BLOCK_R ≥ rank {r}, got "
-               f"{config[STAGE_FUSED]['BLOCK_R']}")
-    split_k = cfg["SPLIT_K"]
-    u = scaling   # placeholder pointer for the fused path, never read
-    if STAGE_SHRINK in cfg["stages"]:
-        u = torch.empty((split_k, m, sr), dtype=torch.float32, device=x.device)  # [SK, M, S·R]
-    for stage in cfg["stages"]:
-        blocks = cfg[stage]
-        bm = blocks["BLOCK_M"]
-        # Plain integer ceil-divisions: triton.cdiv is a constexpr_function whose host call
-        # costs ≈ 1.5 µs, four times per call on the decode hot path.
-        grid_m = ids.shape[0] * -(-t // bm) if seq_ids else -(-m // bm)
-        if stage == STAGE_SHRINK:
-            grid_n = -(-sr // blocks["BLOCK_R"]) * split_k
-        else:   # one program per (slice, N tile)
-            bn = blocks["BLOCK_N"]
-            grid_n = -(-ns[0] // bn) - (-ns[1] // bn) - (-ns[2] // bn)
-        _gated_lora_kernel[(grid_m, grid_n)](
-            x_ptr=x2, a_ptr=lora_a, b_ptr=lora_b, scale_ptr=scaling, ids_ptr=ids, buf_ptr=u,
-            y0_ptr=y2[0], y1_ptr=y2[1], y2_ptr=y2[2],
-            M=m, K=k, T=t, L=n_adapters, R=r, N0=ns[0], N1=ns[1], N2=ns[2],
-            stride_xm=x2.stride(0), stride_xk=x2.stride(1),
-            stride_al=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
-            stride_bl=lora_b.stride(0), stride_bn=lora_b.stride(1), stride_br=lora_b.stride(2),
-            stride_y0=y2[0].stride(0), stride_y1=y2[1].stride(0), stride_y2=y2[2].stride(0),
-            stride_um=sr, stride_uk=m * sr, STAGE=stage, SEQ_IDS=seq_ids,
-            NUM_SLICES=len(ys), SPLIT_K=split_k, **blocks,
-        )
+    y2 = [y if y.dim() == 2 else y.view(-1, y.shape[-1]) for y in ys]   # [M, N_s]
+    if config is None:
+        key = (m, t, seq_ids, x2.stride(), x.dtype, x.device, lora_a.shape, lora_a.stride(),
+               lora_a.dtype, lora_b.shape, lora_b.stride(), lora_b.dtype, ids.dtype,
+               *[(y.shape[1], y.stride(0)) for y in y2])
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _PLANS[key] = _make_plan(m, t, seq_ids, x2, lora_a, lora_b, y2, None)
+    else:
+        plan = _make_plan(m, t, seq_ids, x2, lora_a, lora_b, y2, config)
+    u = scaling   # placeholder pointer where no stage reads it
+    if plan.u_shape is not None:
+        u = torch.empty(plan.u_shape, dtype=torch.float32, device=x.device)   # [SK, M, S·R]
+    ctr = _counters(plan.counters, x.device) if plan.counters else scaling
+    y_pad = y2 + [y2[0]] * (MAX_SLICES - len(y2))
+    ptrs = (x2, lora_a, lora_b, scaling, ids, u, *y_pad, ctr)
+    for stage in plan.stages:
+        _launch(stage, ptrs)
 
 
 def gated_lora_linear_triton(x: torch.Tensor, weights: list[torch.Tensor],

@@ -42,14 +42,15 @@ def main() -> None:
         assert kernel.asm.get("cubin"), f"no cubin for {fn.__name__} {constexprs}"
 
     for dt in ("bf16", "fp16", "fp32"):
-        for stage, seq_ids, n_slices in itertools.product((0, 1, 2), (False, True), (1, 3)):
+        # STAGE 3 is the cooperative kernel with its grid barrier (PHASE 0: one launch).
+        for stage, seq_ids, n_slices in itertools.product((0, 1, 2, 3), (False, True), (1, 3)):
             ptrs = {p: f"*{dt}" for p in ("x_ptr", "a_ptr", "b_ptr", "y0_ptr", "y1_ptr",
                                           "y2_ptr")}
-            ptrs.update(scale_ptr="*fp32", ids_ptr="*i64", buf_ptr="*fp32")
+            ptrs.update(scale_ptr="*fp32", ids_ptr="*i64", buf_ptr="*fp32", ctr_ptr="*i32")
             compile_one(_gated_lora_kernel, ptrs, dict(
                 STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=n_slices,
-                SPLIT_K=2 if stage == 1 else 1, BLOCK_M=16 if stage == 0 else 64,
-                BLOCK_N=64, BLOCK_K=64, BLOCK_R=64))
+                SPLIT_K=2 if stage in (1, 3) else 1, BLOCK_M=16 if stage in (0, 3) else 64,
+                BLOCK_N=64, BLOCK_K=64, BLOCK_R=64 if stage != 3 else 16, PHASE=0))
         ptrs = {p: f"*{dt}" for p in ("h_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr")}
         ptrs["out_ptr"] = "*i32"
         compile_one(_prism_gate_kernel, ptrs, dict(BLOCK_B=16, BLOCK_H=64, BLOCK_D=64,
