@@ -94,7 +94,8 @@ def _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, col_mask, k_lo, k_hi,
                      mask=sel[:, None] & k_mask[None, :], other=0.0)       # [BM, BK]
         at = tl.load(a_cols + k[:, None].to(tl.int64) * stride_ak,
                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BK, BR]
-        acc = tl.dot(xt, at, acc, input_precision="ieee")
+        # fp32 adapters with fp16/bf16 x: x is widened in registers and the dot stays fp32 (ieee)
+        acc = tl.dot(xt.to(at.dtype), at, acc, input_precision="ieee")
     return acc
 
 
@@ -194,8 +195,10 @@ def _gated_lora_kernel(
         # the grid sees the same ids, so a cooperative row leaves its barrier together.
         return
     SR = NUM_SLICES * R
-    SPLIT_U: tl.constexpr = y0_ptr.dtype.element_ty != tl.float32
-    dtype: tl.constexpr = y0_ptr.dtype.element_ty
+    # u meets B in B's dtype: half-precision B takes u as a hi + lo pair, fp32 B (fp32 models,
+    # or fp32 adapters on a half model, as PEFT keeps them) a single fp32 "ieee" dot.
+    dtype: tl.constexpr = b_ptr.dtype.element_ty
+    SPLIT_U: tl.constexpr = dtype != tl.float32
     # COOP (STAGE 3) = SHRINK's work spread over the expand's grid, a grid barrier, then
     # EXPAND's work: PHASE 0 is the one-launch GPU kernel; PHASE 1 / 2 run its halves as two
     # launches (the interpreter runs programs one after another, so a barrier would hang).
@@ -411,64 +414,78 @@ _INTS = (torch.int8, torch.int16, torch.int32, torch.int64)  # signed: −1 mean
 def check_gated_lora_args(x: torch.Tensor, weights: list[torch.Tensor],
                           biases: list[torch.Tensor | None], lora_a: torch.Tensor,
                           lora_b: torch.Tensor, scaling: torch.Tensor,
-                          adapter_ids: torch.Tensor) -> None:
-    """Validate the multi-slice op's arguments.
+                          adapter_ids: torch.Tensor, check_values: bool = True) -> None:
+    """Validate the multi-slice op's arguments (the public op's and the registered op's).
 
     Raises TypeError / ValueError naming the argument, what was expected and what was given.
-    The id range is checked only where that needs no device sync (CPU tensors); on a GPU an
-    out-of-range id is treated as a closed gate by the kernels.
+    The id range is checked only where that needs no device sync (CPU tensors) and never while
+    tracing or for fake tensors (`check_values=False`, and under torch.compile): an id outside
+    −1…L−1 is then treated as a closed gate, by the kernels and by the reference alike.
     """
     check_input("x", x)
     expect(x.dim() >= 1, ValueError, "x: expected shape (..., K), got a 0-d tensor")
     k = x.shape[-1]
+    expect(isinstance(weights, (list, tuple)) and isinstance(biases, (list, tuple)), TypeError,
+           f"weights, biases: expected lists of tensors, got {type(weights).__name__} and "
+           f"{type(biases).__name__}")
     s = len(weights)
     expect(1 <= s <= MAX_SLICES, ValueError,
-            f"weights: expected 1 to {MAX_SLICES} projections, got {s}")
+           f"weights: expected 1 to {MAX_SLICES} projections, got {s}")
     expect(len(biases) == s, ValueError,
-            f"biases: expected {s} entries (one per weight), got {len(biases)}")
+           f"biases: expected {s} entries (one per weight), got {len(biases)}")
     for i, (w, b) in enumerate(zip(weights, biases)):
         check_tensor(f"weight[{i}]" if s > 1 else "weight", w, x, "x", 2, x.dtype)
         expect(w.shape[1] == k, ValueError,
-                f"weight: expected shape (N, {k}) to match x (..., {k}), got {tuple(w.shape)}")
+               f"weight: expected shape (N, {k}) to match x (..., {k}), got {tuple(w.shape)}")
         if b is not None:
             check_tensor(f"bias[{i}]" if s > 1 else "bias", b, x, "x", 1, x.dtype)
             expect(b.shape[0] == w.shape[0], ValueError,
-                    f"bias: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
-    check_tensor("lora_a", lora_a, x, "x", 3, x.dtype)
-    check_tensor("lora_b", lora_b, x, "x", 3, x.dtype)
+                   f"bias: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
+    check_tensor("lora_a", lora_a, x, "x", 3)
+    check_tensor("lora_b", lora_b, x, "x", 3)
+    # Adapters in x's dtype, or fp32 on a half-precision x (PEFT keeps LoRA weights in fp32).
+    expect(lora_a.dtype in (x.dtype, torch.float32), TypeError,
+           f"lora_a: expected dtype {x.dtype} (the dtype of x) or torch.float32, got "
+           f"{lora_a.dtype}")
+    expect(lora_b.dtype == lora_a.dtype, TypeError,
+           f"lora_b: expected dtype {lora_a.dtype} (the dtype of lora_a), got {lora_b.dtype}")
     n_adapters, sr, ka = lora_a.shape
     expect(1 <= n_adapters <= MAX_ADAPTERS, ValueError,
-            f"lora_a: expected 1 to {MAX_ADAPTERS} adapters (dim 0), got {n_adapters}")
-    expect(sr % s == 0 and 1 <= sr // s <= MAX_RANK, ValueError,
-            f"lora_a: expected rank 1 to {MAX_RANK} per projection (dim 1 = {s}·R), got {sr}")
+           f"lora_a: expected 1 to {MAX_ADAPTERS} adapters (dim 0), got {n_adapters}")
+    expect(sr % s == 0, ValueError,
+           f"lora_a: expected dim 1 = {s}·R (rank R per projection, {s} projections), got {sr}")
     r = sr // s
+    expect(1 <= r <= MAX_RANK, ValueError,
+           f"lora_a: expected rank 1 to {MAX_RANK} per projection, got rank {r}"
+           + (f" (dim 1 = {sr} for {s} projections)" if s > 1 else ""))
     expect(ka == k, ValueError, f"lora_a: expected shape (L, R, {k}) to match x, got "
-            f"{tuple(lora_a.shape)}")
+           f"{tuple(lora_a.shape)}")
     n_total = sum(w.shape[0] for w in weights)
     expect(tuple(lora_b.shape) == (n_adapters, n_total, r), ValueError,
-            f"lora_b: expected shape ({n_adapters}, {n_total}, {r}) to match lora_a and weight, "
-            f"got {tuple(lora_b.shape)}")
+           f"lora_b: expected shape ({n_adapters}, {n_total}, {r}) to match lora_a and weight, "
+           f"got {tuple(lora_b.shape)}")
     check_tensor("scaling", scaling, x, "x")
     expect(scaling.dtype.is_floating_point, TypeError,
-            f"scaling: expected a floating-point tensor, got {scaling.dtype}")
-    expect_scaling = (n_adapters,) if s == 1 else (s, n_adapters)
-    expect(tuple(scaling.shape) == expect_scaling, ValueError,
-            f"scaling: expected shape {expect_scaling} (one per adapter), got "
-            f"{tuple(scaling.shape)}")
+           f"scaling: expected a floating-point tensor, got {scaling.dtype}")
+    shapes = [(s, n_adapters)] if s > 1 else [(n_adapters,), (1, n_adapters)]
+    expect(tuple(scaling.shape) in shapes, ValueError,
+           f"scaling: expected shape {shapes[0]} (one per adapter"
+           + (" and projection" if s > 1 else "") + f"), got {tuple(scaling.shape)}")
     check_tensor("adapter_ids", adapter_ids, x, "x")
     expect(adapter_ids.dtype in _INTS, TypeError,
-            f"adapter_ids: expected a signed integer tensor, got {adapter_ids.dtype}")
+           f"adapter_ids: expected a signed integer tensor, got {adapter_ids.dtype}")
     per_token = tuple(x.shape[:-1])
     per_seq = tuple(x.shape[:1]) if x.dim() == 3 else None
     shape = tuple(adapter_ids.shape)
     expect(shape == per_token or shape == per_seq, ValueError,
-            f"adapter_ids: expected shape {per_token} (one per token)"
-            + (f" or {per_seq} (one per sequence)" if per_seq else "") + f", got {shape}")
-    if adapter_ids.device.type == "cpu" and adapter_ids.numel() > 0:
+           f"adapter_ids: expected shape {per_token} (one per token)"
+           + (f" or {per_seq} (one per sequence)" if per_seq else "") + f", got {shape}")
+    if check_values and adapter_ids.device.type == "cpu" and adapter_ids.numel() > 0 \
+            and not torch.compiler.is_compiling():
         lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
         expect(lo >= -1 and hi < n_adapters, ValueError,
-                f"adapter_ids: expected values in -1…{n_adapters - 1} (-1 = base), got "
-                f"values in {lo}…{hi}")
+               f"adapter_ids: expected values in -1…{n_adapters - 1} (-1 = base), got "
+               f"values in {lo}…{hi}")
 
 
 def ids_per_sequence(x: torch.Tensor, adapter_ids: torch.Tensor) -> bool:
@@ -682,9 +699,15 @@ def gated_lora_op(x: torch.Tensor, weights: list[torch.Tensor],
                   biases: list[torch.Tensor | None], lora_a: torch.Tensor,
                   lora_b: torch.Tensor, scaling: torch.Tensor,
                   adapter_ids: torch.Tensor) -> list[torch.Tensor]:
+    # Callable by anyone through torch.ops: the op guards its own arguments (SPEC §4). Id values
+    # are not read: out-of-range ids are closed rows in the kernels, as in a compiled graph.
+    check_gated_lora_args(x, weights, biases, lora_a, lora_b, scaling, adapter_ids,
+                          check_values=False)
     return gated_lora_linear_triton(x, weights, biases, lora_a, lora_b, scaling, adapter_ids)
 
 
 @gated_lora_op.register_fake
 def _(x, weights, biases, lora_a, lora_b, scaling, adapter_ids):
+    check_gated_lora_args(x, weights, biases, lora_a, lora_b, scaling, adapter_ids,
+                          check_values=False)
     return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]

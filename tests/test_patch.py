@@ -497,3 +497,25 @@ def test_gates_of_prism_dirs(tmp_path, prism_dir):
     with pytest.raises(FileNotFoundError, match="gate: expected .*gate.pt.*persona_expert"):
         prism_fast.load_prism(other)
     assert prism_fast.load_prism(other / "persona_expert").gate is None
+
+
+def test_per_call_routes_leave_the_sticky_routes(prism_dir):
+    """prism_routes= on a forward or generate routes that call only; set_routes stays."""
+    path, base, pm, _ = prism_dir
+    model = prism_fast.patch_model(M.clone(base), path, backend="torch")
+    ids, mask = M.prompts(2, 6)
+    prism_fast.set_routes(model, [-1, -1])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, prism_routes=[0, -1]).logits
+        ref = peft_logits(pm, ids, mask, torch.tensor([0, -1]))
+        check_rows(out, ref, forward(base, ids, mask), torch.tensor([0, -1]))
+        assert torch.equal(forward(model, ids, mask), forward(base, ids, mask))   # sticky: closed
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        got = model.generate(**kw, prism_routes=torch.tensor([0, 0]))
+        assert torch.equal(got, pm.generate(**kw, adapter_names=["persona_expert"] * 2))
+        assert torch.equal(model.generate(**kw), base.generate(**kw))
+        with pytest.raises(ValueError, match="routes: expected values in -1…0"):
+            model(input_ids=ids, attention_mask=mask, prism_routes=[3, 0])
+        with pytest.raises(ValueError, match="routes: prism_routes gave 1 routes but the batch"):
+            model(input_ids=ids, attention_mask=mask, prism_routes=[0])
+        assert torch.equal(forward(model, ids, mask), forward(base, ids, mask))

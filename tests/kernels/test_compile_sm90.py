@@ -51,6 +51,14 @@ def main() -> None:
                 STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=n_slices,
                 SPLIT_K=2 if stage in (1, 3) else 1, BLOCK_M=16 if stage in (0, 3) else 64,
                 BLOCK_N=64, BLOCK_K=64, BLOCK_R=64 if stage != 3 else 16, PHASE=0))
+        if dt != "fp32":     # fp32 adapters on a half-precision model (adapter_dtype=float32)
+            for stage in (0, 1, 2, 3):
+                ptrs = {p: f"*{dt}" for p in ("x_ptr", "y0_ptr", "y1_ptr", "y2_ptr")}
+                ptrs.update(a_ptr="*fp32", b_ptr="*fp32", scale_ptr="*fp32", ids_ptr="*i64",
+                            buf_ptr="*fp32", ctr_ptr="*i32")
+                compile_one(_gated_lora_kernel, ptrs, dict(
+                    STAGE=stage, SEQ_IDS=False, NUM_SLICES=3, SPLIT_K=2 if stage in (1, 3) else 1,
+                    BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, PHASE=0))
         ptrs = {p: f"*{dt}" for p in ("h_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr")}
         ptrs["out_ptr"] = "*i32"
         compile_one(_prism_gate_kernel, ptrs, dict(BLOCK_B=16, BLOCK_H=64, BLOCK_D=64,
