@@ -224,6 +224,33 @@ def check_keys() -> None:
     y = torch.zeros(2, n)
     gl.add_gated_lora_([y], buf[:2 * k].view(2, k), a, b, scaling, ids[:2], False)
     assert len(compiled) == 3 * n_shrink_expand
+    # GatedLoraLauncher (a patched group's lean path) launches exactly what the generic path
+    # launches: the same kernels, the same pointers and integer arguments, and its own plan for
+    # a misaligned x. Two slices of per-sequence ids [B] with x [B, T, K], T = 1 (decode).
+    a2, b2 = torch.randn(1, 2 * r, k), torch.randn(1, 2 * n, r)
+    s2 = torch.ones(2, 1)
+    seq = torch.zeros(3, dtype=torch.int32)
+    launcher = gl.GatedLoraLauncher(a2, b2, s2)
+    for x in (buf[:3 * k].view(3, 1, k), buf[1:].view(3, 1, k)):
+        records = []
+        ys = [torch.zeros(3, 1, n), torch.zeros(3, 1, n)]
+        for run in (lambda ys, x=x: gl.add_gated_lora_(ys, x, a2, b2, s2, seq, True),
+                    lambda ys, x=x: launcher(ys, x, seq, True)):
+            before = {id(kn): kn.launches for kn in compiled}
+            run(ys)
+            run(ys)
+            used = [kn for kn in compiled if kn.launches > before.get(id(kn), 0)]
+            # pointers by address (u is a fresh buffer per call), then every other argument
+            records.append(sorted(
+                (kn.constexprs["STAGE"], id(kn), tuple(
+                    (a.data_ptr() if i != 5 else -1) if isinstance(a, torch.Tensor) else a
+                    for i, a in enumerate(kn.last_args))) for kn in used))
+            assert all(kn.launches - before.get(id(kn), 0) == 2 for kn in used)
+        generic, lean = records
+        assert [rec[0] for rec in generic] == [gl.STAGE_SHRINK, gl.STAGE_EXPAND]
+        assert [(st, args) for st, _, args in generic] == [(st, args) for st, _, args in lean]
+        assert [kid for _, kid, _ in generic] == [kid for _, kid, _ in lean], \
+            "the launcher must reuse the kernel Triton compiled for this specialisation"
     print(f"launch cache keying: ok ({len(compiled)} compiled stand-ins)")
 
 

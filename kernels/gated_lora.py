@@ -515,17 +515,22 @@ class _Plan:
     """Everything a call's shapes and strides decide, resolved once: config, grids, integer
     arguments, the buffers' shapes and (on a GPU) the compiled kernel of each stage."""
 
-    __slots__ = ("stages", "u_shape", "counters", "two_launch")
+    __slots__ = ("stages", "u_shape", "ctr", "aligned", "u", "direct")
 
-    def __init__(self, stages: list[_StagePlan], u_shape: tuple | None, counters: int,
-                 two_launch: bool):
-        self.stages, self.u_shape, self.counters, self.two_launch = stages, u_shape, counters, \
-            two_launch
+    def __init__(self, stages: list[_StagePlan], u_shape: tuple | None,
+                 ctr: torch.Tensor | None):
+        self.stages, self.u_shape, self.ctr = stages, u_shape, ctr
+        # GatedLoraLauncher only: the alignment bits its key fixes, its kept buffer u, and
+        # its stages' compiled kernels by (device, alignment), bound for a direct launch.
+        self.aligned = 0
+        self.u: torch.Tensor | None = None
+        self.direct: dict = {}
 
 
 _POINTERS = ("x_ptr", "a_ptr", "b_ptr", "scale_ptr", "ids_ptr", "buf_ptr", "y0_ptr", "y1_ptr",
              "y2_ptr", "ctr_ptr")
 _PLANS: dict[tuple, _Plan] = {}
+_MISSING = object()
 _COUNTERS: dict[tuple, torch.Tensor] = {}   # COOP's barrier counters, zero between launches
 _direct: list = []   # [get_current_device, get_current_stream, knobs.runtime] once resolved
 
@@ -576,8 +581,8 @@ def _make_plan(m: int, t: int, seq_ids: bool, x2: torch.Tensor, lora_a: torch.Te
         stages = [_StagePlan(stages[0].grid, {**kwargs, "PHASE": 1}),
                   _StagePlan(stages[0].grid, {**kwargs, "PHASE": 2})]
     needs_u = coop or STAGE_SHRINK in cfg["stages"]
-    return _Plan(stages, (split_k, m, sr) if needs_u else None,
-                 2 * stages[0].grid[0] if coop else 0, coop and len(stages) == 2)
+    ctr = _counters(2 * stages[0].grid[0], x2.device) if coop else None
+    return _Plan(stages, (split_k, m, sr) if needs_u else None, ctr)
 
 
 def _counters(n: int, device: torch.device) -> torch.Tensor:
@@ -595,24 +600,30 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _launch(stage: _StagePlan, ptrs: tuple) -> None:
+def _alignment(ptrs) -> int:
+    """One bit per pointer: whether Triton would specialise it as 16-byte aligned."""
+    aligned = 0
+    for p in ptrs:
+        aligned = (aligned << 1) | (p.data_ptr() & 15 == 0)
+    return aligned
+
+
+def _launch(stage: _StagePlan, ptrs: tuple, aligned: int) -> None:
     """Launch one stage. On a GPU, the compiled kernel found by Triton's own `kernel[grid]` path
-    the first time is launched directly afterwards (Triton 3.4 to 3.9 expose the same
+    the first time is launched directly afterwards (Triton 3.6 and 3.9 expose the same
     `CompiledKernel.run(gx, gy, gz, stream, function, packed_metadata, launch_metadata,
-    enter_hook, exit_hook, *args)`), skipping the binder, specialisation and cache key (≈ 17 µs
-    of host time per launch with this kernel's 34 arguments). The compiled kernel depends on
-    what Triton specialises on: every integer argument (fixed by the plan's key), the dtypes
-    (in the key) and whether each pointer is 16-byte aligned, hence the alignment mask here.
-    Triton's path is kept wherever it does more: the interpreter, launch hooks (profilers;
-    Triton 3.6 and 3.9 hold them in HookChains whose empty `calls` the launcher would call for
-    nothing, while a None hook it skips), pre-run hooks."""
+    enter_hook, exit_hook, *args)` and pass it the same arguments), skipping the binder,
+    specialisation and cache key (≈ 17 µs of host time per launch with this kernel's 35
+    arguments). The compiled kernel depends on what Triton specialises on: every integer
+    argument (fixed by the plan's key), the dtypes (in the key) and whether each pointer is
+    16-byte aligned (`aligned`, `_alignment`'s mask of `ptrs`), so it is cached by those and the
+    current device. Triton's path is kept wherever it does more: the interpreter, launch hooks
+    (profilers; Triton 3.6 and 3.9 hold them in HookChains whose empty `calls` the launcher
+    would call for nothing, while a None hook it skips), pre-run hooks."""
     if _direct:
         get_device, get_stream, runtime = _direct
         if not _hooked(runtime.launch_enter_hook) and not _hooked(runtime.launch_exit_hook) \
                 and not _gated_lora_kernel.pre_run_hooks:
-            aligned = 0
-            for p in ptrs:
-                aligned = (aligned << 1) | (p.data_ptr() & 15 == 0)
             device = get_device()
             kernel = stage.compiled.get((device, aligned))
             if kernel is not None:
@@ -631,6 +642,96 @@ def _launch(stage: _StagePlan, ptrs: tuple) -> None:
 
         active = driver.active
         _direct.extend([active.get_current_device, active.get_current_stream, knobs.runtime])
+
+
+class GatedLoraLauncher:
+    """The lean eager path of one patched projection group, whose adapters never change:
+    `launcher(ys, x, ids, seq_ids)` adds the LoRA term into the base outputs `ys` in place, as
+    `add_gated_lora_(ys, x, lora_a, lora_b, scaling, ids, seq_ids)` does, at a fraction of the
+    host time (bench/bench_host.py). The fixed tensors' layout and alignment are read once;
+    a call's plan is keyed by what varies: x's shape, strides and dtype, the ids' shape and
+    dtype, and the alignment of every per-call pointer. Decode-sized plans (M ≤ 64) keep their
+    fp32 buffer u (≤ 200 KB) instead of allocating it per call: calls run in stream order, so
+    one call's expand has read u before the next call's shrink writes it (one stream at a time
+    per patched layer, as a model's forward runs). lora_a [L, S·R, K], lora_b [L, ΣN_s, R],
+    scaling [S, L] fp32 contiguous; ys contiguous [..., N_s] (F.linear's outputs)."""
+
+    __slots__ = ("lora_a", "lora_b", "scaling", "plans")
+    MAX_PLANS = 64   # distinct layouts kept (prefill lengths vary); beyond, start afresh
+
+    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor):
+        self.lora_a, self.lora_b, self.scaling = lora_a, lora_b, scaling
+        self.plans: dict[tuple, _Plan | None] = {}
+
+    def __call__(self, ys: list[torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
+                 seq_ids: bool) -> None:
+        n_ys = len(ys)
+        y0 = ys[0]
+        y1 = ys[1] if n_ys > 1 else y0
+        y2 = ys[2] if n_ys > 2 else y0
+        key = (x.shape, x.stride(), x.dtype, ids.shape, ids.stride(), ids.dtype, seq_ids, n_ys,
+               _alignment((x, ids, y0, y1, y2)))
+        plan = self.plans.get(key, _MISSING)
+        if plan is _MISSING:
+            if len(self.plans) >= self.MAX_PLANS:
+                self.plans.clear()
+            plan = self.plans[key] = self._plan(ys, x, ids, seq_ids)
+        if plan is None:
+            add_gated_lora_(ys, x, self.lora_a, self.lora_b, self.scaling, ids, seq_ids)
+            return
+        scaling = self.scaling
+        u = plan.u
+        if u is None:
+            u = scaling   # placeholder pointer where no stage reads it
+            if plan.u_shape is not None:
+                u = torch.empty(plan.u_shape, dtype=torch.float32, device=x.device)  # [SK, M, SR]
+        ptrs = (x, self.lora_a, self.lora_b, scaling, ids, u, y0, y1, y2,
+                plan.ctr if plan.ctr is not None else scaling)
+        aligned = plan.aligned | (u.data_ptr() & 15 == 0) << 4   # u's bit (6th of 10)
+        if _direct:
+            get_device, get_stream, runtime = _direct
+            if not _hooked(runtime.launch_enter_hook) and not _hooked(runtime.launch_exit_hook) \
+                    and not _gated_lora_kernel.pre_run_hooks:
+                device = get_device()
+                launches = plan.direct.get((device, aligned))
+                if launches is not None:   # every stage's compiled kernel, resolved
+                    stream = get_stream(device)
+                    for run, gx, gy, function, metadata, tail in launches:
+                        run(gx, gy, 1, stream, function, metadata, None, None, None, *ptrs, *tail)
+                    return
+                for stage in plan.stages:
+                    _launch(stage, ptrs, aligned)
+                kernels = [stage.compiled.get((device, aligned)) for stage in plan.stages]
+                if all(k is not None for k in kernels):
+                    plan.direct[(device, aligned)] = [
+                        (k.run, *stage.grid, k.function, k.packed_metadata, stage.tail)
+                        for k, stage in zip(kernels, plan.stages)]
+                return
+        for stage in plan.stages:
+            _launch(stage, ptrs, aligned)
+
+    def _plan(self, ys, x, ids, seq_ids) -> _Plan | None:
+        """The generic plan for this call's layout, with x as the kernel reads it ([M, K], a
+        view of x); None where x is not viewable as [M, K] (the generic path copies it)."""
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if x2.data_ptr() != x.data_ptr() or not ids.is_contiguous() or ids.dim() != 1 \
+                or _interpreted():
+            return None   # the generic path: it copies x or ids, or runs the interpreter
+        if x2.shape[0] == 0:
+            return _Plan([], None, None)
+        t = x.shape[1] if seq_ids else 1
+        if seq_ids and t == 1:
+            seq_ids = False
+        y2 = [y if y.dim() == 2 else y.view(-1, y.shape[-1]) for y in ys]
+        plan = _make_plan(x2.shape[0], t, seq_ids, x2, self.lora_a, self.lora_b, y2, None)
+        ctr = plan.ctr if plan.ctr is not None else self.scaling
+        y_pad = y2 + [y2[0]] * (MAX_SLICES - len(y2))
+        # Every pointer's bit but u's (slot 6 of 10, bit 4), which is allocated per call.
+        plan.aligned = _alignment((x, self.lora_a, self.lora_b, self.scaling, ids, ctr,
+                                   *y_pad, ctr)) & ~(1 << 4)
+        if plan.u_shape is not None and x2.shape[0] <= FUSED_MAX_ROWS:
+            plan.u = torch.empty(plan.u_shape, dtype=torch.float32, device=x.device)
+        return plan
 
 
 def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tensor,
@@ -668,11 +769,12 @@ def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tenso
     u = scaling   # placeholder pointer where no stage reads it
     if plan.u_shape is not None:
         u = torch.empty(plan.u_shape, dtype=torch.float32, device=x.device)   # [SK, M, S·R]
-    ctr = _counters(plan.counters, x.device) if plan.counters else scaling
     y_pad = y2 + [y2[0]] * (MAX_SLICES - len(y2))
-    ptrs = (x2, lora_a, lora_b, scaling, ids, u, *y_pad, ctr)
+    ptrs = (x2, lora_a, lora_b, scaling, ids, u, *y_pad,
+            plan.ctr if plan.ctr is not None else scaling)
+    aligned = _alignment(ptrs)
     for stage in plan.stages:
-        _launch(stage, ptrs)
+        _launch(stage, ptrs, aligned)
 
 
 def gated_lora_linear_triton(x: torch.Tensor, weights: list[torch.Tensor],
