@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import json
+import weakref
 from pathlib import Path
 
 import torch
@@ -238,6 +239,9 @@ def _gated_lora_kernel(
         n_mask = n < n_size
         col_lo = s * R
         remaining = ids >= 0
+        if STAGE == 3:   # the cooperative grid may be wider than the expand's tiles
+            n_tiles = tl.cdiv(N0, BLOCK_N) + tl.cdiv(N1, BLOCK_N) + tl.cdiv(N2, BLOCK_N)
+            remaining = remaining & ((ids * 0 + pid_n) < n_tiles)   # as a [BLOCK_M] mask
         while tl.max(remaining.to(tl.int32), axis=0) > 0:
             adapter = tl.min(tl.where(remaining, ids, L), axis=0)
             sel = remaining & (ids == adapter)
@@ -314,6 +318,8 @@ def choose_path(k: int, ns: tuple[int, ...], r: int, m_bucket: int, path: str | 
         _CHOSEN_PATHS[key] = path
     pick_config.cache_clear()
     _PLANS.clear()
+    for launcher in list(_LAUNCHERS):
+        launcher.plans.clear()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -530,6 +536,7 @@ class _Plan:
 _POINTERS = ("x_ptr", "a_ptr", "b_ptr", "scale_ptr", "ids_ptr", "buf_ptr", "y0_ptr", "y1_ptr",
              "y2_ptr", "ctr_ptr")
 _PLANS: dict[tuple, _Plan] = {}
+_LAUNCHERS: weakref.WeakSet = weakref.WeakSet()
 _MISSING = object()
 _COUNTERS: dict[tuple, torch.Tensor] = {}   # COOP's barrier counters, zero between launches
 _direct: list = []   # [get_current_device, get_current_stream, knobs.runtime] once resolved
@@ -566,6 +573,8 @@ def _make_plan(m: int, t: int, seq_ids: bool, x2: torch.Tensor, lora_a: torch.Te
         else:   # one program per (slice, N tile)
             bn = blocks["BLOCK_N"]
             grid_n = -(-ns[0] // bn) - (-ns[1] // bn) - (-ns[2] // bn)
+            if stage == STAGE_COOP:   # and at least one per shrink unit
+                grid_n = max(grid_n, -(-sr // blocks["BLOCK_R"]) * split_k)
         kwargs = dict(
             M=m, K=k, T=t, L=n_adapters, R=r, N0=ns[0], N1=ns[1], N2=ns[2],
             stride_xm=x2.stride(0), stride_xk=x2.stride(1),
@@ -656,12 +665,13 @@ class GatedLoraLauncher:
     per patched layer, as a model's forward runs). lora_a [L, S·R, K], lora_b [L, ΣN_s, R],
     scaling [S, L] fp32 contiguous; ys contiguous [..., N_s] (F.linear's outputs)."""
 
-    __slots__ = ("lora_a", "lora_b", "scaling", "plans")
+    __slots__ = ("lora_a", "lora_b", "scaling", "plans", "__weakref__")
     MAX_PLANS = 64   # distinct layouts kept (prefill lengths vary); beyond, start afresh
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor):
         self.lora_a, self.lora_b, self.scaling = lora_a, lora_b, scaling
         self.plans: dict[tuple, _Plan | None] = {}
+        _LAUNCHERS.add(self)   # choose_path drops their plans
 
     def __call__(self, ys: list[torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
                  seq_ids: bool) -> None:
