@@ -41,6 +41,10 @@ class Persona:
     name: str
     modules: dict[str, LoraWeights]
     source: str
+    layers_to_transform: list[int] | None = None   # adapter_config.json's, if it names layers
+    made_for: str | None = None                    # adapter_config's base_model_name_or_path
+    model_layers: int | None = None                # the layer count of the model it was made for
+
 
 
 @dataclass
@@ -172,7 +176,10 @@ def load_peft_dir(path: str | Path, name: str | None = None) -> Persona:
         modules[module] = LoraWeights(a=a, b=b, scaling=scaling)
     if not modules:
         raise ValueError(f"adapter: no LoRA weights found in {path}")
-    return Persona(name=name or path.name, modules=modules, source=str(path))
+    layers = config.get("layers_to_transform")
+    return Persona(name=name or path.name, modules=modules, source=str(path),
+                   layers_to_transform=[layers] if isinstance(layers, int) else layers,
+                   made_for=config.get("base_model_name_or_path"))
 
 
 def load_prism(path: str | Path | list) -> PrismAdapter:
@@ -202,6 +209,11 @@ def load_prism(path: str | Path | list) -> PrismAdapter:
         raise FileNotFoundError(f"adapter: expected {root}/adapter_config.json (PEFT) or "
                                 f"{root}/{PRISM_ADAPTER_SUBDIR}/ (PRISM output), found neither")
     persona = load_peft_dir(root / PRISM_ADAPTER_SUBDIR, name=root.name)
+    # PRISM trains LoRA on layers 1…N−1 of its N-layer model (run_gated_lora.py:
+    # layers_to_transform = range(1, N)), so such a list names the model's layer count.
+    layers = persona.layers_to_transform
+    if layers and layers == list(range(1, len(layers) + 1)):
+        persona.model_layers = len(layers) + 1
     if not (root / GATE_FILE).exists():
         raise FileNotFoundError(f"gate: expected {root / GATE_FILE} in the PRISM output directory, "
                                 f"found none (for the adapter without its gate, pass "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from prism_fast import sharding
 from prism_fast.hf import (
     LAYER_PATH,
     Overrides,
@@ -20,7 +21,8 @@ from prism_fast.hf import (
     is_peft_model,
     override_methods,
 )
-from prism_fast.layer import GatedLoraLinear, stack
+from prism_fast.kernels._checks import FLOATS
+from prism_fast.layer import GatedLoraLinear, Group, stack
 from prism_fast.loading import PrismAdapter, load_gate, load_prism, personas_from_peft_model
 from prism_fast.ops import use_triton
 from prism_fast.routing import Routing, install_hooks
@@ -37,14 +39,21 @@ class _Patch:
     overrides: Overrides
 
 
-def patch_model(model, adapter=None, *, gate=None, backend: str = "auto"):
+def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
+                adapter_dtype: torch.dtype | None = None):
     """Swap the persona-targeted nn.Linear modules of `model` for gated LoRA ones, in place.
 
     adapter: a PRISM output dir, a PEFT adapter dir, a list of them, a `load_prism` result, or
     None when `model` is a PeftModel (its loaded LoRA adapters become personas 0…L−1).
     gate: a gate.pt path or state dict with L + 1 classes; default: the PRISM dir's gate.pt.
     With no gate and no set_routes, every sequence uses adapter 0.
+    adapter_dtype: None stacks the adapters in each layer's dtype; torch.float32 keeps them in
+    fp32 as PEFT does (closer to PEFT's outputs in fp16/bf16 models, twice the adapter bytes).
     """
+    if adapter_dtype is not None and adapter_dtype not in FLOATS:
+        raise (ValueError if isinstance(adapter_dtype, torch.dtype) else TypeError)(
+            f"adapter_dtype: expected None (each layer's dtype) or a floating dtype "
+            f"(torch.float16, torch.bfloat16, torch.float32), got {adapter_dtype!r}")
     if getattr(model, "_prism_patch", None) is not None:
         raise ValueError("model: already patched by prism_fast; call unpatch_model(model) first")
     root, decoder, layers = decoder_and_root(model)
@@ -71,30 +80,42 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto"):
     model_type = getattr(getattr(root, "config", None), "model_type", "default")
     targets = check_targets(root, personas, wrapped, len(layers), model_type)
     first = next(iter(targets.values()))
+    # The kernels take adapters in x's dtype or fp32 (PEFT's); refuse others before patching.
+    odd = {str(t.weight.dtype) for t in targets.values() if t.weight.dtype != adapter_dtype}
+    if adapter_dtype not in (None, torch.float32) and odd:
+        raise ValueError(f"adapter_dtype: expected None, torch.float32 or the layers' own dtype, "
+                         f"got {adapter_dtype} for layers in {', '.join(sorted(odd))}")
     layer0_device = next(layers[0].parameters()).device
     routing = Routing(n_adapters=len(personas), triton=use_triton(backend, first.weight.device),
                       device=layer0_device, gate=None)
     if gate_state is not None:
         routing.gate = check_gate(gate_state, root, len(personas), targets, layer0_device,
                                   first.weight.dtype)
-    # Everything is checked: from here on, nothing can fail half-way.
-    swaps = []
     by_layer: dict[int, list[str]] = {}
     for path in targets:
         by_layer.setdefault(int(LAYER_PATH.match(path).group(1)), []).append(path)
-    for idx, paths in sorted(by_layer.items()):
-        rels = [LAYER_PATH.match(p).group(2) for p in paths]
-        for rel_names in groups_of(model_type, rels):
-            full = [f"model.layers.{idx}.{r}" for r in rel_names]
-            bases = [targets[p] for p in full]
-            group = stack(full, bases, personas)
-            for slot, (path, base) in enumerate(zip(full, bases)):
-                module = GatedLoraLinear(base, group, slot, routing)
-                group.members.append(module)
-                parent_path, _, attr = path.rpartition(".")
-                parent = root.get_submodule(parent_path)
-                swaps.append((parent, attr, getattr(parent, attr), module))
-                setattr(parent, attr, module)
+    groups = [[f"model.layers.{idx}.{r}" for r in rel_names]
+              for idx, paths in sorted(by_layer.items())
+              for rel_names in groups_of(model_type, [LAYER_PATH.match(p).group(2) for p in paths])]
+    plan = sharding.tp_plan(root, targets, peft=bool(wrapped))
+    if plan is not None:
+        sharding.check_groups(plan, groups)
+    # Everything is checked: from here on, nothing can fail half-way.
+    swaps = []
+    for full in groups:
+        bases = [targets[p] for p in full]
+        dtype = adapter_dtype or bases[0].weight.dtype
+        if plan is None:
+            group = Group(*stack(full, [b.weight for b in bases], personas, dtype))
+        else:
+            group = sharding.ShardedGroup(full, bases, personas, dtype, plan[full[0]])
+        for slot, (path, base) in enumerate(zip(full, bases)):
+            module = GatedLoraLinear(base, group, slot, routing)
+            group.members.append(module)
+            parent_path, _, attr = path.rpartition(".")
+            parent = root.get_submodule(parent_path)
+            swaps.append((parent, attr, getattr(parent, attr), module))
+            setattr(parent, attr, module)
     hooks = install_hooks(routing, decoder, layers[0])
     overrides = override_methods(model, root, routing, swaps)
     model.__dict__["_prism_patch"] = _Patch(routing, swaps, hooks, overrides)

@@ -3,6 +3,7 @@ error names the argument, what was expected and what was given, before anything 
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from prism_fast.hf import LAYER_PATH
@@ -32,11 +33,7 @@ def check_targets(root, personas: list[Persona], wrapped: dict, n_layers: int,
                 except AttributeError:
                     raise ValueError(f"adapter: persona {persona.name!r} targets {path}, which "
                                      f"this {model_type} model does not have") from None
-            if not isinstance(base, nn.Linear):
-                raise ValueError(f"adapter: persona {persona.name!r} targets {path}, a "
-                                 f"{type(base).__name__}; only nn.Linear targets are supported "
-                                 f"(e.g. attention and shared-expert projections of MoE models, "
-                                 f"not their fused routed experts)")
+            _check_linear(base, persona.name, path)
             k, n = base.in_features, base.out_features
             if lw.a.shape[1] != k or lw.b.shape[0] != n:
                 raise ValueError(f"adapter: persona {persona.name!r} on {path}: expected lora_A "
@@ -46,9 +43,31 @@ def check_targets(root, personas: list[Persona], wrapped: dict, n_layers: int,
                 raise ValueError(f"adapter: persona {persona.name!r} on {path}: expected rank "
                                  f"≤ {MAX_RANK}, got {lw.a.shape[0]}")
             targets[path] = base
+        if persona.model_layers is not None and persona.model_layers != n_layers:
+            made_for = f" ({persona.made_for})" if persona.made_for else ""
+            raise ValueError(f"adapter: persona {persona.name!r} was made for a model with "
+                             f"{persona.model_layers} layers{made_for} (PRISM puts LoRA on layers "
+                             f"1…N−1, here 1…{persona.model_layers - 1}), but this model has "
+                             f"{n_layers} layers")
     if not targets:
         raise ValueError("adapter: the personas target no module of this model")
     return targets
+
+
+def _check_linear(base: nn.Module, persona: str, path: str) -> None:
+    """A float nn.Linear; anything else is named by its full class."""
+    cls = f"{type(base).__module__}.{type(base).__qualname__}"
+    weight = getattr(base, "weight", None)
+    quantized = "quantized" in type(base).__module__ or (
+        isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point)
+    if quantized:
+        raise ValueError(f"adapter: persona {persona!r} targets {path}, a {cls}: quantized "
+                         f"layers are not supported yet (expected a floating-point nn.Linear; "
+                         f"patch the unquantized model)")
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"adapter: persona {persona!r} targets {path}, a {cls}; only nn.Linear "
+                         f"targets are supported (e.g. attention and shared-expert projections of "
+                         f"MoE models, not their fused routed experts)")
 
 
 def check_gate(state: dict, root, n_adapters: int, targets: dict, device, dtype):

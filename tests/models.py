@@ -16,10 +16,10 @@ N_LAYERS = 3
 VOCAB = 97
 
 
-def _config(arch: str):
+def _config(arch: str, n_layers: int = N_LAYERS):
     import transformers as tf
 
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=N_LAYERS,
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                   max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if arch == "llama":
@@ -41,11 +41,11 @@ def _config(arch: str):
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3", "qwen2_moe"]
 
 
-def base_model(arch: str = "llama", dtype=torch.float32, seed: int = 0):
+def base_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, n_layers: int = N_LAYERS):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config, _ = _config(arch)
+    config, _ = _config(arch, n_layers)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     # Stronger biases than the zero init, so Qwen2's q/k/v biases are exercised.
     for name, p in model.named_parameters():
@@ -61,7 +61,7 @@ def peft_model(model, arch: str = "llama", n_adapters: int = 1, rank: int = 8, s
     from peft import LoraConfig, get_peft_model
 
     _, targets = _config(arch)
-    layers = list(range(1, N_LAYERS)) if layers is None else layers
+    layers = list(range(1, model.config.num_hidden_layers)) if layers is None else layers
     names = ["persona_expert"] + [f"p{i}" for i in range(1, n_adapters)]
     torch.manual_seed(seed)
     pm = None

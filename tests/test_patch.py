@@ -519,3 +519,50 @@ def test_per_call_routes_leave_the_sticky_routes(prism_dir):
         with pytest.raises(ValueError, match="routes: prism_routes gave 1 routes but the batch"):
             model(input_ids=ids, attention_mask=mask, prism_routes=[0])
         assert torch.equal(forward(model, ids, mask), forward(base, ids, mask))
+
+
+# ---- adapter dtype; adapters for other models; quantized targets ----------------------------
+
+
+def test_fp32_adapters_are_closer_to_peft_on_a_bf16_model():
+    """PEFT keeps LoRA weights in fp32 on a bf16 model; adapter_dtype=torch.float32 does too."""
+    base = M.base_model(dtype=torch.bfloat16)
+    pm = M.peft_model(M.clone(base))
+    assert pm.base_model.model.model.layers[1].self_attn.q_proj.lora_A["persona_expert"] \
+        .weight.dtype == torch.float32
+    ids, mask = M.prompts(4, 9)
+    routes = torch.zeros(4, dtype=torch.int32)
+    ref = peft_logits(pm, ids, mask, routes)
+    errs = {}
+    for dtype in (None, torch.float32):
+        model = prism_fast.patch_model(M.clone(pm), backend="torch", adapter_dtype=dtype)
+        group = model.base_model.model.model.layers[1].self_attn.q_proj.group
+        assert group.lora_a.dtype == group.lora_b.dtype == (dtype or torch.bfloat16)
+        errs[dtype] = rel_err(forward(model, ids, mask), ref)
+    assert errs[torch.float32] < errs[None], errs
+    for bad, exc in (("float32", TypeError), (torch.int8, ValueError), (torch.float64, ValueError)):
+        with pytest.raises(exc, match="adapter_dtype: expected None .* or a floating dtype"):
+            prism_fast.patch_model(M.clone(pm), adapter_dtype=bad)
+    with pytest.raises(ValueError, match="adapter_dtype: expected None, torch.float32 or the "
+                                         "layers' own dtype, got torch.float16"):
+        prism_fast.patch_model(M.clone(pm), adapter_dtype=torch.float16)
+
+
+def test_refuse_prism_adapter_of_a_model_with_other_layer_count(tmp_path):
+    """PRISM puts LoRA on layers 1…N−1: a 4-layer model's adapter names its layer count."""
+    small, big = M.base_model(n_layers=4), M.base_model(n_layers=6)
+    d = M.save_prism_dir(M.peft_model(M.clone(small)), M.random_gate(64), tmp_path / "four")
+    with pytest.raises(ValueError, match="made for a model with 4 layers.*this model has 6 layers"):
+        prism_fast.patch_model(big, d)
+    prism_fast.patch_model(small, d)                     # its own model is fine
+    # a plain PEFT directory may target any layers: only targets beyond the model are refused
+    prism_fast.patch_model(M.base_model(n_layers=6), d / "persona_expert")
+
+
+def test_refuse_quantized_targets(prism_dir):
+    path, base, _, _ = prism_dir
+    quantized = torch.ao.quantization.quantize_dynamic(M.clone(base), {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"a torch\.ao\.nn\.quantized\.dynamic\.modules\.linear"
+                                         r"\.Linear: quantized layers are not supported yet"):
+        prism_fast.patch_model(quantized, path)
