@@ -403,8 +403,10 @@ def _coop_config(m: int, k: int, ns: tuple[int, ...], r: int, sms: int) -> dict 
         return None
     br = max(16, min(32, triton.next_power_of_2(r)))
     cols = -(-len(ns) * r // br)
-    split = 1   # as many K splits as the grid has programs for, ≥ 256 of K each
-    while cols * split * 2 <= grid_n and k // (split * 2) >= 256 and split < 64:
+    # As many K splits as the grid has programs for, ≥ 256 of K each, at most 16: the expand
+    # sums the partials in an unrolled loop, and 32 of them spilled 20 B on sm_90 (down, M = 1).
+    split = 1
+    while cols * split * 2 <= grid_n and k // (split * 2) >= 256 and split < 16:
         split *= 2
     return {"stages": [STAGE_COOP], "SPLIT_K": split,
             STAGE_COOP: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_R=br, num_warps=4)}
