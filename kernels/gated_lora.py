@@ -514,8 +514,7 @@ class _StagePlan:
 
     def __init__(self, grid: tuple[int, int], kwargs: dict):
         self.grid, self.kwargs = grid, kwargs
-        names = _gated_lora_kernel.arg_names
-        self.tail = tuple(kwargs[n] for n in names[len(_POINTERS):])   # in the kernel's order
+        self.tail = tuple(kwargs[n] for n in _ARG_NAMES[len(_POINTERS):])   # kernel's order
         self.compiled: dict = {}
 
 
@@ -537,6 +536,8 @@ class _Plan:
 
 _POINTERS = ("x_ptr", "a_ptr", "b_ptr", "scale_ptr", "ids_ptr", "buf_ptr", "y0_ptr", "y1_ptr",
              "y2_ptr", "ctr_ptr")
+_ARG_NAMES = tuple(_gated_lora_kernel.arg_names)
+assert _ARG_NAMES[:len(_POINTERS)] == _POINTERS, "the launcher passes the pointers first"
 _PLANS: dict[tuple, _Plan] = {}
 _LAUNCHERS: weakref.WeakSet = weakref.WeakSet()
 _MISSING = object()
