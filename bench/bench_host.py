@@ -1,6 +1,6 @@
 """Host time of prism_fast's eager decode path, with the compiled launcher replaced by a no-op.
 
-    python -m bench.bench_host [--layers 8] [--batch 1] [--rounds 200]
+    python -m bench.bench_host [--layers 8] [--batch 1] [--rounds 2000] [--triton-path]
     python -m bench.bench_host --check-keys     # the launch cache's specialisation keying
 
 Runs anywhere (no GPU needed): Triton compiles nothing and launches nothing. Its active driver
@@ -17,8 +17,9 @@ would call cuLaunchKernel) by a counter. Everything else is the real code, on CP
 * not counted: the C launcher itself (argument packing and cuLaunchKernel, ≈ 2-4 µs per
   launch on a GPU host, the same for any Python path) and any device time.
 
-The per-group figure is (patched forward − unpatched forward) / launch groups, medians of
-interleaved rounds over one decode step of an L-layer Llama (hidden 64, LoRA on q/k/v, o,
+The per-group figure is (patched forward − unpatched forward) / launch groups: the median over
+rounds of the difference between the two forwards timed back to back in each round, for one
+decode step of an L-layer Llama (hidden 64, LoRA on q/k/v, o,
 gate/up, down of layers 1…L−1: 4 launch groups per layer), every route open. CPU host time:
 not a GPU result, and scaled by this machine's core speed.
 """
@@ -172,8 +173,12 @@ def measure(layers: int, batch: int, rounds: int, triton_path: bool) -> dict:
     groups = 4 * (layers - 1)
     base_us = statistics.median(times["base"]) * 1e6
     patched_us = statistics.median(times["patched"]) * 1e6
+    # Each round times both forwards back to back: the median of the paired differences is
+    # less moved by other processes on a shared machine than a difference of medians.
+    diffs = [(p - b) * 1e6 / groups for b, p in zip(times["base"], times["patched"])]
+    q1, q2, q3 = statistics.quantiles(diffs, n=4)
     return dict(layers=layers, batch=batch, groups=groups, launches=launches, base_us=base_us,
-                patched_us=patched_us, per_group_us=(patched_us - base_us) / groups,
+                patched_us=patched_us, per_group_us=q2, per_group_iqr=(q1, q3),
                 path="Triton JITFunction.run" if triton_path else "cached direct launch",
                 compiled=len(compiled))
 
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--triton-path", action="store_true",
                         help="launch through JITFunction.run every time (the path before plans)")
     parser.add_argument("--check-keys", action="store_true",
@@ -275,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {res['layers']}-layer Llama, B = {res['batch']}, {res['groups']} launch groups, "
           f"{res['launches']} launches per decode step")
     print(f"  base {res['base_us']:.0f} µs, patched {res['patched_us']:.0f} µs per step: "
-          f"{res['per_group_us']:.1f} µs per launch group")
+          f"{res['per_group_us']:.1f} µs per launch group (interquartile "
+          f"{res['per_group_iqr'][0]:.1f}–{res['per_group_iqr'][1]:.1f})")
     return 0
 
 

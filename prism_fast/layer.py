@@ -41,10 +41,8 @@ class Group:
         """Slot `slot`'s output for x, base + gated LoRA; slot 0 computes the whole group."""
         members = self.members
         if slot != 0 and len(members) > 1:
-            if self.pending_x is x and self.pending[slot] is not None:
-                y, self.pending[slot] = self.pending[slot], None
-                if slot == len(members) - 1 or all(p is None for p in self.pending[1:]):
-                    self.pending_x, self.pending = None, []
+            y = self.take(slot, x)
+            if y is not None:
                 return y
             # Called without slot 0 before it on this x: this slice alone.
             slots = [slot]
@@ -60,6 +58,15 @@ class Group:
         if len(slots) > 1:
             self.pending_x, self.pending = x, [None, *ys[1:]]
         return ys[0]
+
+    def take(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Slot `slot`'s output computed with slot 0's call on this same x, if there is one."""
+        if self.pending_x is not x or self.pending[slot] is None:
+            return None
+        y, self.pending[slot] = self.pending[slot], None
+        if slot == len(self.members) - 1 or all(p is None for p in self.pending[1:]):
+            self.pending_x, self.pending = None, []
+        return y
 
     # Overridden by sharding.ShardedGroup, where each rank holds a shard of the projections.
     def operands(self, slots: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
@@ -102,6 +109,10 @@ class GatedLoraLinear(nn.Module):
         routing = self.routing
         if routing.skip_lora():
             return self.group.base(self.slot, x)
+        if self.slot and self.group.pending_x is x:   # slot 0 ran the group on this x
+            y = self.group.take(self.slot, x)
+            if y is not None:
+                return y
         weight = self.weight_bias()[0]
         if x.dtype != weight.dtype:
             raise TypeError(f"x: expected dtype {weight.dtype} (the layer's), got {x.dtype}")
