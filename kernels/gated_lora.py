@@ -703,8 +703,10 @@ class GatedLoraLauncher:
         aligned = plan.aligned | (u.data_ptr() & 15 == 0) << 4   # u's bit (6th of 10)
         if _direct:
             get_device, get_stream, runtime = _direct
-            if not _hooked(runtime.launch_enter_hook) and not _hooked(runtime.launch_exit_hook) \
-                    and not _gated_lora_kernel.pre_run_hooks:
+            enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+            if (enter is None or not getattr(enter, "calls", True)) \
+                    and (leave is None or not getattr(leave, "calls", True)) \
+                    and not _gated_lora_kernel.pre_run_hooks:   # _hooked, inlined
                 device = get_device()
                 launches = plan.direct.get((device, aligned))
                 if launches is not None:   # every stage's compiled kernel, resolved
