@@ -21,14 +21,17 @@ bit-identical to it: the kernels never store into closed rows. The LoRA term is 
     y += s · u B[id]ᵀ  (expand; for fp16/bf16, u is split into hi + lo halves so that two
                         tensor-core dots keep ≈16 mantissa bits of u, never one rounding to 8)
 
-Two paths, one kernel body (`STAGE`), chosen per call by `pick_config`:
-  * FUSED, one launch (decode: ≤ 64 rows and a small A slice): each program owns one N tile
-    of one slice, computes its rows' shrink for that slice, then expands it.
-  * SHRINK then EXPAND (prefill, and decode with a large A, where re-streaming A in every N
-    tile would cost more than a second launch): the shrink splits K across programs when
-    the grid is small, each split writing its own fp32 partial [SPLIT_K, M, S·R] that the
-    expand sums (no memset, no atomics). With one id per sequence, row tiles never straddle
-    sequences, so a tile has one adapter and a closed sequence costs its tiles an early exit.
+Paths, one kernel body (`STAGE`), chosen per call by `pick_config`:
+  * SPLIT, the default (decode and prefill): SHRINK over every slice of the group, then EXPAND.
+    The shrink splits K across programs when the grid is small, each split writing its own
+    fp32 partial [SPLIT_K, M, S·R] that the expand sums (no memset, no atomics). With one id
+    per sequence, row tiles never straddle sequences, so a tile has one adapter and a closed
+    sequence costs its tiles an early exit. Why it is the decode default: see FUSED_MAX_A_ELEMS.
+  * FUSED, one launch, selectable at decode (≤ 64 rows): each program owns one N tile of one
+    slice, computes its rows' shrink for that slice, then expands it.
+  * COOP, one launch, experimental (decode, a table or prism_fast.tune's choice only): SHRINK's
+    units spread over EXPAND's grid, a grid barrier, then EXPAND; run as two launches (PHASE
+    1, 2) under the interpreter, where programs run one after another.
 Tiles whose rows are all closed return before loading x, A or B. A tile with several adapters
 (per-token ids) loops over the distinct ids it holds.
 """
