@@ -26,22 +26,23 @@ start=$SECONDS
 total="${TOTAL_S:-300}"
 left() { echo $(( total - (SECONDS - start) )); }
 # share S: the smaller of S seconds and what is left minus a reserve R for the later steps
-share() { local s=$1 r=$2 l; l=$(( $(left) - r )); [ "$l" -lt "$s" ] && s=$l; echo "$s"; }
+share() { local s=$1 r=$2 l; l=$(( $(left) - r )); [ "$l" -lt "$s" ] && s=$l; [ "$s" -lt 1 ] && s=1; echo "$s"; }
 
 # tests/conftest.py defaults TRITON_INTERPRET to 1 (the CPU interpreter) with setdefault: say 0
 # explicitly so the kernels are compiled for the GPU.
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 
+# First: pytest, which step (c) needs (checked before spending any GPU time).
+have_pytest=$(python -c "import pytest" 2>/dev/null && echo 1 || echo 0)
 {
     echo "== gpu_check $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null)"
-    if python -c "import pytest" 2>/dev/null; then have_pytest=1; echo "pytest: ok"; else
-        have_pytest=0; echo "pytest: MISSING (step c will be skipped; pip install pytest)"; fi
+    if [ "$have_pytest" = 1 ]; then echo "pytest: ok"; else
+        echo "pytest: MISSING (step c will be skipped; pip install pytest)"; fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
     python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, \
 '| cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', \
 transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device_name())"
 } 2>&1 | tee "$log"
-have_pytest=$(python -c "import pytest" 2>/dev/null && echo 1 || echo 0)
 
 echo "== install" | tee -a "$log"
 if ! timeout 60 python -m pip install --no-deps --no-build-isolation -q -e . >>"$log" 2>&1; then
@@ -52,24 +53,24 @@ if ! timeout 60 python -m pip install --no-deps --no-build-isolation -q -e . >>"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# (a) 100 s at most, keeping 150 s for (b) and (c)
-a_s=$(share 100 150)
+# (a) 80 s at most (+15 s for the row in flight), keeping 170 s for (b) and (c)
+a_s=$(share 80 170)
 echo "== (a) decode paths, budget ${a_s} s" | tee -a "$log"
-timeout $(( a_s + 20 )) python -m bench.gpu_decode_paths --out "$out" --time-budget "$a_s" \
+timeout $(( a_s + 15 )) python -m bench.gpu_decode_paths --out "$out" --time-budget "$a_s" \
     2>&1 | tee -a "$log"
 echo "(a) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" | tee -a "$log"
 
-# (b) 90 s at most, keeping 45 s for (c): per layer (graphed and eager), then end to end
-b_s=$(share 45 90)
+# (b) 80 s at most, keeping 60 s for (c): per layer (graphed and eager), then end to end
+b_s=$(share 40 115)
 echo "== (b1) targets per decoder layer, budget ${b_s} s" | tee -a "$log"
-timeout $(( b_s + 20 )) python -m bench --device cuda --quick --no-gate --no-e2e \
+timeout $(( b_s + 15 )) python -m bench --device cuda --quick --no-gate --no-e2e \
     --shapes llama3-8b --projections layer --m 1,8,32,64,4096 --share 1,0.5,0 --rank 16 \
     --adapters 1 --dtypes bf16 --modes graph,eager --providers base,prism_fast \
     --out "$out/layer" --time-budget "$b_s" 2>&1 | tee -a "$log"
 echo "(b1) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" | tee -a "$log"
-b_s=$(share 45 45)
+b_s=$(share 40 75)
 echo "== (b2) targets end to end (8 Llama-3-8B layers), budget ${b_s} s" | tee -a "$log"
-timeout $(( b_s + 20 )) python -m bench --device cuda --quick --no-gate --no-layer \
+timeout $(( b_s + 15 )) python -m bench --device cuda --quick --no-gate --no-layer \
     --e2e-model llama3-8b --e2e-layers 8 --dtypes bf16 --modes eager,graph \
     --e2e-providers base,prism_fast_open,prism_fast_half,prism_fast_closed \
     --out "$out/e2e" --time-budget "$b_s" 2>&1 | tee -a "$log"
