@@ -602,7 +602,9 @@ def _make_plan(m: int, t: int, seq_ids: bool, x2: torch.Tensor, lora_a: torch.Te
 
 def _counters(n: int, device: torch.device) -> torch.Tensor:
     """Zeroed int32 barrier counters (2 per row of the grid), shared by launches on `device`:
-    stream order keeps two cooperative launches from overlapping, and each resets its own."""
+    stream order keeps two cooperative launches from overlapping, and each resets its own.
+    Allocated (and zeroed) at the first call of a shape, which must be eager, before any
+    CUDA-graph capture of it, as the warm-up every graph needs is."""
     key = (device, n)
     ctr = _COUNTERS.get(key)
     if ctr is None:
@@ -781,6 +783,8 @@ def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tenso
                *[(y.shape[1], y.stride(0)) for y in y2])
         plan = _PLANS.get(key)
         if plan is None:
+            if len(_PLANS) >= 4096:   # prefill lengths vary without bound: start afresh
+                _PLANS.clear()
             plan = _PLANS[key] = _make_plan(m, t, seq_ids, x2, lora_a, lora_b, y2, None)
     else:
         plan = _make_plan(m, t, seq_ids, x2, lora_a, lora_b, y2, config)
