@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import weakref
 from pathlib import Path
 
@@ -546,6 +547,10 @@ _LAUNCHERS: weakref.WeakSet = weakref.WeakSet()
 _MISSING = object()
 _COUNTERS: dict[tuple, torch.Tensor] = {}   # COOP's barrier counters, zero between launches
 _direct: list = []   # [get_current_device, get_current_stream, knobs.runtime] once resolved
+# PRISM_FAST_DIRECT_LAUNCH=0 keeps every launch on Triton's own `kernel[grid]` path: the direct
+# launch below mirrors Triton 3.6 / 3.9 internals, so a Triton that changes them can be run
+# (slower on the host) without waiting for a fix.
+_DIRECT_LAUNCH = os.environ.get("PRISM_FAST_DIRECT_LAUNCH", "1") != "0"
 
 
 def _interpreted() -> bool:
@@ -653,7 +658,7 @@ def _launch(stage: _StagePlan, ptrs: tuple, aligned: int) -> None:
                 stage.compiled[(device, aligned)] = kernel
             return
     _gated_lora_kernel[stage.grid](*ptrs, **stage.kwargs)
-    if not _direct and not _interpreted():
+    if not _direct and _DIRECT_LAUNCH and not _interpreted():
         from triton import knobs
         from triton.runtime import driver
 
