@@ -80,9 +80,9 @@ echo "(b2) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start ))
 c_s=$(share 60 5)
 if [ "$have_pytest" = 1 ] && [ "$c_s" -gt 10 ]; then
     echo "== (c) GPU-only tests, ${c_s} s" | tee -a "$log"
-    timeout "$c_s" python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-        tests/test_graph_closed.py \
+    timeout "$c_s" python -m pytest -q -p no:cacheprovider \
         tests/kernels/test_gated_lora_launch.py::test_direct_launch_equals_tritons_launch_on_gpu \
+        tests/test_gpu.py tests/test_graph_closed.py \
         tests/kernels/test_gated_lora_launch.py::test_coop_one_launch_on_gpu \
         tests/kernels/test_gated_lora.py::test_gpu_compiled \
         tests/kernels/test_prism_gate.py::test_gpu_compiled 2>&1 | tail -40 | tee -a "$log"
