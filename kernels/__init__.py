@@ -1,6 +1,7 @@
 """Triton kernels of prism_fast (installed as `prism_fast.kernels`). Imports only torch and triton."""
 
 from .gated_lora import (
+    GatedLoraLauncher,
     add_gated_lora_,
     check_gated_lora_args,
     gated_lora_linear_triton,
@@ -10,6 +11,7 @@ from .gated_lora import (
 from .prism_gate import check_prism_gate_args, prism_gate_op, prism_gate_triton
 
 __all__ = [
+    "GatedLoraLauncher",
     "add_gated_lora_",
     "check_gated_lora_args",
     "check_prism_gate_args",

@@ -30,6 +30,8 @@ class Group:
         self.offsets = offsets                      # row offsets of each slice in lora_b
         self.pending_x: torch.Tensor | None = None
         self.pending: list[torch.Tensor | None] = []
+        # The lean eager launch path over the stacked tensors (plans resolved once per layout).
+        self.launcher = ops.GatedLoraLauncher(lora_a, lora_b, scaling)
 
     def slice_args(self, s: int):
         r, lo, hi = self.rank, self.offsets[s], self.offsets[s + 1]
@@ -39,28 +41,38 @@ class Group:
         """Slot `slot`'s output for x, base + gated LoRA; slot 0 computes the whole group."""
         members = self.members
         if slot != 0 and len(members) > 1:
-            if self.pending_x is x and self.pending[slot] is not None:
-                y, self.pending[slot] = self.pending[slot], None
-                if all(p is None for p in self.pending[1:]):
-                    self.pending_x, self.pending = None, []
+            y = self.take(slot, x)
+            if y is not None:
                 return y
             # Called without slot 0 before it on this x: this slice alone.
             slots = [slot]
             lora_a, lora_b, scaling = self.slice_args(slot)
+            launcher = None
         else:
             slots = list(range(len(members)))
             lora_a, lora_b, scaling = self.lora_a, self.lora_b, self.scaling
+            launcher = self.launcher
         weights, biases = self.operands(slots)
         ys = self.finish(slots, ops.gated_lora_group(x, weights, biases, lora_a, lora_b, scaling,
-                                                     ids, triton))
+                                                     ids, triton, launcher))
         if len(slots) > 1:
             self.pending_x, self.pending = x, [None, *ys[1:]]
         return ys[0]
 
+    def take(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Slot `slot`'s output computed with slot 0's call on this same x, if there is one."""
+        if self.pending_x is not x or self.pending[slot] is None:
+            return None
+        y, self.pending[slot] = self.pending[slot], None
+        if slot == len(self.members) - 1 or all(p is None for p in self.pending[1:]):
+            self.pending_x, self.pending = None, []
+        return y
+
     # Overridden by sharding.ShardedGroup, where each rank holds a shard of the projections.
     def operands(self, slots: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The weights and biases the op reads for these slots."""
-        return [self.members[s].weight for s in slots], [self.members[s].bias for s in slots]
+        pairs = [self.members[s].weight_bias() for s in slots]
+        return [w for w, _ in pairs], [b for _, b in pairs]
 
     def finish(self, slots: list[int], ys: list[torch.Tensor]) -> list[torch.Tensor]:
         """The layer outputs from the op's outputs."""
@@ -85,12 +97,25 @@ class GatedLoraLinear(nn.Module):
         self.__dict__["group"] = group
         self.__dict__["routing"] = routing
 
+    def weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(self.weight, self.bias)` without nn.Module.__getattr__ where they are registered
+        parameters: ≈ 1 µs per attribute on this project's CPU, on every decode step."""
+        params = self._parameters
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        return weight, bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, K] → [B, T, N]
         routing = self.routing
         if routing.skip_lora():
             return self.group.base(self.slot, x)
-        if x.dtype != self.weight.dtype:
-            raise TypeError(f"x: expected dtype {self.weight.dtype} (the layer's), got {x.dtype}")
+        if self.slot and self.group.pending_x is x:   # slot 0 ran the group on this x
+            y = self.group.take(self.slot, x)
+            if y is not None:
+                return y
+        weight = self.weight_bias()[0]
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x: expected dtype {weight.dtype} (the layer's), got {x.dtype}")
         return self.group.run(self.slot, x, routing.ids_for(x), routing.triton)
 
     def extra_repr(self) -> str:

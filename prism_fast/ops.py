@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from prism_fast import reference
 from prism_fast.kernels import (
+    GatedLoraLauncher,
     check_gated_lora_args,
     check_prism_gate_args,
     gated_lora_linear_triton,
@@ -41,16 +43,23 @@ def use_triton(backend: str, device: torch.device) -> bool:
 def gated_lora_group(x: torch.Tensor, weights: list[torch.Tensor],
                      biases: list[torch.Tensor | None], lora_a: torch.Tensor,
                      lora_b: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
-                     triton: bool) -> list[torch.Tensor]:
+                     triton: bool, launcher: GatedLoraLauncher | None = None
+                     ) -> list[torch.Tensor]:
     """S projections reading the same x: ys[s] = F.linear(x, W_s, b_s) + gated LoRA of slice s.
 
     x [..., K]; weights S × [N_s, K]; lora_a [L, S·R, K]; lora_b [L, ΣN_s, R]; scaling [S, L]
     or [L] (S = 1); ids [B] (x = [B, T, K]) or x.shape[:-1]. Arguments are assumed checked.
+    `launcher`: the group's GatedLoraLauncher over these lora_a, lora_b, scaling ([S, L] fp32),
+    the lean eager path of a patched layer.
     """
     if triton:
         if torch.compiler.is_compiling():
             return torch.ops.prism_fast.gated_lora(x, weights, biases, lora_a, lora_b, scaling,
                                                    ids)
+        if launcher is not None:
+            ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]   # S × [..., N_s]
+            launcher(ys, x, ids, x.dim() == 3 and ids.dim() == 1)
+            return ys
         return gated_lora_linear_triton(x, weights, biases, lora_a, lora_b, scaling, ids)
     n_slices = len(weights)
     r = lora_a.shape[1] // n_slices

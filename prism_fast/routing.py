@@ -63,7 +63,14 @@ class Routing:
             self.routes = routes.to(torch.int32).clone()
 
     def skip_lora(self) -> bool:
-        return self.disabled or (self.all_closed and not tracing())
+        """No LoRA launch for this forward: adapters disabled, or every route known closed on
+        the host. Under torch.compile the flag is read while tracing, so Dynamo guards on it:
+        one graph per value, the all-closed one (a decode step after an all-closed prefill, or
+        after set_routes with closed CPU ids) without any LoRA op, so that CUDA graphs of it
+        (mode="reduce-overhead") are the base model's; set_routes flips the flag and the other
+        graph runs (compiled once per value). A raw CUDA-graph capture cannot be guarded: it
+        keeps its launches (closed tiles exit early), so that it stays valid if routes open."""
+        return self.disabled or (self.all_closed and not capturing())
 
     def ids_for(self, x: torch.Tensor) -> torch.Tensor:
         """Routes [B] for x [B, T, K]; per-token ids [B·T] for x [B·T, K] (MoE blocks flatten)."""
@@ -130,7 +137,7 @@ class Routing:
         if not prefill:
             if self.call is not None and not self.in_generate:   # model(…, prism_routes=…)
                 self._assign_fixed(fixed, b, device)
-                self.all_closed = bool(fixed_closed) and not tracing()
+                self.all_closed = bool(fixed_closed) and not capturing()
             return
         self.decided_in_generate = bool(self.in_generate)
         # Whether this prefill's routes are all closed is known on the host (set_routes with
@@ -141,7 +148,7 @@ class Routing:
         if fixed is not None:
             self._assign_fixed(fixed, b, device)
             self.known_closed = fixed_closed
-            self.all_closed = bool(self.known_closed) and not tracing()
+            self.all_closed = bool(self.known_closed) and not capturing()
         elif self.gate is None:
             self.assign(torch.full((b,), 0, dtype=torch.int32,    # SPEC: no gate → adapter 0
                                    device=device))
@@ -183,16 +190,25 @@ class Routing:
     def end(self) -> None:
         """SPEC §3: the one host sync a prefill may make, after all of its LoRA launches (never
         between the gate and them), to learn whether its decode steps can skip LoRA entirely.
-        Traced code never syncs: the flag stays off and every step launches."""
+        Traced code never syncs: the flag is set only where the host knew it already (set_routes
+        with CPU ids), else it stays off and every step launches (closed tiles exit early)."""
         if self.phase not in (Phase.GATE, Phase.PREFILL):
             return
         self.phase = Phase.DECODE
-        if tracing():
-            self.all_closed = False
+        if tracing():   # no sync; what the host knows already still counts (a guard)
+            self.all_closed = bool(self.known_closed) and not capturing()
         elif self.known_closed is not None:
             self.all_closed = self.known_closed
         else:
             self.all_closed = not bool((self.routes >= 0).any())
+
+
+def capturing() -> bool:
+    """A raw CUDA-graph capture (torch.cuda.graph), whose graph no guard protects; under
+    torch.compile, whose guards re-check host flags, False."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def tracing() -> bool:

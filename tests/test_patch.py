@@ -170,8 +170,9 @@ def test_few_launches(prism_dir, monkeypatch):
     ids, mask = M.prompts(2, 5)
     prism_fast.set_routes(model, torch.tensor([0, -1]))
     M.forward(model, ids, mask)
-    # 2 LoRA layers × (q/k/v, o, gate/up, down) = 8 groups, one fused launch each (M = 10 rows)
-    assert len(launches) == 8
+    # 2 LoRA layers × (q/k/v, o, gate/up, down) = 8 groups, a shrink and an expand launch each
+    # (split, the default path)
+    assert len(launches) == 16
     launches.clear()
     # all closed, known on the host: neither the prefill nor the decode steps launch
     prism_fast.set_routes(model, torch.tensor([-1, -1]))
@@ -184,7 +185,7 @@ def test_few_launches(prism_dir, monkeypatch):
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(prism_fast.get_routes(model), torch.tensor([-1, -1], dtype=torch.int32))
-    assert len(launches) == 8, "the prefill launches once per group, the decode steps never"
+    assert len(launches) == 16, "the prefill launches (twice per group), the decodes never"
 
 
 def test_bf16_model_closed_rows_bit_exact(prism_dir):

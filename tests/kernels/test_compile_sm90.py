@@ -35,21 +35,23 @@ def main() -> None:
 
     # int32 ids (a patched model's) in every dtype; int64 (torch.tensor's default) once.
     for dt, ids in (("bf16", "i32"), ("fp16", "i32"), ("fp32", "i32"), ("bf16", "i64")):
-        for stage, seq_ids, n_slices in itertools.product((0, 1, 2), (False, True), (1, 3)):
+        # STAGE 3 is the cooperative kernel with its grid barrier (PHASE 0: one launch).
+        for stage, seq_ids, n_slices in itertools.product((0, 1, 2, 3), (False, True), (1, 3)):
             compile_one(_gated_lora_kernel, gated_lora_pointers(dt, ids), dict(
                 STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=n_slices,
-                SPLIT_K=2 if stage == 1 else 1, BLOCK_M=16 if stage == 0 else 64,
-                BLOCK_N=64, BLOCK_K=64, BLOCK_R=64))
-        if ids == "i32":
-            if dt != "fp32":     # fp32 adapters on a half-precision model (adapter_dtype=float32)
-                for stage in (0, 1, 2):
-                    compile_one(_gated_lora_kernel, gated_lora_pointers(dt, ids, "fp32"), dict(
-                        STAGE=stage, SEQ_IDS=False, NUM_SLICES=3, SPLIT_K=2 if stage == 1 else 1,
-                        BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16))
-            ptrs = {p: f"*{dt}" for p in ("h_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr")}
-            ptrs["out_ptr"] = "*i32"
-            compile_one(_prism_gate_kernel, ptrs, dict(BLOCK_B=16, BLOCK_H=64, BLOCK_D=64,
-                                                       BLOCK_C=16))
+                SPLIT_K=2 if stage in (1, 3) else 1, BLOCK_M=16 if stage in (0, 3) else 64,
+                BLOCK_N=64, BLOCK_K=64, BLOCK_R=64 if stage != 3 else 16, PHASE=0))
+        if ids != "i32":
+            continue
+        if dt != "fp32":     # fp32 adapters on a half-precision model (adapter_dtype=float32)
+            for stage in (0, 1, 2, 3):
+                compile_one(_gated_lora_kernel, gated_lora_pointers(dt, ids, "fp32"), dict(
+                    STAGE=stage, SEQ_IDS=False, NUM_SLICES=3, SPLIT_K=2 if stage in (1, 3) else 1,
+                    BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, PHASE=0))
+        ptrs = {p: f"*{dt}" for p in ("h_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr")}
+        ptrs["out_ptr"] = "*i32"
+        compile_one(_prism_gate_kernel, ptrs, dict(BLOCK_B=16, BLOCK_H=64, BLOCK_D=64,
+                                                   BLOCK_C=16))
     print("compiled all variants for sm_90")
 
 

@@ -408,10 +408,14 @@ def test_pick_config_paths_and_tuned_table(monkeypatch):
     # Llama-3-8B down_proj decode: an A slice of 16 × 14336 is too much to re-stream per N tile
     cfg = gated_lora.pick_config(1, 14336, (4096,), 16, cpu)
     assert cfg["stages"] == [STAGE_SHRINK, STAGE_EXPAND] and cfg["SPLIT_K"] > 1
-    # q/k/v decodes in one launch: each program streams one slice's 16 × 4096 of A
+    # Split is the decode default (EVIDENCE.md, H200): one shrink over q/k/v, one expand
     cfg = gated_lora.pick_config(1, 4096, (4096, 1024, 1024), 16, cpu)
-    assert cfg["stages"] == [STAGE_FUSED] and cfg[STAGE_FUSED]["BLOCK_R"] == 16
-    assert gated_lora.pick_config(8, 512, (512,), 16, cpu)["stages"] == [STAGE_FUSED]
+    assert cfg["stages"] == [STAGE_SHRINK, STAGE_EXPAND]
+    assert gated_lora.pick_config(8, 512, (512,), 16, cpu)["stages"] == [STAGE_SHRINK, STAGE_EXPAND]
+    # fused where the table's limit allows it
+    fused = gated_lora.config_for(1, 4096, (4096, 1024, 1024), 16, "cpu", 4,
+                                  table={"fused_max_a_elems": 64 * 1024})
+    assert fused["stages"] == [STAGE_FUSED] and fused[STAGE_FUSED]["BLOCK_R"] == 16
     # prefill never fuses
     assert gated_lora.pick_config(4096, 512, (512,), 16, cpu)["stages"][0] == STAGE_SHRINK
     monkeypatch.setattr(gated_lora, "_tuned_table", lambda name: {
