@@ -74,10 +74,12 @@ def test_gate_entry(triton):
 
 
 def test_only_ops_dispatches_to_the_kernels():
-    """No other module of prism_fast names the Triton launchers or the registered ops."""
+    """No other module of prism_fast names the Triton launchers or the registered ops.
+    tuning.py is the one exception: it times the launcher itself under forced configs on the
+    user's GPU (a measurement, not a computation a model's output depends on)."""
     launchers = {"gated_lora_linear_triton", "prism_gate_triton", "add_gated_lora_"}
     for path in sorted((ROOT / "prism_fast").glob("*.py")):
-        if path.name == "ops.py":
+        if path.name in ("ops.py", "tuning.py"):
             continue
         tree = ast.parse(path.read_text())
         names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
