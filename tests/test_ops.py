@@ -77,7 +77,8 @@ def test_only_ops_dispatches_to_the_kernels():
     """No other module of prism_fast names the Triton launchers or the registered ops.
     tuning.py is the one exception: it times the launcher itself under forced configs on the
     user's GPU (a measurement, not a computation a model's output depends on)."""
-    launchers = {"gated_lora_linear_triton", "prism_gate_triton", "add_gated_lora_"}
+    launchers = {"gated_lora_linear_triton", "prism_gate_triton", "add_gated_lora_",
+                 "topk_distill_forward", "topk_distill_backward"}
     for path in sorted((ROOT / "prism_fast").glob("*.py")):
         if path.name in ("ops.py", "tuning.py"):
             continue

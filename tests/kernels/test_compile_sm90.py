@@ -52,6 +52,17 @@ def main() -> None:
         ptrs["out_ptr"] = "*i32"
         compile_one(_prism_gate_kernel, ptrs, dict(BLOCK_B=16, BLOCK_H=64, BLOCK_D=64,
                                                    BLOCK_C=16))
+    from prism_fast.kernels.topk_distill import _topk_distill_kernel
+
+    scalars = dict(inv_t="fp32", t_sq="fp32", idx_ptr="*i32", mask_ptr="*i1", val_ptr="*fp16",
+                   **{p: "*fp32" for p in ("ps_ptr", "pt_ptr", "kl_ptr", "gkl_ptr", "ds_ptr",
+                                          "gh_ptr")})
+    for dt in ("bf16", "fp16", "fp32"):
+        for backward, bias, mask in itertools.product((False, True), repeat=3):
+            compile_one(_topk_distill_kernel,
+                        dict(scalars, h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}"),
+                        dict(BACKWARD=backward, HAS_BIAS=bias, HAS_MASK=mask, BLOCK_K=64,
+                             BLOCK_H=128))
     print("compiled all variants for sm_90")
 
 
