@@ -8,7 +8,6 @@ setup(
     description="Fused gated multi-LoRA Triton kernels for PRISM persona routing",
     packages=["prism_fast", "prism_fast.kernels", "bench"],
     package_dir={"prism_fast": "prism_fast", "prism_fast.kernels": "kernels", "bench": "bench"},
-    package_data={"prism_fast.kernels": ["configs/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={

@@ -1,25 +1,24 @@
-"""Top-k distillation loss (PRISM Stage B): the student's logits only at the teacher's top-k rows.
+"""Top-k distillation loss: the student's logits only at the teacher's top-k tokens.
 
-    h    [N, H]   final hidden states of the response positions (after the last norm)
-    w    [V, H]   LM head weight; b [V] its bias or None
-    tv   [N, k]   teacher's top-k logits (the official files store raw logits in fp16)
-    ti   [N, k]   their vocabulary indices (duplicates allowed: each entry is its own class)
-    mask [N]      rows that count; a masked row gives loss 0 and no gradient
-    T             temperature
+PRISM's Stage B (official `prism/run_gated_lora.py`) distils with a KL over the teacher's
+stored top-k logits per response position, renormalised over those k. Per position n, with
+T the temperature and idx[n, j] the teacher's token ids (duplicates kept as gathered):
 
-    z[i, j]   = h[i] · w[ti[i, j]] + b[ti[i, j]]                           (fp32, never [N, V])
-    log ps[i] = log_softmax(z[i] / T)        over the k entries only
-    log pt[i] = log_softmax(tv[i] / T)       the teacher renormalised over its top-k
-    loss[i]   = T² · Σ_j pt[i, j] (log pt[i, j] − log ps[i, j])
+    s[n, j]  = hidden[n] · W[idx[n, j]] (+ bias[idx[n, j]])              the student's logits
+    log p_s  = log_softmax(s[n] / T)        log p_t = log_softmax(values[n] / T)   (over the k)
+    kl[n]    = T² · Σ_j p_t[n, j] (log p_t[n, j] − log p_s[n, j])         (0 where masked)
+    ∂kl[n] / ∂s[n, j] = T · (p_s[n, j] − p_t[n, j])
 
-`F.kl_div(log ps, log pt, log_target=True, reduction="batchmean") · T²` of the official trainer
-is Σ_i loss[i] / N (batchmean divides by the first dimension, the response length).
+so only k rows of the LM head are read per position, never the [N, V] logits.
 
-Backward, with g [N] the incoming gradient of loss[i]:
-    dz[i, j] = g[i] · T · (ps[i, j] − pt[i, j])
-    dh[i]    = Σ_j dz[i, j] w[ti[i, j]];  dw[ti[i, j]] += dz[i, j] h[i];  db[ti[i, j]] += dz[i, j]
-The forward stores T · (ps − pt) [N, k] in fp32 (k floats a row) so the backward need not redo
-the softmax; it re-gathers the k head rows.
+Shapes: hidden [N, H] (any strides), W [V, H], bias [V] or None, values [N, k], idx [N, k]
+(k ≤ 256), mask [N] bool or None. fp32 softmax and accumulation. One program per position:
+  * FORWARD: gathers its k head rows chunk by chunk over H, dots them with hidden[n], then the
+    two log-softmaxes and the KL in registers; stores kl [N], p_s and p_t [N, k] (fp32).
+  * BACKWARD: ds = T (p_s − p_t) · grad_kl[n] (stored, [N, k] fp32, for the head's gradient),
+    and grad_hidden[n] = Σ_j ds[n, j] W[idx[n, j]] over the same gathered rows.
+Offsets are int64. An index outside 0…V−1 (checked on the host where that needs no device
+sync) never reads memory: its entry is dropped from both softmaxes.
 """
 
 from __future__ import annotations
@@ -28,174 +27,205 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_input, check_tensor, expect
 
-@triton.jit
-def _topk_distill_fwd_kernel(
-    h_ptr, w_ptr, b_ptr, tv_ptr, ti_ptr, mask_ptr, loss_ptr, coef_ptr,
-    H, K, temperature,
-    stride_hn, stride_wv, stride_tn, stride_in,
-    HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
-    idx = tl.load(ti_ptr + row * stride_in + offs_k, mask=k_mask, other=0).to(tl.int64)  # [BK]
-    z = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        hv = tl.load(h_ptr + row * stride_hn + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-        wt = tl.load(w_ptr + idx[:, None] * stride_wv + offs_h[None, :],
-                     mask=k_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)  # [BK, BH]
-        z += tl.sum(wt * hv[None, :], axis=1)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + idx, mask=k_mask, other=0.0).to(tl.float32)
-    s = tl.where(k_mask, z / temperature, float("-inf"))
-    s = s - tl.max(s, axis=0)
-    # Padding lanes hold 0, not -inf, so that no inf − inf is ever formed (masked below).
-    log_ps = tl.where(k_mask, s - tl.log(tl.sum(tl.exp(s), axis=0)), 0.0)
-    t = tl.load(tv_ptr + row * stride_tn + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-    t = tl.where(k_mask, t / temperature, float("-inf"))
-    t = t - tl.max(t, axis=0)
-    log_pt = tl.where(k_mask, t - tl.log(tl.sum(tl.exp(t), axis=0)), 0.0)
-    pt = tl.exp(log_pt)
-    kl = tl.sum(tl.where(k_mask, pt * (log_pt - log_ps), 0.0), axis=0) * temperature * temperature
-    keep = tl.load(mask_ptr + row) != 0
-    tl.store(loss_ptr + row, tl.where(keep, kl, 0.0))
-    coef = tl.where(keep & k_mask, temperature * (tl.exp(log_ps) - pt), 0.0)
-    tl.store(coef_ptr + row * K + offs_k, coef, mask=k_mask)
+MAX_TOPK = 256
 
 
 @triton.jit
-def _topk_distill_bwd_kernel(
-    h_ptr, w_ptr, ti_ptr, coef_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-    H, K,
-    stride_hn, stride_wv, stride_in,
-    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+def _gathered_rows(w_ptr, idx, j_mask, h0, H, stride_wv, stride_wh, BLOCK_H: tl.constexpr):
+    """W[idx, h0:h0+BLOCK_H] as fp32 [BLOCK_K, BLOCK_H] (zeros outside k and H), and its cols."""
+    cols = h0 + tl.arange(0, BLOCK_H)
+    col_mask = cols < H
+    rows = tl.load(w_ptr + idx[:, None] * stride_wv + cols[None, :].to(tl.int64) * stride_wh,
+                   mask=j_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    return rows, cols, col_mask
+
+
+@triton.jit
+def _topk_distill_kernel(
+    h_ptr, w_ptr, b_ptr, val_ptr, idx_ptr, mask_ptr, ps_ptr, pt_ptr, kl_ptr, gkl_ptr, ds_ptr,
+    gh_ptr, H, V, KTOP, inv_t, t_sq,
+    stride_hn, stride_hh, stride_wv, stride_wh, stride_vn, stride_vk, stride_in, stride_ik,
+    stride_gn,
+    BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
-    idx = tl.load(ti_ptr + row * stride_in + offs_k, mask=k_mask, other=0).to(tl.int64)  # [BK]
-    dz = tl.load(coef_ptr + row * K + offs_k, mask=k_mask, other=0.0) * \
-        tl.load(g_ptr + row).to(tl.float32)                                             # [BK]
-    dtype: tl.constexpr = dh_ptr.dtype.element_ty
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        wt = tl.load(w_ptr + idx[:, None] * stride_wv + offs_h[None, :],
-                     mask=k_mask[:, None] & h_mask[None, :], other=0.0).to(tl.float32)  # [BK, BH]
-        tl.store(dh_ptr + row * H + offs_h, tl.sum(dz[:, None] * wt, axis=0).to(dtype), mask=h_mask)
-        if NEED_DW:
-            hv = tl.load(h_ptr + row * stride_hn + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-            # Rows shared between positions (and duplicate indices) add up: fp32 atomics.
-            tl.atomic_add(dw_ptr + idx[:, None] * H + offs_h[None, :], dz[:, None] * hv[None, :],
-                          mask=k_mask[:, None] & h_mask[None, :])
-    if NEED_DB:
-        tl.atomic_add(db_ptr + idx, dz, mask=k_mask)
+    n = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_K)
+    j_mask = j < KTOP
+    idx = tl.load(idx_ptr + n * stride_in + j * stride_ik, mask=j_mask, other=0).to(tl.int64)
+    # Memory safety: an index outside the head (only checkable on the host) reads nothing.
+    j_mask = j_mask & (idx >= 0) & (idx < V)
+    live = 1.0
+    if HAS_MASK:
+        live = (tl.load(mask_ptr + n) != 0).to(tl.float32)
+    h_row = h_ptr + n * stride_hn
+    if BACKWARD:
+        p_s = tl.load(ps_ptr + n * BLOCK_K + j, mask=j_mask, other=0.0)
+        p_t = tl.load(pt_ptr + n * BLOCK_K + j, mask=j_mask, other=0.0)
+        ds = (p_s - p_t) * (tl.load(gkl_ptr + n) * live * t_sq * inv_t)       # [BK]
+        tl.store(ds_ptr + n * BLOCK_K + j, tl.where(j_mask, ds, 0.0), mask=j < KTOP)
+        for h0 in range(0, H, BLOCK_H):
+            rows, cols, col_mask = _gathered_rows(w_ptr, idx, j_mask, h0, H, stride_wv,
+                                                  stride_wh, BLOCK_H)
+            gh = tl.sum(ds[:, None] * rows, axis=0)                            # [BH]
+            tl.store(gh_ptr + n * stride_gn + cols, gh, mask=col_mask)
+    else:
+        s = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            rows, cols, col_mask = _gathered_rows(w_ptr, idx, j_mask, h0, H, stride_wv,
+                                                  stride_wh, BLOCK_H)
+            hv = tl.load(h_row + cols.to(tl.int64) * stride_hh, mask=col_mask,
+                         other=0.0).to(tl.float32)                             # [BH]
+            s += tl.sum(rows * hv[None, :], axis=1)
+        if HAS_BIAS:
+            s += tl.load(b_ptr + idx, mask=j_mask, other=0.0).to(tl.float32)
+        s = tl.where(j_mask, s * inv_t, float("-inf"))
+        t = tl.load(val_ptr + n * stride_vn + j * stride_vk, mask=j_mask, other=0.0)
+        t = tl.where(j_mask, t.to(tl.float32) * inv_t, float("-inf"))
+        s = s - tl.max(s, axis=0)
+        log_ps = s - tl.log(tl.sum(tl.exp(s), axis=0))
+        t = t - tl.max(t, axis=0)
+        log_pt = t - tl.log(tl.sum(tl.exp(t), axis=0))
+        p_t = tl.exp(log_pt)
+        kl = t_sq * tl.sum(tl.where(j_mask, p_t * (log_pt - log_ps), 0.0), axis=0) * live
+        tl.store(kl_ptr + n, kl)
+        tl.store(ps_ptr + n * BLOCK_K + j, tl.exp(log_ps), mask=j_mask)
+        tl.store(pt_ptr + n * BLOCK_K + j, p_t, mask=j_mask)
 
 
-def check_topk_distill_args(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                            tv: torch.Tensor, ti: torch.Tensor, mask: torch.Tensor) -> None:
+def check_topk_distill_args(hidden: torch.Tensor, head_weight: torch.Tensor,
+                            head_bias: torch.Tensor | None, teacher_values: torch.Tensor,
+                            teacher_indices: torch.Tensor, temperature: float,
+                            mask: torch.Tensor | None) -> None:
     """TypeError / ValueError naming the argument, what was expected and what was given."""
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    for name, t in (("hidden", h), ("weight", w), ("topk_values", tv)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in floats:
-            raise TypeError(f"{name}: expected a floating tensor, got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}")
-    if h.dim() != 2 or w.dim() != 2 or w.shape[1] != h.shape[1]:
-        raise ValueError(f"hidden, weight: expected [N, H] and [V, H], got {tuple(h.shape)} and "
-                         f"{tuple(w.shape)}")
-    if w.dtype != h.dtype or w.device != h.device:
-        raise TypeError(f"weight: expected {h.dtype} on {h.device} like hidden, got {w.dtype} on "
-                        f"{w.device}")
-    if b is not None and (b.shape != (w.shape[0],) or b.dtype != h.dtype):
-        raise ValueError(f"bias: expected ({w.shape[0]},) {h.dtype}, got {tuple(b.shape)} {b.dtype}")
-    n = h.shape[0]
-    if tv.dim() != 2 or tv.shape[0] != n or ti.shape != tv.shape:
-        raise ValueError(f"topk_values, topk_indices: expected equal shapes [{n}, k], got "
-                         f"{tuple(tv.shape)} and {tuple(ti.shape)}")
-    if ti.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_indices: expected int32 or int64, got {ti.dtype}")
-    if not 1 <= tv.shape[1] <= 1024:
-        raise ValueError(f"topk_values: expected 1 ≤ k ≤ 1024, got k = {tv.shape[1]}")
-    if mask.shape != (n,):
-        raise ValueError(f"mask: expected shape ({n},), got {tuple(mask.shape)}")
+    check_input("hidden", hidden)
+    expect(hidden.dim() == 2, ValueError, f"hidden: expected shape (N, H), got {tuple(hidden.shape)}")
+    n, h = hidden.shape
+    check_tensor("head_weight", head_weight, hidden, "hidden", 2, hidden.dtype)
+    expect(head_weight.shape[1] == h, ValueError,
+           f"head_weight: expected shape (V, {h}) to match hidden, got {tuple(head_weight.shape)}")
+    if head_bias is not None:
+        check_tensor("head_bias", head_bias, hidden, "hidden", 1, hidden.dtype)
+        expect(head_bias.shape[0] == head_weight.shape[0], ValueError,
+               f"head_bias: expected shape ({head_weight.shape[0]},), got {tuple(head_bias.shape)}")
+    check_tensor("teacher_values", teacher_values, hidden, "hidden", 2)
+    expect(teacher_values.dtype.is_floating_point, TypeError,
+           f"teacher_values: expected a floating-point tensor, got {teacher_values.dtype}")
+    k = teacher_values.shape[1]
+    expect(teacher_values.shape[0] == n and 1 <= k <= MAX_TOPK, ValueError,
+           f"teacher_values: expected shape ({n}, k) with 1 ≤ k ≤ {MAX_TOPK}, got "
+           f"{tuple(teacher_values.shape)}")
+    check_tensor("teacher_indices", teacher_indices, hidden, "hidden", 2)
+    expect(not teacher_indices.dtype.is_floating_point and teacher_indices.dtype != torch.bool,
+           TypeError, f"teacher_indices: expected an integer tensor, got {teacher_indices.dtype}")
+    expect(teacher_indices.shape == teacher_values.shape, ValueError,
+           f"teacher_indices: expected shape {tuple(teacher_values.shape)} (that of "
+           f"teacher_values), got {tuple(teacher_indices.shape)}")
+    expect(isinstance(temperature, (int, float)) and temperature > 0, ValueError,
+           f"temperature: expected a positive number, got {temperature!r}")
+    if mask is not None:
+        check_tensor("mask", mask, hidden, "hidden", 1, torch.bool)
+        expect(mask.shape[0] == n, ValueError, f"mask: expected shape ({n},), got {tuple(mask.shape)}")
+    if teacher_indices.device.type == "cpu" and teacher_indices.numel() \
+            and not torch.compiler.is_compiling():
+        lo, hi = int(teacher_indices.min()), int(teacher_indices.max())
+        v = head_weight.shape[0]
+        expect(lo >= 0 and hi < v, ValueError,
+               f"teacher_indices: expected values in 0…{v - 1} (rows of head_weight), got "
+               f"values in {lo}…{hi}")
 
 
-def _config(k: int, hdim: int) -> tuple[int, int]:
-    block_k = max(16, triton.next_power_of_2(k))
-    # Keep the [BK, BH] tile at ≤ 8192 elements (64 × 128 for PRISM's k = 64).
-    block_h = max(16, min(triton.next_power_of_2(hdim), 8192 // block_k))
-    return block_k, block_h
+def _block_k(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
 
 
-def topk_distill_fwd_triton(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                            tv: torch.Tensor, ti: torch.Tensor, mask: torch.Tensor,
-                            temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """loss [N] fp32 and coef = T (ps − pt) [N, k] fp32. Arguments are assumed checked."""
-    n, k = tv.shape
-    h, w, tv, ti = h.contiguous(), w.contiguous(), tv.contiguous(), ti.contiguous()
-    mask = mask.to(torch.int8).contiguous()
-    loss = torch.empty(n, dtype=torch.float32, device=h.device)       # [N]
-    coef = torch.empty(n, k, dtype=torch.float32, device=h.device)    # [N, k]
-    if n == 0:
-        return loss, coef
-    block_k, block_h = _config(k, h.shape[1])
-    _topk_distill_fwd_kernel[(n,)](
-        h_ptr=h, w_ptr=w, b_ptr=b if b is not None else w, tv_ptr=tv, ti_ptr=ti, mask_ptr=mask,
-        loss_ptr=loss, coef_ptr=coef, H=h.shape[1], K=k, temperature=float(temperature),
-        stride_hn=h.stride(0), stride_wv=w.stride(0), stride_tn=tv.stride(0), stride_in=ti.stride(0),
-        HAS_BIAS=b is not None, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=4,
+def topk_distill_forward(hidden: torch.Tensor, head_weight: torch.Tensor,
+                         head_bias: torch.Tensor | None, teacher_values: torch.Tensor,
+                         teacher_indices: torch.Tensor, temperature: float,
+                         mask: torch.Tensor | None):
+    """kl [N], p_s and p_t [N, BLOCK_K] fp32 (columns ≥ k unused). Arguments assumed checked."""
+    n, h = hidden.shape
+    k = teacher_values.shape[1]
+    bk = _block_k(k)
+    dev = hidden.device
+    kl = torch.empty(n, dtype=torch.float32, device=dev)                     # [N]
+    p_s = torch.empty(n, bk, dtype=torch.float32, device=dev)                # [N, BK]
+    p_t = torch.empty(n, bk, dtype=torch.float32, device=dev)
+    if n:
+        _launch(hidden, head_weight, head_bias, teacher_values, teacher_indices, temperature,
+                mask, p_s, p_t, kl, None, None, None, backward=False)
+    return kl, p_s, p_t
+
+
+def topk_distill_backward(grad_kl: torch.Tensor, hidden: torch.Tensor, head_weight: torch.Tensor,
+                          teacher_indices: torch.Tensor, temperature: float,
+                          mask: torch.Tensor | None, p_s: torch.Tensor, p_t: torch.Tensor):
+    """(grad_hidden [N, H] fp32, ds [N, BLOCK_K] fp32 = ∂(Σ grad_kl · kl)/∂s)."""
+    n, h = hidden.shape
+    grad_h = torch.empty(n, h, dtype=torch.float32, device=hidden.device)   # [N, H]
+    ds = torch.empty_like(p_s)                                               # [N, BK]
+    if n:
+        _launch(hidden, head_weight, None, p_s, teacher_indices, temperature, mask, p_s, p_t,
+                None, grad_kl.contiguous(), ds, grad_h, backward=True)
+    return grad_h, ds
+
+
+def _launch(hidden, weight, bias, values, indices, temperature, mask, p_s, p_t, kl, grad_kl,
+            ds, grad_h, *, backward: bool) -> None:
+    n, h = hidden.shape
+    k = indices.shape[1]
+    bk = p_s.shape[1]
+    placeholder = p_s          # never read where its flag is off
+    _topk_distill_kernel[(n,)](
+        h_ptr=hidden, w_ptr=weight, b_ptr=placeholder if bias is None else bias,
+        val_ptr=values, idx_ptr=indices,
+        mask_ptr=placeholder if mask is None else mask, ps_ptr=p_s, pt_ptr=p_t,
+        kl_ptr=placeholder if kl is None else kl, gkl_ptr=placeholder if grad_kl is None else grad_kl,
+        ds_ptr=placeholder if ds is None else ds, gh_ptr=placeholder if grad_h is None else grad_h,
+        H=h, V=weight.shape[0], KTOP=k, inv_t=1.0 / temperature, t_sq=float(temperature) ** 2,
+        stride_hn=hidden.stride(0), stride_hh=hidden.stride(1),
+        stride_wv=weight.stride(0), stride_wh=weight.stride(1),
+        stride_vn=values.stride(0), stride_vk=values.stride(1),
+        stride_in=indices.stride(0), stride_ik=indices.stride(1),
+        stride_gn=h, BACKWARD=backward, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+        BLOCK_K=bk, BLOCK_H=max(16, min(128, 8192 // bk)), num_warps=4,
     )
-    return loss, coef
 
 
-def topk_distill_bwd_triton(h: torch.Tensor, w: torch.Tensor, ti: torch.Tensor, coef: torch.Tensor,
-                            grad: torch.Tensor, need_dw: bool, need_db: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """dh [N, H] in h's dtype; dw [V, H] and db [V] in fp32 (atomics) when asked, else None."""
-    n, k = coef.shape
-    h, w, ti, grad = h.contiguous(), w.contiguous(), ti.contiguous(), grad.contiguous()
-    dh = torch.empty_like(h)                                                   # [N, H]
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
-    db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_db else None
-    if n == 0:
-        return dh, dw, db
-    block_k, block_h = _config(k, h.shape[1])
-    _topk_distill_bwd_kernel[(n,)](
-        h_ptr=h, w_ptr=w, ti_ptr=ti, coef_ptr=coef, g_ptr=grad, dh_ptr=dh,
-        dw_ptr=dw if need_dw else coef, db_ptr=db if need_db else coef,
-        H=h.shape[1], K=k, stride_hn=h.stride(0), stride_wv=w.stride(0), stride_in=ti.stride(0),
-        NEED_DW=need_dw, NEED_DB=need_db, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=4,
-    )
-    return dh, dw, db
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: opaque to torch.compile, fake impls beside them
+# ----------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("prism_fast::topk_distill_fwd", mutates_args=())
-def topk_distill_fwd_op(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tv: torch.Tensor,
-                        ti: torch.Tensor, mask: torch.Tensor, temperature: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_topk_distill_args(h, w, b, tv, ti, mask)
-    return topk_distill_fwd_triton(h, w, b, tv, ti, mask, temperature)
+def topk_distill_fwd_op(hidden: torch.Tensor, head_weight: torch.Tensor,
+                        head_bias: torch.Tensor | None, teacher_values: torch.Tensor,
+                        teacher_indices: torch.Tensor, temperature: float,
+                        mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_topk_distill_args(hidden, head_weight, head_bias, teacher_values, teacher_indices,
+                            temperature, mask)
+    return topk_distill_forward(hidden, head_weight, head_bias, teacher_values, teacher_indices,
+                                temperature, mask)
 
 
 @topk_distill_fwd_op.register_fake
-def _(h, w, b, tv, ti, mask, temperature):
-    return h.new_empty(h.shape[0], dtype=torch.float32), tv.new_empty(tv.shape, dtype=torch.float32)
+def _(hidden, head_weight, head_bias, teacher_values, teacher_indices, temperature, mask):
+    n, bk = hidden.shape[0], _block_k(teacher_values.shape[1])
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return hidden.new_empty(n, **f32), hidden.new_empty(n, bk, **f32), hidden.new_empty(n, bk, **f32)
 
 
 @torch.library.custom_op("prism_fast::topk_distill_bwd", mutates_args=())
-def topk_distill_bwd_op(h: torch.Tensor, w: torch.Tensor, ti: torch.Tensor, coef: torch.Tensor,
-                        grad: torch.Tensor, need_dw: bool, need_db: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dh, dw, db = topk_distill_bwd_triton(h, w, ti, coef, grad, need_dw, need_db)
-    # custom_op outputs cannot be None: empty tensors stand for "not asked".
-    return dh, dw if dw is not None else coef.new_empty(0), db if db is not None else coef.new_empty(0)
+def topk_distill_bwd_op(grad_kl: torch.Tensor, hidden: torch.Tensor, head_weight: torch.Tensor,
+                        teacher_indices: torch.Tensor, temperature: float,
+                        mask: torch.Tensor | None, p_s: torch.Tensor,
+                        p_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return topk_distill_backward(grad_kl, hidden, head_weight, teacher_indices, temperature, mask,
+                                 p_s, p_t)
 
 
 @topk_distill_bwd_op.register_fake
-def _(h, w, ti, coef, grad, need_dw, need_db):
-    dw = w.new_empty(w.shape, dtype=torch.float32) if need_dw else coef.new_empty(0)
-    db = w.new_empty(w.shape[0], dtype=torch.float32) if need_db else coef.new_empty(0)
-    return torch.empty_like(h), dw, db
+def _(grad_kl, hidden, head_weight, teacher_indices, temperature, mask, p_s, p_t):
+    return hidden.new_empty(hidden.shape, dtype=torch.float32), torch.empty_like(p_s)

@@ -1,101 +1,79 @@
-"""`topk_distill_loss`: PRISM Stage B's loss without the [N, V] logits (autograd + backends)."""
+"""The PyTorch path of the top-k distillation loss (CPU, `backend="torch"`), memory-bounded.
+
+Same contract as the Triton launchers of `kernels/topk_distill.py`: the student's logits only
+at the teacher's top-k tokens, never [N, V]. The gathered head rows W[idx] are [N, k, H] in
+full, so positions are processed in chunks whose gathered rows stay under `CHUNK_ELEMS`
+elements, in the forward and again in the backward (nothing [N, k, H] is kept for autograd).
+`prism_fast.reference.topk_distill_loss` stays the oracle.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from prism_fast.kernels import check_topk_distill_args, topk_distill_bwd_op, topk_distill_fwd_op
-from prism_fast.ops import use_triton
-
-# The torch path gathers [rows, k, H] head rows at a time; 256 rows × 64 × 576 fp32 ≈ 38 MB.
-_TORCH_CHUNK = 256
+CHUNK_ELEMS = 1 << 24   # gathered fp32 head rows per chunk: 64 MiB
 
 
-def _fwd_torch(h, w, b, tv, ti, mask, temperature):
-    loss = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)      # [N]
-    coef = torch.empty(tv.shape, dtype=torch.float32, device=h.device)        # [N, k]
-    for s in range(0, h.shape[0], _TORCH_CHUNK):
-        e = s + _TORCH_CHUNK
-        idx = ti[s:e].long()
-        z = torch.einsum("nh,nkh->nk", h[s:e].float(), w[idx].float())         # [n, k]
-        if b is not None:
-            z = z + b[idx].float()
-        log_ps = F.log_softmax(z / temperature, dim=-1)
-        log_pt = F.log_softmax(tv[s:e].float() / temperature, dim=-1)
-        kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * temperature ** 2
-        keep = mask[s:e, None]
-        loss[s:e] = torch.where(mask[s:e], kl, 0.0)
-        coef[s:e] = torch.where(keep, temperature * (log_ps.exp() - log_pt.exp()), 0.0)
-    return loss, coef
+def _chunks(n: int, k: int, h: int):
+    step = max(1, CHUNK_ELEMS // max(1, k * h))
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
-def _bwd_torch(h, w, ti, coef, grad, need_dw, need_db):
-    dz = coef * grad.float()[:, None]                                          # [N, k]
-    dh = torch.empty_like(h)
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
-    db = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_db else None
-    for s in range(0, h.shape[0], _TORCH_CHUNK):
-        e = s + _TORCH_CHUNK
-        idx = ti[s:e].long()
-        dh[s:e] = torch.einsum("nk,nkh->nh", dz[s:e], w[idx].float()).to(h.dtype)
-        if need_dw:
-            dw.index_add_(0, idx.reshape(-1), (dz[s:e, :, None] * h[s:e, None, :].float())
-                          .reshape(-1, h.shape[1]))
-        if need_db:
-            db.index_add_(0, idx.reshape(-1), dz[s:e].reshape(-1))
-    return dh, dw, db
+def forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
+            teacher_values: torch.Tensor, teacher_indices: torch.Tensor, temperature: float,
+            mask: torch.Tensor | None):
+    """kl [N], p_s, p_t [N, k] (fp32)."""
+    n, h = hidden.shape
+    k = teacher_indices.shape[1]
+    idx = teacher_indices.long()
+    logits = torch.empty(n, k, dtype=torch.float32, device=hidden.device)   # [N, k]
+    for lo, hi in _chunks(n, k, h):
+        rows = head_weight[idx[lo:hi]].float()                                # [c, k, H]
+        torch.bmm(rows, hidden[lo:hi].float()[:, :, None], out=logits[lo:hi, :, None])
+    if head_bias is not None:
+        logits += head_bias[idx].float()
+    log_ps = F.log_softmax(logits / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher_values.float() / temperature, dim=-1)
+    p_t = log_pt.exp()
+    kl = temperature**2 * (p_t * (log_pt - log_ps)).sum(dim=-1)
+    if mask is not None:
+        kl = torch.where(mask, kl, torch.zeros_like(kl))
+    return kl, log_ps.exp(), p_t
 
 
-class _TopkDistill(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, b, tv, ti, mask, temperature, triton):
-        if triton:
-            loss, coef = topk_distill_fwd_op(h, w, b, tv, ti, mask, temperature)
-        else:
-            loss, coef = _fwd_torch(h, w, b, tv, ti, mask, temperature)
-        ctx.save_for_backward(h, w, ti, coef)
-        ctx.has_bias, ctx.triton = b is not None, triton
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, w, ti, coef = ctx.saved_tensors
-        need_dw = ctx.needs_input_grad[1]
-        need_db = ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.triton:
-            dh, dw, db = topk_distill_bwd_op(h, w, ti, coef, grad, need_dw, need_db)
-        else:
-            dh, dw, db = _bwd_torch(h, w, ti, coef, grad, need_dw, need_db)
-        dw = dw.to(w.dtype) if need_dw else None
-        db = db.to(w.dtype) if need_db else None
-        return dh, dw, db, None, None, None, None, None
+def backward(grad_kl: torch.Tensor, hidden: torch.Tensor, head_weight: torch.Tensor,
+             teacher_indices: torch.Tensor, temperature: float, mask: torch.Tensor | None,
+             p_s: torch.Tensor, p_t: torch.Tensor):
+    """(grad_hidden [N, H] fp32, ds [N, k] fp32): ds = T (p_s − p_t) · grad_kl."""
+    n, h = hidden.shape
+    k = teacher_indices.shape[1]
+    g = grad_kl.float() if mask is None else torch.where(mask, grad_kl.float(), 0.0)
+    ds = (p_s - p_t) * (g * temperature)[:, None]                            # [N, k]
+    idx = teacher_indices.long()
+    grad_h = torch.empty(n, h, dtype=torch.float32, device=hidden.device)   # [N, H]
+    for lo, hi in _chunks(n, k, h):
+        rows = head_weight[idx[lo:hi]].float()                                # [c, k, H]
+        torch.bmm(ds[lo:hi, None, :], rows, out=grad_h[lo:hi, None, :])
+    return grad_h, ds
 
 
-def topk_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, topk_values: torch.Tensor,
-                      topk_indices: torch.Tensor, *, bias: torch.Tensor | None = None,
-                      temperature: float = 2.0, mask: torch.Tensor | None = None,
-                      reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
-    """PRISM Stage B's loss: `kl_div(log_softmax(z/T), log_softmax(tv/T), log_target=True,
-    reduction="batchmean") · T²` with z the student's logits at the teacher's top-k ids only.
-
-    hidden [N, H] (final hidden states of the response positions); weight [V, H] (LM head);
-    topk_values / topk_indices [N, k]; mask [N] bool (default: all rows). Gradients flow to
-    hidden, and to weight / bias when they require grad. reduction: "batchmean" (sum over the
-    unmasked rows / their count, the official per-sample value), "sum" or "none" ([N] fp32).
-    """
-    if mask is None:
-        mask = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    check_topk_distill_args(hidden, weight, bias, topk_values, topk_indices, mask)
-    if reduction not in ("batchmean", "sum", "none"):
-        raise ValueError(f"reduction: expected 'batchmean', 'sum' or 'none', got {reduction!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature}")
-    mask = mask.bool()
-    loss = _TopkDistill.apply(hidden, weight, bias, topk_values, topk_indices, mask,
-                              float(temperature), use_triton(backend, hidden.device))
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / mask.sum().clamp(min=1)
+def head_grads(ds: torch.Tensor, teacher_indices: torch.Tensor, hidden: torch.Tensor,
+               n_vocab: int, weight: bool, bias: bool):
+    """∂loss/∂W [V, H] = Σ_n Σ_j ds[n, j] e_idx[n,j] hidden[n]ᵀ (a sparse [V, N] × [N, H]
+    product: no [N, k, H] intermediate) and ∂loss/∂b [V] = Σ ds at idx; None where not asked."""
+    n, k = teacher_indices.shape
+    flat_idx = teacher_indices.reshape(-1).long()
+    valid = (flat_idx >= 0) & (flat_idx < n_vocab)       # never scatter outside the head
+    flat_idx = torch.where(valid, flat_idx, 0)
+    flat_ds = torch.where(valid, ds[:, :k].reshape(-1), 0.0)
+    grad_w = grad_b = None
+    if weight:
+        rows = torch.arange(n, device=hidden.device).repeat_interleave(k)
+        scatter = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), flat_ds, (n_vocab, n),
+                                          check_invariants=False).coalesce()   # [V, N], in range
+        grad_w = torch.sparse.mm(scatter, hidden.float())                      # [V, H]
+    if bias:
+        grad_b = torch.zeros(n_vocab, dtype=torch.float32, device=hidden.device)
+        grad_b.index_add_(0, flat_idx, flat_ds)
+    return grad_w, grad_b

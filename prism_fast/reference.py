@@ -47,21 +47,22 @@ def prism_gate(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
     return (logits.argmax(dim=-1) - 1).to(torch.int32)
 
 
-def topk_distill_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      topk_values: torch.Tensor, topk_indices: torch.Tensor, mask: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """Per-row loss [N] of PRISM Stage B: T² · KL(teacher ‖ student) over the teacher's top-k.
+def topk_distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor,
+                      head_bias: torch.Tensor | None, teacher_values: torch.Tensor,
+                      teacher_indices: torch.Tensor, temperature: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """kl [N]: PRISM's Stage B loss per response position, the student's logits taken only at
+    the teacher's top-k tokens (official: gather, log_softmax over the k, kl_div(log_target)
+    × T²; `reduction="batchmean"` over one sample's N positions is kl.mean()); 0 where masked.
 
-    h [N, H]; weight [V, H] (LM head); bias [V] or None; topk_values / topk_indices [N, k]
-    (the teacher's raw top-k logits and their ids); mask [N] bool. Masked rows give 0.
-    The official loss of one sample is the mean of the unmasked rows ("batchmean").
+    hidden [N, H]; head_weight [V, H]; head_bias [V] or None; teacher_values, _indices [N, k].
     """
-    acc = torch.promote_types(h.dtype, torch.float32)                  # fp32, or fp64 as oracle
-    rows = weight[topk_indices.long()].to(acc)                          # [N, k, H]
-    z = torch.einsum("nh,nkh->nk", h.to(acc), rows)                    # [N, k]
-    if bias is not None:
-        z = z + bias[topk_indices.long()].to(acc)
-    log_ps = F.log_softmax(z / temperature, dim=-1)
-    log_pt = F.log_softmax(topk_values.to(acc) / temperature, dim=-1)
-    kl = F.kl_div(log_ps, log_pt, log_target=True, reduction="none").sum(-1) * temperature ** 2
-    return torch.where(mask, kl, torch.zeros_like(kl))
+    acc = torch.promote_types(hidden.dtype, torch.float32)             # fp32, or fp64 as oracle
+    idx = teacher_indices.long()
+    logits = torch.bmm(head_weight[idx].to(acc), hidden.to(acc)[:, :, None])[..., 0]   # [N, k]
+    if head_bias is not None:
+        logits = logits + head_bias[idx].to(acc)
+    log_ps = F.log_softmax(logits / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher_values.to(acc) / temperature, dim=-1)
+    kl = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
+    return kl if mask is None else torch.where(mask, kl, torch.zeros_like(kl))

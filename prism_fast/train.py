@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prism_fast.distill import topk_distill_loss
+from prism_fast.ops import topk_distill_loss
 
 TEACHER_TOPK = 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -244,9 +244,9 @@ def distill_loss(model, batch: dict, temperature: float) -> torch.Tensor:
         weight.append(torch.full((n,), 1.0 / (n * len(samples)), device=dev))
     if not rows:
         return hidden.sum() * 0.0
-    per_row = topk_distill_loss(torch.cat(rows), lm.lm_head.weight, torch.cat(vals).to(dev),
-                                torch.cat(idx).to(dev), bias=lm.lm_head.bias,
-                                temperature=temperature, reduction="none")
+    per_row = topk_distill_loss(torch.cat(rows), lm.lm_head.weight, lm.lm_head.bias,
+                                torch.cat(vals).to(dev), torch.cat(idx).to(dev), temperature,
+                                reduction="none")
     return (per_row * torch.cat(weight)).sum()
 
 
