@@ -35,6 +35,7 @@ from prism_fast.loading import (
     personas_from_peft_model,
 )
 from prism_fast.ops import use_triton
+from prism_fast.torch_path import gated_lora_linear_torch
 
 # ---- the per-architecture table -----------------------------------------------------------
 # model_type → projections of one decoder layer that read the same input, in call order (the
@@ -131,9 +132,13 @@ class _Group:
         r, lo, hi = self.rank, self.offsets[s], self.offsets[s + 1]
         return self.lora_a[:, s * r:(s + 1) * r], self.lora_b[:, lo:hi], self.scaling[s]
 
-    def run(self, slot: int, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        op = torch.ops.prism_fast.gated_lora if torch.compiler.is_compiling() \
-            else gated_lora_linear_triton
+    def run(self, slot: int, x: torch.Tensor, ids: torch.Tensor, triton: bool) -> torch.Tensor:
+        if not triton:
+            op = gated_lora_linear_torch
+        elif torch.compiler.is_compiling():
+            op = torch.ops.prism_fast.gated_lora
+        else:
+            op = gated_lora_linear_triton
         if len(self.members) == 1:   # the stacked tensors are this projection's own
             member = self.members[0]
             return op(x, [member.weight], [member.bias], self.lora_a, self.lora_b, self.scaling,
@@ -172,12 +177,7 @@ class GatedLoraLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if x.dtype != self.weight.dtype:
             raise TypeError(f"x: expected dtype {self.weight.dtype} (the layer's), got {x.dtype}")
-        ids = routing.ids_for(x)
-        group = self.group
-        if routing.triton:
-            return group.run(self.slot, x, ids)
-        a, b, s = group.slice_args(self.slot)
-        return reference.gated_lora_linear(x, self.weight, self.bias, a, b, s, ids)
+        return self.group.run(self.slot, x, routing.ids_for(x), routing.triton)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
