@@ -10,7 +10,6 @@ setup(
     # package is installed into site-packages.
     packages=["prism_fast", "prism_fast.kernels"],
     package_dir={"prism_fast": "prism_fast", "prism_fast.kernels": "kernels"},
-    package_data={"prism_fast.kernels": ["configs/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={

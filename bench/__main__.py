@@ -174,8 +174,7 @@ def device_meta(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         from prism_fast.kernels import gated_lora
 
-        tuned = Path(gated_lora.__file__).parent / "configs" / (props.name.replace(" ", "_")
-                                                                 + ".json")
+        tuned = gated_lora.config_path(props.name)
         return dict(device=props.name, slug=props.name.replace(" ", "_"), gpu=True,
                     label="GPU", capability=f"{props.major}.{props.minor}",
                     sms=props.multi_processor_count,

@@ -55,10 +55,8 @@ PERSONA_TOKENS = 230
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROVIDERS = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",
              "prism_fast_half", "peft", "peft_adapter_names", "two_pass")
-PREFILL_ONLY = {"two_pass", "prism_fast_gate"}
 GRAPHED = {"base", "prism_fast_open", "prism_fast_closed", "prism_fast_half"}
 GRAPH_WARMUP, GRAPH_STEPS = 4, 40
-HALF = {"prism_fast_half"}  # needs two or more sequences
 
 
 @dataclass(frozen=True)
@@ -204,7 +202,7 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
             device: torch.device, dtype: torch.dtype, timer: TimerConfig, budget: Budget,
             log: Callable[[str], None], rows: list[dict], notes: list[str]) -> None:
     """Appends rows and notes as it goes. Never raises for a missing optional piece (transformers,
-    peft, prism_fast.patch_model) or a failing provider: it notes, and skips what depends on it."""
+    peft) or a failing provider: it notes, and skips what depends on it."""
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
@@ -284,17 +282,12 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
     peft_model = add_peft_adapter(model, layers)
 
     # 2. prism_fast on the PEFT model (the drop-in case of SPEC's patch_model).
-    patch = getattr(prism_fast, "patch_model", None)
-    if patch is None:
-        notes.append("e2e: prism_fast.patch_model is not available (prism_fast/patch.py not "
-                     "written yet?): prism_fast end-to-end providers skipped")
-        log(notes[-1])
-    elif any(p.startswith("prism_fast") for p in providers):
+    if any(p.startswith("prism_fast") for p in providers):
         if not gpu:
             notes.append("e2e: on CPU the prism_fast providers run patch_model's torch backend "
                          "(the reference op), not the Triton kernels")
         try:
-            patch(peft_model, gate=gate_state)
+            prism_fast.patch_model(peft_model, gate=gate_state)
         except Exception as e:
             notes.append(f"e2e: prism_fast.patch_model failed ({type(e).__name__}: {e}): "
                          "prism_fast end-to-end providers skipped")

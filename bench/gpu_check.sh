@@ -1,86 +1,126 @@
 #!/usr/bin/env bash
-# One GPU check for issue 4, in about 8 minutes, on a machine with torch, triton, transformers,
-# peft (and optionally pytest-benchmark, matplotlib) but no network:
-#   1. install the project (no dependencies, no build isolation: nothing is downloaded),
-#   2. run the test suite compiled on the GPU (TRITON_INTERPRET=0),
-#   3. run the full benchmark sweep under a time budget, so that it stops cleanly in time.
-# Everything lands in one folder: gpu_check.log, bench.log, <GPU>-<yyyymmdd>.{json,md,png}
-# (and tune.log + <GPU>.json with TUNE=1).
+# The GPU verdict of issue 9 in ≤ 300 s on an H100/H200 with torch, triton, transformers and
+# peft preinstalled (no network). The kernel suite already runs on CPU in CI: not rerun here.
+#   0. `import pytest` (the GPU tests need it), versions, install without dependencies
+#   (a) the decode-path table: split / fused / coop vs base F.linear, Llama-3-8B groups,
+#       M = 1, 8, 32, 64, graphed and eager           → decode_paths.json (+ its table in the log)
+#   (b) the targets: per decoder layer (M = 1…64 all open / half / closed, prefill M = 4096;
+#       graphed and eager) → layer/*; end to end (8 Llama-3-8B layers: eager and graphed
+#       decode, all open / half / closed)                                   → e2e/*
+#   (c) GPU-only tests: patched model compiled / graphed / sync-free, the all-closed graph
+#       without LoRA launches, the cooperative kernel's barrier, Llama-sized kernels
+#   (d) in the time left: prism_fast.tune on a Llama-3-8B-shaped 2-layer model (in the log)
+# Every step has its own share of the budget and a `timeout`; the script stops itself at
+# TOTAL_S (default 300). At most 8 files land in OUT_DIR, one folder deep:
+#   gpu_check.log, decode_paths.json, layer/<GPU>-<date>.{json,md,png},
+#   e2e/<GPU>-<date>.{json,md,png}
 #
 # Usage: bench/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else ./gpu_check_out
-# Environment: TOTAL_S (default 470) the whole budget in seconds; TEST_S (default 240) the tests'
-# limit; TUNE=1 also runs bench/tune_gated_lora.py (TUNE_S seconds, default 120, taken from the
-# sweep's share) and writes its table to OUT_DIR, not into kernels/configs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check_out}}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+log="$out/gpu_check.log"
 start=$SECONDS
-total="${TOTAL_S:-470}"
+total="${TOTAL_S:-300}"
 left() { echo $(( total - (SECONDS - start) )); }
+# share S: the smaller of S seconds and what is left minus a reserve R for the later steps
+share() { local s=$1 r=$2 l; l=$(( $(left) - r )); [ "$l" -lt "$s" ] && s=$l; [ "$s" -lt 1 ] && s=1; echo "$s"; }
 
 # tests/conftest.py defaults TRITON_INTERPRET to 1 (the CPU interpreter) with setdefault: say 0
 # explicitly so the kernels are compiled for the GPU.
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 
+# First: pytest, which step (c) needs (checked before spending any GPU time).
+have_pytest=$(python -c "import pytest" 2>/dev/null && echo 1 || echo 0)
 {
     echo "== gpu_check $(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null)"
+    if [ "$have_pytest" = 1 ]; then echo "pytest: ok"; else
+        echo "pytest: MISSING (step c will be skipped; pip install pytest)"; fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
     python -c "import torch, triton, transformers, peft; print('torch', torch.__version__, \
 '| cuda', torch.version.cuda, '| triton', triton.__version__, '| transformers', \
 transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device_name())"
-} 2>&1 | tee "$out/gpu_check.log"
+} 2>&1 | tee "$log"
 
-echo "== install" | tee -a "$out/gpu_check.log"
-if ! python -m pip install --no-deps --no-build-isolation -q -e . >>"$out/gpu_check.log" 2>&1; then
-    # Seen with an old setuptools and no `wheel` package (no bdist_wheel for the editable
-    # build): run from the source tree instead, with prism_fast.kernels linked to kernels/ as
-    # setup.py's package_dir maps it. The link exists only in this scratch copy.
-    echo "install FAILED: running from the source tree" | tee -a "$out/gpu_check.log"
+echo "== install" | tee -a "$log"
+if ! timeout 60 python -m pip install --no-deps --no-build-isolation -q -e . >>"$log" 2>&1; then
+    # Seen with an old setuptools and no `wheel` package: run from the source tree instead,
+    # with prism_fast.kernels linked to kernels/ as setup.py's package_dir maps it.
+    echo "install FAILED: running from the source tree" | tee -a "$log"
     [ -e prism_fast/kernels ] || ln -s ../kernels prism_fast/kernels
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-test_s="${TEST_S:-240}"
-tests_start=$SECONDS
-{
-    echo "== GPU tests (compiled, TRITON_INTERPRET=0)"
-    # First what only a GPU can check: the patched model compiled, graphed and sync-free, and
-    # the kernels at Llama-like sizes.
-    timeout "$test_s" python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+# (a) 80 s at most (+15 s for the row in flight), keeping 170 s for (b) and (c)
+a_s=$(share 80 170)
+echo "== (a) decode paths, budget ${a_s} s" | tee -a "$log"
+timeout $(( a_s + 15 )) python -m bench.gpu_decode_paths --out "$out" --time-budget "$a_s" \
+    2>&1 | tee -a "$log"
+echo "(a) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" | tee -a "$log"
+
+# (b) 80 s at most, keeping 60 s for (c): per layer (graphed and eager), then end to end
+b_s=$(share 40 115)
+echo "== (b1) targets per decoder layer, budget ${b_s} s" | tee -a "$log"
+timeout $(( b_s + 15 )) python -m bench --device cuda --quick --no-gate --no-e2e \
+    --shapes llama3-8b --projections layer --m 1,8,32,64,4096 --share 1,0.5,0 --rank 16 \
+    --adapters 1 --dtypes bf16 --modes graph,eager --providers base,prism_fast \
+    --out "$out/layer" --time-budget "$b_s" 2>&1 | tee -a "$log"
+echo "(b1) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" | tee -a "$log"
+b_s=$(share 40 75)
+echo "== (b2) targets end to end (8 Llama-3-8B layers), budget ${b_s} s" | tee -a "$log"
+timeout $(( b_s + 15 )) python -m bench --device cuda --quick --no-gate --no-layer \
+    --e2e-model llama3-8b --e2e-layers 8 --dtypes bf16 --modes eager,graph \
+    --e2e-providers base,prism_fast_open,prism_fast_half,prism_fast_closed \
+    --out "$out/e2e" --time-budget "$b_s" 2>&1 | tee -a "$log"
+echo "(b2) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" | tee -a "$log"
+
+# (c) GPU-only tests, 60 s at most
+c_s=$(share 60 5)
+if [ "$have_pytest" = 1 ] && [ "$c_s" -gt 10 ]; then
+    echo "== (c) GPU-only tests, ${c_s} s" | tee -a "$log"
+    timeout "$c_s" python -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_gated_lora_launch.py::test_direct_launch_equals_tritons_launch_on_gpu \
+        tests/test_gpu.py tests/test_graph_closed.py \
+        tests/kernels/test_gated_lora_launch.py::test_coop_one_launch_on_gpu \
         tests/kernels/test_gated_lora.py::test_gpu_compiled \
-        tests/kernels/test_prism_gate.py::test_gpu_compiled
-    echo "GPU tests: exit code $? (124 = hit TEST_S)"
-    # Then the whole kernel suite on cuda tensors (tests/kernels/conftest.py), in the time left:
-    # ~630 kernel variants to compile. test_compile_sm90 needs no GPU (CI runs it); the
-    # model-patching tests on CPU tensors need the interpreter and add nothing here.
-    rest=$(( test_s - (SECONDS - tests_start) ))
-    if [ "$rest" -gt 20 ]; then
-        timeout "$rest" python -m pytest -q -p no:cacheprovider tests/kernels \
-            tests/test_reference.py -k "not gpu_compiled" \
-            --deselect tests/kernels/test_compile_sm90.py
-        echo "kernel suite: exit code $? (124 = hit its $rest s)"
-    fi
-} 2>&1 | tee -a "$out/gpu_check.log"
-
-if [ "${TUNE:-0}" = 1 ]; then
-    tune_s="${TUNE_S:-120}"
-    echo "== tune ($tune_s s)" | tee -a "$out/gpu_check.log"
-    timeout $(( tune_s + 60 )) python -m bench.tune_gated_lora --time-budget "$tune_s" \
-        --out "$out/$(python -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_"))').json" \
-        2>&1 | tee "$out/tune.log"
+        tests/kernels/test_prism_gate.py::test_gpu_compiled 2>&1 | tail -40 | tee -a "$log"
+    echo "(c) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" \
+        | tee -a "$log"
+else
+    echo "== (c) skipped (pytest: $have_pytest, ${c_s} s left)" | tee -a "$log"
 fi
 
-# The sweep's own budget stops new measurements; `timeout` (SIGTERM: the partial results are
-# still written) backs it up with 45 s for the case in flight and the files.
-budget=$(( $(left) - 45 ))
-if [ "$budget" -lt 60 ]; then
-    echo "== only ${budget} s left for the sweep: running it anyway with a 60 s budget" \
-        | tee -a "$out/gpu_check.log"
-    budget=60
+# (d) the tuner on the model's own groups, with what is left
+d_s=$(share 60 5)
+if [ "$d_s" -gt 15 ]; then
+    echo "== (d) prism_fast.tune, ${d_s} s" | tee -a "$log"
+    # its cache in a scratch folder: the choices are printed into the log
+    PRISM_FAST_CACHE_DIR="$(mktemp -d)" timeout "$d_s" python - <<'EOF' 2>&1 | tee -a "$log"
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import prism_fast
+
+# Llama-3-8B's layer shapes, 2 layers (LoRA on layer 1), a small vocabulary.
+config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=1024)
+with torch.device("cuda"):
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+lora = LoraConfig(r=16, lora_alpha=32, layers_to_transform=[1],
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                  "up_proj", "down_proj"])
+model = prism_fast.patch_model(get_peft_model(model, lora, adapter_name="persona_expert"))
+for attempt in ("first run", "second run (cache)"):
+    t = time.monotonic()
+    choices = prism_fast.tune(model)
+    print(f"tune {attempt}: {time.monotonic() - t:.2f} s, choices {choices}")
+EOF
+else
+    echo "== (d) skipped: ${d_s} s left" | tee -a "$log"
 fi
-echo "== sweep: python -m bench --full --time-budget $budget" | tee -a "$out/gpu_check.log"
-timeout $(( budget + 45 )) python -m bench --full --out "$out" --time-budget "$budget" 2>&1 \
-    | tee "$out/bench.log"
-echo "== done in $(( SECONDS - start )) s: $out" | tee -a "$out/gpu_check.log"
+echo "== done in $(( SECONDS - start )) s (budget ${total} s): $out" | tee -a "$log"

@@ -44,16 +44,20 @@ SMEM_PER_SM = 228 * 1024   # sm_90; sm_80 has 164 KiB
 def variants(models: list[str], ranks: list[int], device_name: str, sms: int) -> dict:
     """{(stage, slices, SPLIT_K, blocks, num_warps, SEQ_IDS): [(model, rank, M, proj), ...]}.
 
-    Per-row ids at every M; per-sequence ids (a patched model's prefill) from M = 128 on."""
+    Every path at the decode sizes (M ≤ 64), the split path above; per-row ids at every M;
+    per-sequence ids (a patched model's prefill) from M = 128 on."""
     out: dict = {}
     for model in models:
         shape = MODELS[model]
         names = ("qkv", "o", "gate_up", "down")
         for rank in ranks:
             for m in M_SWEEP:
-                for name, (k, ns, _) in zip(names, shape.groups("layer")):
+                # Decode sizes: every selectable path (the tuner may pick any of them).
+                paths = gl.PATHS if m <= gl.FUSED_MAX_ROWS else ("split",)
+                for (name, (k, ns, _)), path in itertools.product(
+                        zip(names, shape.groups("layer")), paths):
                     s = len(ns)
-                    cfg = gl.config_for(m, k, tuple(ns), rank, device_name, sms)
+                    cfg = gl.config_for(m, k, tuple(ns), rank, device_name, sms, path=path)
                     for stage, seq_ids in itertools.product(cfg["stages"], (False, True)):
                         if seq_ids and m < 128:
                             continue
@@ -65,18 +69,34 @@ def variants(models: list[str], ranks: list[int], device_name: str, sms: int) ->
     return out
 
 
+def gated_lora_pointers(dtype: str, ids: str = "i32",
+                        adapters: str | None = None) -> dict[str, str]:
+    """Pointer types of one `_gated_lora_kernel` launch: x and the outputs in `dtype`, A and B
+    in `adapters` (default: `dtype`; "fp32" for adapter_dtype=torch.float32); ids int32 as a
+    patched model passes them (the public op also accepts int64 ids)."""
+    pointers = {p: f"*{dtype}" for p in ("x_ptr", "y0_ptr", "y1_ptr", "y2_ptr")}
+    pointers.update(a_ptr=f"*{adapters or dtype}", b_ptr=f"*{adapters or dtype}",
+                    scale_ptr="*fp32", ids_ptr=f"*{ids}", buf_ptr="*fp32", ctr_ptr="*i32")
+    return pointers
+
+
+def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Triton's compile signature for a kernel: the given pointer types, the constexprs, and
+    i32 scalars, except the row stride of x, which arrives as a 64-bit int when it is large."""
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+    if "stride_xm" in sig:
+        sig["stride_xm"] = "i64"
+    return sig
+
+
 def compile_variant(key: tuple, dtype: str, arch: int) -> dict:
     """ptxas's registers / spill bytes and Triton's shared memory for one kernel variant."""
     stage, slices, split_k, blocks, warps, seq_ids = key
     fn = gl._gated_lora_kernel
-    constexprs = dict(STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=slices, SPLIT_K=split_k,
+    constexprs = dict(STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=slices, SPLIT_K=split_k, PHASE=0,
                       **dict(blocks))
-    pointers = {p: f"*{dtype}" for p in ("x_ptr", "a_ptr", "b_ptr", "y0_ptr", "y1_ptr", "y2_ptr")}
-    pointers.update(scale_ptr="*fp32", ids_ptr="*i32", buf_ptr="*fp32")
-    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32")
-                 for n in fn.arg_names}
-    signature["stride_xm"] = "i64"
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=fn, signature=signature(fn, gated_lora_pointers(dtype), constexprs),
+                    constexprs=constexprs)
     triton.knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
@@ -110,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     found = variants(args.models, args.ranks, args.device_name, args.sms)
-    stages = {gl.STAGE_FUSED: "fused", gl.STAGE_SHRINK: "shrink", gl.STAGE_EXPAND: "expand"}
+    stages = {gl.STAGE_FUSED: "fused", gl.STAGE_SHRINK: "shrink", gl.STAGE_EXPAND: "expand",
+              gl.STAGE_COOP: "coop"}
     print(f"{args.device_name} ({args.sms} SMs), sm_{args.arch}, {args.dtype}, triton "
           f"{triton.__version__}: {len(found)} kernel variants\n")
     print("| stage | S | SPLIT_K | ids | blocks (M, N, K, R) | warps | regs | spill B | smem KiB "

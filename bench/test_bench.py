@@ -115,8 +115,6 @@ def test_e2e_decode(benchmark, models, provider: str):
     model = base if provider == "base" else peft_model
     patched = provider.startswith("prism_fast")
     if patched:
-        if not hasattr(prism_fast, "patch_model"):
-            pytest.skip("prism_fast.patch_model is not available yet")
         prism_fast.patch_model(peft_model, gate=gate_state)
         route = 0 if provider == "prism_fast_open" else -1
         prism_fast.set_routes(peft_model, torch.full((case.batch,), route, dtype=torch.int32,

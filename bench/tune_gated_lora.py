@@ -5,10 +5,10 @@
 Writes the per-GPU table that `pick_config` reads (kernels/configs/<device name, spaces → _>.json)
 in its format: keys "<entry>:<next power of 2 of M>", where "fused", "shrink" and "expand" hold
 block sizes merged over the heuristic defaults (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps)
-and "split_k" an integer. The path (one fused launch, or shrink + expand) is decided per shape
-by the size of an A slice, K·R: "fused_max_a_elems" replaces the heuristic's limit (64K, a
-model of L2 traffic, not a measurement) with the one that times best here, tuned first over
-the decode sizes M ≤ 64.
+and "split_k" an integer. The decode path is split (shrink + expand) unless an A slice, K·R,
+is at most "fused_max_a_elems" (default 0: never fused, as the H200 evidence in
+shared/EVIDENCE.md favours), tuned first over the decode sizes M ≤ 64. prism_fast.tune(model)
+makes the same choice per projection group at run time, for the model's own shapes.
 
 One table entry serves every shape, so each candidate is scored by its summed time over one
 Llama-3-8B decoder layer's op calls (q/k/v, o, gate/up, down; r = 16, L = 1, bf16, every row
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from prism_fast.kernels import gated_lora as gl
 
     name = torch.cuda.get_device_name()
-    default_path = Path(gl.__file__).parent / "configs" / (name.replace(" ", "_") + ".json")
+    default_path = gl.config_path(name)
     out = args.out or default_path
     table = json.loads(default_path.read_text()) if default_path.exists() else {}
     deadline = time.monotonic() + (args.time_budget or float("inf"))

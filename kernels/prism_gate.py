@@ -107,9 +107,11 @@ def prism_gate_triton(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: t
 @torch.library.custom_op("prism_fast::prism_gate", mutates_args=())
 def prism_gate_op(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                   b2: torch.Tensor) -> torch.Tensor:
+    check_prism_gate_args(h, w1, b1, w2, b2)   # callable by anyone through torch.ops
     return prism_gate_triton(h, w1, b1, w2, b2)
 
 
 @prism_gate_op.register_fake
 def _(h, w1, b1, w2, b2):
+    check_prism_gate_args(h, w1, b1, w2, b2)
     return h.new_empty(h.shape[0], dtype=torch.int32)

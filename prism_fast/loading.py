@@ -41,6 +41,10 @@ class Persona:
     name: str
     modules: dict[str, LoraWeights]
     source: str
+    layers_to_transform: list[int] | None = None   # adapter_config.json's, if it names layers
+    made_for: str | None = None                    # adapter_config's base_model_name_or_path
+    model_layers: int | None = None                # the layer count of the model it was made for
+
 
 
 @dataclass
@@ -110,22 +114,71 @@ def load_gate(gate: str | Path | dict) -> dict[str, torch.Tensor]:
 
 
 def _match_pattern(patterns: dict, module: str, default):
-    """PEFT's rank/alpha pattern lookup: a key matches a module path suffix."""
+    """PEFT's rank/alpha pattern lookup (peft.utils.other.get_pattern_key): a key matches a
+    module path suffix. Used where peft is not installed."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
 
-def load_peft_dir(path: str | Path, name: str | None = None) -> Persona:
-    """A PEFT LoRA adapter directory → Persona (module paths relative to the causal-LM root)."""
+def _read_adapter(path: Path, use_peft: bool) -> tuple[dict, dict[str, torch.Tensor], object]:
+    """(adapter config, adapter weights, pattern lookup) of a PEFT directory whose files exist.
+
+    With peft installed, PEFT reads them itself (LoraConfig.from_pretrained fills in its own
+    defaults, load_peft_weights its own file formats), so its format cannot drift from ours;
+    without it, the JSON and the weights file are read here."""
+    if use_peft:
+        from peft import LoraConfig
+        from peft.utils import load_peft_weights
+        from peft.utils.other import get_pattern_key
+
+        try:
+            config = LoraConfig.from_pretrained(str(path)).to_dict()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"adapter_config.json: PEFT could not read {path}: {e}") from e
+        try:
+            weights = load_peft_weights(str(path), device="cpu")
+        except Exception as e:  # safetensors and torch raise many types for a corrupt file
+            raise ValueError(f"adapter_model: could not read the weights in {path} as a "
+                             f"checkpoint: {e}") from e
+
+        def lookup(patterns: dict, module: str, default):
+            key = get_pattern_key(patterns.keys(), module)
+            return patterns.get(key, default)
+
+        return config, weights, lookup
+    config = _read_json(path / "adapter_config.json")
+    for fname in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (path / fname).is_file():
+            return config, _load_tensors(path / fname), _match_pattern
+    raise AssertionError("unreachable: load_peft_dir checked the weights file")
+
+
+def _peft_installed() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_peft_dir(path: str | Path, name: str | None = None,
+                  use_peft: bool | None = None) -> Persona:
+    """A PEFT LoRA adapter directory → Persona (module paths relative to the causal-LM root).
+    use_peft: read it with peft's own loaders (default: where peft is installed)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter: expected a PEFT adapter directory at {path}, found none")
-    config = _read_json(path / "adapter_config.json")
-    if config.get("peft_type", "LORA") != "LORA":
+    raw = _read_json(path / "adapter_config.json")   # our messages for missing / invalid JSON
+    if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter: expected a LoRA adapter (peft_type LORA) in {path}, got "
-                         f"{config.get('peft_type')}")
+                         f"{raw.get('peft_type')}")
+    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise FileNotFoundError(f"adapter: expected adapter_model.safetensors in {path}, found "
+                                f"none")
+    config, weights, lookup = _read_adapter(path, _peft_installed() if use_peft is None
+                                            else use_peft)
     for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
         if config.get(flag):
             raise ValueError(f"adapter: {flag}=True in {path} is not supported by the gated LoRA "
@@ -137,14 +190,6 @@ def load_peft_dir(path: str | Path, name: str | None = None) -> Persona:
     if config.get("modules_to_save"):
         raise ValueError(f"adapter: modules_to_save {config['modules_to_save']} in {path} trains "
                          f"full modules, which a per-row gate cannot route; not supported")
-    weights = None
-    for fname in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (path / fname).is_file():
-            weights = _load_tensors(path / fname)
-            break
-    if weights is None:
-        raise FileNotFoundError(f"adapter: expected adapter_model.safetensors in {path}, found "
-                                f"none")
     r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -163,16 +208,20 @@ def load_peft_dir(path: str | Path, name: str | None = None) -> Persona:
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
             raise ValueError(f"adapter: {module} in {path}: expected lora_A (r, K) and lora_B "
                              f"(N, r), got {tuple(a.shape)} and {tuple(b.shape)}")
-        r = _match_pattern(rank_pattern, module, r0)
-        alpha = _match_pattern(alpha_pattern, module, alpha0)
+        r = lookup(rank_pattern, module, r0)
+        alpha = lookup(alpha_pattern, module, alpha0)
         if r != a.shape[0]:
             raise ValueError(f"adapter: {module} in {path}: config says rank {r}, weights have "
                              f"{a.shape[0]}")
+        # PEFT's LoraLayer.update_layer: alpha / r, or alpha / √r with rsLoRA.
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[module] = LoraWeights(a=a, b=b, scaling=scaling)
     if not modules:
         raise ValueError(f"adapter: no LoRA weights found in {path}")
-    return Persona(name=name or path.name, modules=modules, source=str(path))
+    layers = config.get("layers_to_transform")
+    return Persona(name=name or path.name, modules=modules, source=str(path),
+                   layers_to_transform=[layers] if isinstance(layers, int) else layers,
+                   made_for=config.get("base_model_name_or_path"))
 
 
 def load_prism(path: str | Path | list) -> PrismAdapter:
@@ -202,6 +251,11 @@ def load_prism(path: str | Path | list) -> PrismAdapter:
         raise FileNotFoundError(f"adapter: expected {root}/adapter_config.json (PEFT) or "
                                 f"{root}/{PRISM_ADAPTER_SUBDIR}/ (PRISM output), found neither")
     persona = load_peft_dir(root / PRISM_ADAPTER_SUBDIR, name=root.name)
+    # PRISM trains LoRA on layers 1…N−1 of its N-layer model (run_gated_lora.py:
+    # layers_to_transform = range(1, N)), so such a list names the model's layer count.
+    layers = persona.layers_to_transform
+    if layers and layers == list(range(1, len(layers) + 1)):
+        persona.model_layers = len(layers) + 1
     if not (root / GATE_FILE).exists():
         raise FileNotFoundError(f"gate: expected {root / GATE_FILE} in the PRISM output directory, "
                                 f"found none (for the adapter without its gate, pass "
@@ -209,41 +263,3 @@ def load_prism(path: str | Path | list) -> PrismAdapter:
     gate = load_gate(root / GATE_FILE)
     config = _read_json(root / PRISM_CONFIG_FILE) if (root / PRISM_CONFIG_FILE).exists() else {}
     return PrismAdapter(personas=[persona], gate=gate, prism_config=config)
-
-
-def personas_from_peft_model(peft_model) -> tuple[list[Persona], dict[str, torch.nn.Module]]:
-    """A PeftModel's loaded LoRA adapters → personas (in load order), plus the LoRA-wrapped
-    modules by path (relative to the causal-LM root) so that patch_model can swap them."""
-    from peft.tuners.lora import LoraLayer
-
-    root = peft_model.base_model.model
-    names = list(peft_model.peft_config)
-    for n in names:
-        cfg = peft_model.peft_config[n]
-        if getattr(cfg, "peft_type", None) is None or cfg.peft_type.value != "LORA":
-            raise ValueError(f"model: adapter {n!r} is {cfg.peft_type}, expected LoRA")
-        if getattr(cfg, "modules_to_save", None):
-            raise ValueError(f"model: adapter {n!r} has modules_to_save, which a per-row gate "
-                             f"cannot route; not supported")
-    personas = [Persona(name=n, modules={}, source="PeftModel") for n in names]
-    wrapped: dict[str, torch.nn.Module] = {}
-    for path, module in root.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        if not isinstance(module.get_base_layer(), torch.nn.Linear):
-            raise ValueError(f"model: LoRA on {path} wraps {type(module.get_base_layer()).__name__}"
-                             f", expected nn.Linear")
-        wrapped[path] = module
-        for persona in personas:
-            if persona.name not in module.lora_A:
-                continue
-            if module.use_dora.get(persona.name):
-                raise ValueError(f"model: adapter {persona.name!r} uses DoRA on {path}; not "
-                                 f"supported")
-            persona.modules[path] = LoraWeights(
-                a=module.lora_A[persona.name].weight.detach(),
-                b=module.lora_B[persona.name].weight.detach(),
-                scaling=float(module.scaling[persona.name]))
-    if not wrapped:
-        raise ValueError("model: expected a PeftModel with LoRA adapters, found no LoRA layers")
-    return personas, wrapped

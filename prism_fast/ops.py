@@ -1,13 +1,32 @@
-"""Public ops: argument checks, then the Triton kernels or the PyTorch reference."""
+"""The one door to the kernels: every gated LoRA, gate and distillation-loss evaluation goes
+through here.
+
+`gated_lora_group` and `gate_routes` pick the implementation (the Triton launcher in eager
+mode, its registered `torch.ops.prism_fast.*` op under torch.compile, where the launcher is
+opaque, or the PyTorch reference); the public ops and the patched layers both call them. The
+public ops check their arguments first (the checks live in kernels/, beside the launchers);
+the patched layers build their arguments themselves and skip the checks on the hot path.
+"""
 
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn.functional as F
 
-from prism_fast import reference
-from prism_fast.kernels import check_gated_lora_args, check_prism_gate_args
+from prism_fast import distill, reference
+from prism_fast.kernels import (
+    GatedLoraLauncher,
+    check_gated_lora_args,
+    check_prism_gate_args,
+    check_topk_distill_args,
+    gated_lora_linear_triton,
+    prism_gate_triton,
+    topk_distill_backward,
+    topk_distill_forward,
+)
+from prism_fast.torch_path import gated_lora_linear_torch
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -26,6 +45,41 @@ def use_triton(backend: str, device: torch.device) -> bool:
     return True
 
 
+def gated_lora_group(x: torch.Tensor, weights: list[torch.Tensor],
+                     biases: list[torch.Tensor | None], lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
+                     triton: bool, launcher: GatedLoraLauncher | None = None
+                     ) -> list[torch.Tensor]:
+    """S projections reading the same x: ys[s] = F.linear(x, W_s, b_s) + gated LoRA of slice s.
+
+    x [..., K]; weights S × [N_s, K]; lora_a [L, S·R, K]; lora_b [L, ΣN_s, R]; scaling [S, L]
+    or [L] (S = 1); ids [B] (x = [B, T, K]) or x.shape[:-1]. Arguments are assumed checked.
+    `launcher`: the group's GatedLoraLauncher over these lora_a, lora_b, scaling ([S, L] fp32),
+    the lean eager path of a patched layer.
+    """
+    if triton:
+        if torch.compiler.is_compiling():
+            return torch.ops.prism_fast.gated_lora(x, weights, biases, lora_a, lora_b, scaling,
+                                                   ids)
+        if launcher is not None:
+            ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]   # S × [..., N_s]
+            launcher(ys, x, ids, x.dim() == 3 and ids.dim() == 1)
+            return ys
+        return gated_lora_linear_triton(x, weights, biases, lora_a, lora_b, scaling, ids)
+    # The fast PyTorch path (prism_fast/torch_path.py), checked against the reference in tests.
+    return gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)
+
+
+def gate_routes(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                b2: torch.Tensor, triton: bool) -> torch.Tensor:
+    """h [B, H] → routes [B] int32. Arguments are assumed checked."""
+    if not triton:
+        return reference.prism_gate(h, w1, b1, w2, b2)
+    if torch.compiler.is_compiling():
+        return torch.ops.prism_fast.prism_gate(h, w1, b1, w2, b2)
+    return prism_gate_triton(h, w1, b1, w2, b2)
+
+
 def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
                       adapter_ids: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
@@ -39,16 +93,78 @@ def gated_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if isinstance(scaling, (list, tuple)) and isinstance(x, torch.Tensor):
         scaling = torch.tensor(scaling, dtype=torch.float32, device=x.device)   # [L]
     check_gated_lora_args(x, [weight], [bias], lora_a, lora_b, scaling, adapter_ids)
-    if use_triton(backend, x.device):
-        return torch.ops.prism_fast.gated_lora(x, [weight], [bias], lora_a, lora_b, scaling,
-                                               adapter_ids)[0]
-    return reference.gated_lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_ids)
+    triton = use_triton(backend, x.device)
+    return gated_lora_group(x, [weight], [bias], lora_a, lora_b, scaling, adapter_ids, triton)[0]
 
 
 def prism_gate(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                b2: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """h [B, H] → routes [B] int32: argmax(W2 · GELU(W1 h + b1) + b2) − 1 (−1 = base)."""
     check_prism_gate_args(h, w1, b1, w2, b2)
-    if use_triton(backend, h.device):
-        return torch.ops.prism_fast.prism_gate(h, w1, b1, w2, b2)
-    return reference.prism_gate(h, w1, b1, w2, b2)
+    return gate_routes(h, w1, b1, w2, b2, use_triton(backend, h.device))
+
+
+class _TopkDistill(torch.autograd.Function):
+    """kl [N] and its gradients for hidden (and the head when it requires grad), by the Triton
+    kernels or the PyTorch path; the teacher's values and indices are constants."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, values, indices, temperature, mask, triton):
+        if triton:
+            fwd = torch.ops.prism_fast.topk_distill_fwd if torch.compiler.is_compiling() \
+                else topk_distill_forward
+        else:
+            fwd = distill.forward
+        kl, p_s, p_t = fwd(hidden, weight, bias, values, indices, temperature, mask)
+        ctx.save_for_backward(hidden, weight, indices, mask, p_s, p_t)
+        ctx.temperature, ctx.triton = temperature, triton
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, indices, mask, p_s, p_t = ctx.saved_tensors
+        if ctx.triton:
+            bwd = torch.ops.prism_fast.topk_distill_bwd if torch.compiler.is_compiling() \
+                else topk_distill_backward
+        else:
+            bwd = distill.backward
+        grad_h, ds = bwd(grad_kl, hidden, weight, indices, ctx.temperature, mask, p_s, p_t)
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_w, grad_b = distill.head_grads(ds, indices, hidden, weight.shape[0], need_w, need_b)
+        return (grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(weight.dtype), None, None, None, None, None)
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def topk_distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor,
+                      head_bias: torch.Tensor | None, teacher_values: torch.Tensor,
+                      teacher_indices: torch.Tensor, temperature: float = 2.0,
+                      mask: torch.Tensor | None = None, *, reduction: str = "mean",
+                      backend: str = "auto") -> torch.Tensor:
+    """PRISM's Stage B distillation loss with the student's logits only at the teacher's top-k.
+
+    hidden [N, H] (final hidden states of the positions that predict response tokens);
+    head_weight [V, H]; head_bias [V] or None; teacher_values [N, k] (the teacher's top-k
+    logits, any float dtype); teacher_indices [N, k]; mask [N] bool (False: no loss, no grad).
+    Per position kl[n] = T² · KL(softmax(values/T) ‖ softmax(student logits at idx / T)) over
+    the k (fp32). reduction "none" → [N]; "sum"; "mean" → the sum over unmasked positions
+    divided by their count, the official `kl_div(..., reduction="batchmean") · T²` of one
+    sample. Differentiable w.r.t. hidden, head_weight and head_bias.
+    """
+    check_topk_distill_args(hidden, head_weight, head_bias, teacher_values, teacher_indices,
+                            temperature, mask)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if mask is not None:
+        mask = mask.contiguous()
+    kl = _TopkDistill.apply(hidden, head_weight, head_bias, teacher_values, teacher_indices,
+                            float(temperature), mask, use_triton(backend, hidden.device))
+    if reduction == "none":
+        return kl
+    total = kl.sum()
+    if reduction == "sum":
+        return total
+    count = hidden.shape[0] if mask is None else mask.sum()
+    return total / (count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1))

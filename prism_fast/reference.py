@@ -45,3 +45,24 @@ def prism_gate(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Te
     """
     logits = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)             # [B, C]
     return (logits.argmax(dim=-1) - 1).to(torch.int32)
+
+
+def topk_distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor,
+                      head_bias: torch.Tensor | None, teacher_values: torch.Tensor,
+                      teacher_indices: torch.Tensor, temperature: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """kl [N]: PRISM's Stage B loss per response position, the student's logits taken only at
+    the teacher's top-k tokens (official: gather, log_softmax over the k, kl_div(log_target)
+    × T²; `reduction="batchmean"` over one sample's N positions is kl.mean()); 0 where masked.
+
+    hidden [N, H]; head_weight [V, H]; head_bias [V] or None; teacher_values, _indices [N, k].
+    """
+    acc = torch.promote_types(hidden.dtype, torch.float32)             # fp32, or fp64 as oracle
+    idx = teacher_indices.long()
+    logits = torch.bmm(head_weight[idx].to(acc), hidden.to(acc)[:, :, None])[..., 0]   # [N, k]
+    if head_bias is not None:
+        logits = logits + head_bias[idx].to(acc)
+    log_ps = F.log_softmax(logits / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher_values.to(acc) / temperature, dim=-1)
+    kl = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
+    return kl if mask is None else torch.where(mask, kl, torch.zeros_like(kl))

@@ -78,3 +78,41 @@ def test_set_routes_between_compiled_calls_is_not_baked(prism):
     assert torch.equal(outs[0][1], base_out[1]) and torch.equal(outs[1][0], base_out[0])
     assert not torch.equal(outs[0][0], base_out[0])
     assert torch.equal(outs[0], outs[2])
+
+
+# ---- the public ops, compiled by a user around their own function (SPEC §6) ------------------
+
+
+def _op_inputs(device):
+    from tests.helpers import make_lora
+
+    x = torch.randn(3, 5, 24, device=device)
+    w, b = torch.randn(16, 24, device=device), torch.randn(16, device=device)
+    a, bb, s = (t.to(device) for t in make_lora(2, 4, 24, 16, torch.float32))
+    gate = [torch.randn(8, 24), torch.randn(8), torch.randn(3, 8), torch.randn(3)]
+    return x, w, b, a, bb, s, [t.to(device) for t in gate]
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                        reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_public_ops_compile_fullgraph(backend, device):
+    """No data-dependent guard (the CPU id range check is skipped while tracing) and no graph
+    break; out-of-range ids are closed rows in the compiled op as in the kernels."""
+    x, w, b, a, bb, s, gate = _op_inputs(device)
+    ids = torch.tensor([1, -1, 0], device=device)
+
+    def f(x, w, b, a, bb, s, ids, h):
+        y = prism_fast.gated_lora_linear(x, w, b, a, bb, s, ids, backend=backend)
+        return y, prism_fast.prism_gate(h, *gate, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    h = x[:, -1]
+    y, routes = compiled(x, w, b, a, bb, s, ids, h)
+    y_eager, routes_eager = f(x, w, b, a, bb, s, ids, h)
+    assert rel_err(y, y_eager) <= MODEL_REL_TOL and torch.equal(routes, routes_eager)
+    assert torch.equal(y[1], torch.nn.functional.linear(x, w, b)[1])
+    bad = torch.tensor([7, -1, -9], device=device)            # only closed rows, never indexed
+    y_bad, _ = compiled(x, w, b, a, bb, s, bad, h)
+    assert torch.equal(y_bad, torch.nn.functional.linear(x, w, b))

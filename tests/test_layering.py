@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {"torch", "triton", "__future__", "functools", "json", "math", "os", "pathlib",
-           "typing", "dataclasses"}
+           "typing", "dataclasses", "weakref"}
 
 
 def test_kernels_import_only_torch_triton_stdlib():

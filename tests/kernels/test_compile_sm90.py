@@ -16,44 +16,53 @@ import sys
 import pytest
 
 
-def _signature(fn, pointers: dict, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        sig[name] = "constexpr" if name in constexprs else pointers.get(name, "i32")
-    if "stride_xm" in sig:
-        sig["stride_xm"] = "i64"   # large row strides arrive as 64-bit ints
-    return sig
-
-
 def main() -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from bench.kernel_resources import gated_lora_pointers, signature
     from prism_fast.kernels.gated_lora import _gated_lora_kernel
     from prism_fast.kernels.prism_gate import _prism_gate_kernel
 
     target = GPUTarget("cuda", 90, 32)
 
     def compile_one(fn, pointers, constexprs):
-        src = ASTSource(fn=fn, signature=_signature(fn, pointers, constexprs),
+        src = ASTSource(fn=fn, signature=signature(fn, pointers, constexprs),
                         constexprs=constexprs)
         kernel = triton.compile(src, target=target, options={"num_warps": 4})
         assert kernel.asm.get("cubin"), f"no cubin for {fn.__name__} {constexprs}"
 
-    for dt in ("bf16", "fp16", "fp32"):
-        for stage, seq_ids, n_slices in itertools.product((0, 1, 2), (False, True), (1, 3)):
-            ptrs = {p: f"*{dt}" for p in ("x_ptr", "a_ptr", "b_ptr", "y0_ptr", "y1_ptr",
-                                          "y2_ptr")}
-            ptrs.update(scale_ptr="*fp32", ids_ptr="*i64", buf_ptr="*fp32")
-            compile_one(_gated_lora_kernel, ptrs, dict(
+    # int32 ids (a patched model's) in every dtype; int64 (torch.tensor's default) once.
+    for dt, ids in (("bf16", "i32"), ("fp16", "i32"), ("fp32", "i32"), ("bf16", "i64")):
+        # STAGE 3 is the cooperative kernel with its grid barrier (PHASE 0: one launch).
+        for stage, seq_ids, n_slices in itertools.product((0, 1, 2, 3), (False, True), (1, 3)):
+            compile_one(_gated_lora_kernel, gated_lora_pointers(dt, ids), dict(
                 STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=n_slices,
-                SPLIT_K=2 if stage == 1 else 1, BLOCK_M=16 if stage == 0 else 64,
-                BLOCK_N=64, BLOCK_K=64, BLOCK_R=64))
+                SPLIT_K=2 if stage in (1, 3) else 1, BLOCK_M=16 if stage in (0, 3) else 64,
+                BLOCK_N=64, BLOCK_K=64, BLOCK_R=64 if stage != 3 else 16, PHASE=0))
+        if ids != "i32":
+            continue
+        if dt != "fp32":     # fp32 adapters on a half-precision model (adapter_dtype=float32)
+            for stage in (0, 1, 2, 3):
+                compile_one(_gated_lora_kernel, gated_lora_pointers(dt, ids, "fp32"), dict(
+                    STAGE=stage, SEQ_IDS=False, NUM_SLICES=3, SPLIT_K=2 if stage in (1, 3) else 1,
+                    BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, BLOCK_R=16, PHASE=0))
         ptrs = {p: f"*{dt}" for p in ("h_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr")}
         ptrs["out_ptr"] = "*i32"
         compile_one(_prism_gate_kernel, ptrs, dict(BLOCK_B=16, BLOCK_H=64, BLOCK_D=64,
                                                    BLOCK_C=16))
+    from prism_fast.kernels.topk_distill import _topk_distill_kernel
+
+    scalars = dict(inv_t="fp32", t_sq="fp32", idx_ptr="*i32", mask_ptr="*i1", val_ptr="*fp16",
+                   **{p: "*fp32" for p in ("ps_ptr", "pt_ptr", "kl_ptr", "gkl_ptr", "ds_ptr",
+                                          "gh_ptr")})
+    for dt in ("bf16", "fp16", "fp32"):
+        for backward, bias, mask in itertools.product((False, True), repeat=3):
+            compile_one(_topk_distill_kernel,
+                        dict(scalars, h_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr=f"*{dt}"),
+                        dict(BACKWARD=backward, HAS_BIAS=bias, HAS_MASK=mask, BLOCK_K=64,
+                             BLOCK_H=128))
     print("compiled all variants for sm_90")
 
 

@@ -144,8 +144,20 @@ def test_per_sequence_ids(t, path, dtype):
     y_seq = gated_lora_linear_triton(x, [w], [bias], a, bb, s, seq_ids, config=cfg)[0]
     tok_ids = seq_ids[:, None].expand(bsz, t)
     y_tok = gated_lora_linear_triton(x, [w], [bias], a, bb, s, tok_ids, config=cfg)[0]
-    assert torch.equal(y_seq, y_tok)
     check_op(x, w, bias, a, bb, s, seq_ids, y_seq)
+    check_op(x, w, bias, a, bb, s, tok_ids, y_tok)
+    # Per-sequence tiles start at sequence boundaries, per-token tiles do not, so a row sits at
+    # another place in its tile. Compiled on a GPU the row's dot is the same; under the
+    # interpreter tl.dot is a NumPy matmul whose bits depend on that place (OpenBLAS edge
+    # kernels, e.g. with OPENBLAS_CORETYPE=Haswell), so there the two may differ by summation
+    # order only: each is within REL_TOL of float64 (checked above), hence within 2× of each
+    # other. Closed rows are F.linear's either way, bit for bit.
+    if compiled_gpu_mode():
+        assert torch.equal(y_seq, y_tok)
+    else:
+        is_open = seq_ids >= 0
+        assert torch.equal(y_seq[~is_open], y_tok[~is_open])
+        assert rel_err(y_seq[is_open], y_tok[is_open]) <= 2 * REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -186,6 +198,55 @@ def test_multi_slice_shares_shrink(n_slices, m, dtype, path):
     ys = gated_lora_linear_triton(x, ws, bs, a, bb, s, ids, config=FORCED[path] if path else None)
     for y, w, bias, (ai, bi, si) in zip(ys, ws, bs, loras):
         check_op(x, w, bias, ai, bi, si, ids, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("path", [None, "fused", "shrink_expand", "split_k"])
+@pytest.mark.parametrize("n_slices", [1, 3])
+def test_fp32_adapters_on_half_x(n_slices, path, dtype):
+    """fp32 A/B (PEFT's adapter dtype) with fp16/bf16 x: x widened in registers, fp32 dots.
+    Closed rows stay F.linear's; open rows are within the SPEC bound of float64 and closer to
+    PEFT's fp32-adapter formula than the same adapters rounded to x's dtype."""
+    m, k = 37, 52
+    ns = [40, 12, 12][:n_slices]
+    x = torch.randn(m, k, dtype=dtype)
+    ws = [torch.randn(n, k, dtype=dtype) / k**0.5 for n in ns]
+    bs = [torch.randn(n, dtype=dtype) for n in ns]
+    loras = [make_lora(2, 8, k, n, torch.float32) for n in ns]
+    a = torch.cat([lo[0] for lo in loras], dim=1)            # [L, S·R, K] fp32
+    bb = torch.cat([lo[1] for lo in loras], dim=1)           # [L, ΣN, R] fp32
+    s = torch.stack([lo[2] for lo in loras])                 # [S, L]
+    ids = make_ids((m,), 2)
+    is_open = ids >= 0
+    cfg = FORCED[path] if path else None
+    ys = gated_lora_linear_triton(x, ws, bs, a, bb, s, ids, config=cfg)
+    half = gated_lora_linear_triton(x, ws, bs, a.to(dtype), bb.to(dtype), s, ids, config=cfg)
+    for y, y_half, w, bias, (ai, bi, si) in zip(ys, half, ws, bs, loras):
+        base = F.linear(x, w, bias)
+        assert y.dtype == dtype and torch.equal(y[~is_open], base[~is_open])
+        ref = float64_ref(x, w, bias, ai, bi, si, ids)
+        assert rel_err(y[is_open], ref[is_open]) <= REL_TOL[dtype]
+        # PEFT with fp32 adapters: the LoRA term in fp32 on x.float(), added to the base output
+        term = sum(torch.where((ids == i)[:, None], si[i] * (x.float() @ ai[i].T) @ bi[i].T, 0.0)
+                   for i in range(ai.shape[0]))
+        peft = torch.where(is_open[:, None], (base.float() + term).to(dtype), base)
+        assert rel_err(y, peft) < rel_err(y_half, peft)
+
+
+def test_fp32_adapters_on_fp32_x_and_dtype_errors():
+    x = torch.randn(5, 16)
+    w = torch.randn(12, 16)
+    a, bb, s = make_lora(2, 4, 16, 12, torch.float32)
+    ids = torch.tensor([0, -1, 1, 0, 1])
+    check_op(x, w, None, a, bb, s, ids,
+             prism_fast.gated_lora_linear(x, w, None, a, bb, s, ids, backend="triton"))
+    for backend in ("torch", "triton"):
+        with pytest.raises(TypeError, match="lora_a: expected dtype torch.float32 .* or "
+                                            "torch.float32, got torch.float16"):
+            prism_fast.gated_lora_linear(x, w, None, a.half(), bb.half(), s, ids, backend=backend)
+        with pytest.raises(TypeError, match="lora_b: expected dtype torch.bfloat16"):
+            prism_fast.gated_lora_linear(x.bfloat16(), w.bfloat16(), None, a.bfloat16(), bb, s,
+                                         ids, backend=backend)
 
 
 def test_fused_config_must_cover_the_rank():
@@ -288,16 +349,6 @@ def _good(dtype=torch.float32):
                 adapter_ids=torch.tensor([0, -1, 1, 0]))
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
-def test_backends_agree(backend):
-    args = _good()
-    ref = float64_ref(*args.values())
-    y = prism_fast.gated_lora_linear(**args, backend=backend)
-    assert rel_err(y, ref) <= REL_TOL[torch.float32]
-    args["scaling"] = args["scaling"].tolist()            # a list of floats is accepted too
-    assert torch.equal(prism_fast.gated_lora_linear(**args, backend=backend), y)
-
-
 BAD = [
     ("x", lambda a: a.update(x=a["x"].to(torch.int32)), TypeError, "x: expected dtype"),
     ("x", lambda a: a.update(x=[1.0]), TypeError, "x: expected a torch.Tensor"),
@@ -340,18 +391,6 @@ def test_clear_errors(name, mutate, exc, msg, backend):
         prism_fast.gated_lora_linear(**args, backend=backend)
 
 
-def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend: expected one of"):
-        prism_fast.gated_lora_linear(**_good(), backend="cuda")
-
-
-@pytest.mark.skipif(compiled_gpu_mode(), reason="about CPU tensors")
-def test_triton_backend_on_cpu_needs_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        prism_fast.gated_lora_linear(**_good(), backend="triton")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 64, 4096])
@@ -369,10 +408,14 @@ def test_pick_config_paths_and_tuned_table(monkeypatch):
     # Llama-3-8B down_proj decode: an A slice of 16 × 14336 is too much to re-stream per N tile
     cfg = gated_lora.pick_config(1, 14336, (4096,), 16, cpu)
     assert cfg["stages"] == [STAGE_SHRINK, STAGE_EXPAND] and cfg["SPLIT_K"] > 1
-    # q/k/v decodes in one launch: each program streams one slice's 16 × 4096 of A
+    # Split is the decode default (EVIDENCE.md, H200): one shrink over q/k/v, one expand
     cfg = gated_lora.pick_config(1, 4096, (4096, 1024, 1024), 16, cpu)
-    assert cfg["stages"] == [STAGE_FUSED] and cfg[STAGE_FUSED]["BLOCK_R"] == 16
-    assert gated_lora.pick_config(8, 512, (512,), 16, cpu)["stages"] == [STAGE_FUSED]
+    assert cfg["stages"] == [STAGE_SHRINK, STAGE_EXPAND]
+    assert gated_lora.pick_config(8, 512, (512,), 16, cpu)["stages"] == [STAGE_SHRINK, STAGE_EXPAND]
+    # fused where the table's limit allows it
+    fused = gated_lora.config_for(1, 4096, (4096, 1024, 1024), 16, "cpu", 4,
+                                  table={"fused_max_a_elems": 64 * 1024})
+    assert fused["stages"] == [STAGE_FUSED] and fused[STAGE_FUSED]["BLOCK_R"] == 16
     # prefill never fuses
     assert gated_lora.pick_config(4096, 512, (512,), 16, cpu)["stages"][0] == STAGE_SHRINK
     monkeypatch.setattr(gated_lora, "_tuned_table", lambda name: {

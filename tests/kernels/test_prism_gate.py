@@ -73,6 +73,71 @@ def test_non_contiguous_input():
                        reference.prism_gate(h, w1, b1, w2, b2))
 
 
+def official_gate(w1, b1, w2, b2):
+    """PRISM's own gate module in the model's dtype: Linear → GELU → Dropout → Linear."""
+    (d, h), c = w1.shape, w2.shape[0]
+    gate = torch.nn.Sequential(torch.nn.Linear(h, d), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                               torch.nn.Linear(d, c)).to(w1.dtype).eval()
+    gate.load_state_dict({"0.weight": w1, "0.bias": b1, "3.weight": w2, "3.bias": b2})
+    return gate
+
+
+# Where the inputs sit, as the float64 gap between the two logits over the condition scale of
+# check_routes. fp16/bf16: exactly on the boundary; rounding h to the dtype moves each input by
+# about one unit roundoff, so every decision is one that the module's roundings (h1, GELU,
+# logits) decide. fp32 rounds nowhere, so there a decision within a few ulp of the boundary is
+# decided by accumulation order alone (numpy's vs torch's matmul: measured 169 of 512 flips on
+# the boundary, 6 at 16 ulp, none at 64 ulp): fp32 inputs sit within ±64 ulp of it.
+BOUNDARY_WINDOW = {torch.float32: 64 * 2.0**-24, torch.float16: 0.0, torch.bfloat16: 0.0}
+
+
+def boundary_inputs(n, w1, b1, w2, b2):
+    """n gate inputs at the base/adapter decision boundary (within BOUNDARY_WINDOW): a float64
+    bisection between an input the gate sends to the base and one it sends to the adapter, then
+    rounded to the gate's dtype."""
+    wd = [t.double() for t in (w1, b1, w2, b2)]
+
+    def relative_gap(h):                                     # (logit 1 − logit 0) / scale
+        h1 = F.linear(h, wd[0], wd[1])
+        act = F.gelu(h1)
+        logits = F.linear(act, wd[2], wd[3])
+        scale = ((h1.abs() + act.abs()) @ wd[2].abs().T + wd[3].abs()).max(dim=-1).values
+        return (logits[:, 1] - logits[:, 0]) / scale
+
+    h = torch.randn(8 * n, w1.shape[1], dtype=torch.float64) * 2
+    side = relative_gap(h) > 0
+    lo, hi = h[~side][:n], h[side][:n]
+    assert len(lo) == len(hi) == n
+    target = (torch.rand(n, dtype=torch.float64) * 2 - 1) * BOUNDARY_WINDOW[w1.dtype]
+    t0, t1 = torch.zeros(n, 1, dtype=torch.float64), torch.ones(n, 1, dtype=torch.float64)
+    for _ in range(60):
+        mid = (t0 + t1) / 2
+        up = (relative_gap(lo + mid * (hi - lo)) > target)[:, None]
+        t0, t1 = torch.where(up, t0, mid), torch.where(up, mid, t1)
+    return (lo + t0 * (hi - lo)).to(w1.dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_boundary_decisions_match_the_official_gate(dtype, backend):
+    """512 inputs on the decision boundary: decisions equal those of the official module run in
+    the same dtype except where fp32 accumulation order moves a rounding (≤ 1 %), since both
+    round where the module rounds and argmax takes the first index on ties. A gate that kept
+    fp32 throughout (no module roundings) fails this on fp16/bf16 (measured ≈ 33 %)."""
+    w1, b1, w2, b2 = make_gate(64, 256, 2, dtype)
+    h = boundary_inputs(512, w1, b1, w2, b2)
+    with torch.no_grad():
+        expect = (official_gate(w1, b1, w2, b2)(h).argmax(dim=-1) - 1).to(torch.int32)
+        if dtype != torch.float32:                       # the test can fail
+            f32 = [t.float() for t in (h, w1, b1, w2, b2)]
+            unrounded = F.linear(F.gelu(F.linear(*f32[:3])), *f32[3:]).argmax(dim=-1) - 1
+            assert (unrounded != expect).float().mean() > 0.1
+    routes = prism_fast.prism_gate(h, w1, b1, w2, b2, backend=backend)
+    assert 0.2 < (expect >= 0).float().mean() < 0.8, "near-ties of both kinds"
+    disagree = (routes != expect).sum().item()
+    assert disagree <= 0.01 * len(h), f"{disagree} of {len(h)} decisions differ from the module"
+
+
 def _good():
     h = torch.randn(3, 16)
     return dict(zip(("h", "w1", "b1", "w2", "b2"), (h, *make_gate(16, 8, 2, torch.float32))))

@@ -1,0 +1,145 @@
+"""The decode-path table: every gated-LoRA path against the base F.linear, on a GPU.
+
+    python -m bench.gpu_decode_paths [--out DIR] [--time-budget S] [--model llama3-8b]
+
+For each projection group of one decoder layer (Llama-3-8B: q/k/v, o, gate/up, down), each
+decode size M ∈ {1, 8, 32, 64} and each mode (CUDA graph, eager), times:
+  base    the group's F.linear calls alone (what the unpatched layer does)
+  split   base + the LoRA term by SHRINK then EXPAND (the default)
+  fused   base + FUSED (one launch; every program recomputes its slice's shrink)
+  coop    base + COOP (one launch, grid barrier; experimental), where its grid fits
+bf16, r = 16, one adapter, every row open. The LoRA calls go through GatedLoraLauncher, the
+path a patched model's layer takes in eager mode. Medians of triton.testing's do_bench /
+do_bench_cudagraph; ratios to base in the same process. Writes decode_paths.json and prints
+its table (markdown); `--md` also writes decode_paths.md. GPU only
+(written against torch 2.11 / Triton 3.6; unrun on a GPU so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import MODELS, Budget, TimerConfig, measure
+from prism_fast.kernels import gated_lora as gl
+
+MS = (1, 8, 32, 64)
+RANK = 16
+NAMES = ("qkv", "o", "gate_up", "down")
+
+
+def group_fns(k: int, ns: list[int], m: int, device: torch.device, dtype: torch.dtype):
+    """(base fn, lora fn, check fn) for one group: lora fn = base + the launcher's LoRA term."""
+    x = torch.randn(m, k, device=device, dtype=dtype)                             # [M, K]
+    ws = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for n in ns]
+    a = torch.randn(1, len(ns) * RANK, k, device=device, dtype=dtype) / k**0.5    # [1, S·R, K]
+    b = torch.randn(1, sum(ns), RANK, device=device, dtype=dtype) * 0.05          # [1, ΣN, R]
+    scaling = torch.full((len(ns), 1), 2.0, device=device)                         # [S, 1]
+    ids = torch.zeros(m, dtype=torch.int32, device=device)                         # all open
+    launcher = gl.GatedLoraLauncher(a, b, scaling)
+
+    def base():
+        return [F.linear(x, w) for w in ws]
+
+    def lora():
+        ys = [F.linear(x, w) for w in ws]
+        launcher(ys, x, ids, False)
+        return ys
+
+    def check() -> float:
+        """Relative error of the LoRA term against a float32 reference."""
+        got = torch.cat([y - y0 for y, y0 in zip(lora(), base())], dim=1).float()
+        u = x.float() @ a[0].float().t()                                          # [M, S·R]
+        ref = torch.cat([2.0 * u[:, s * RANK:(s + 1) * RANK] @ b[0, lo:lo + n].float().t()
+                         for s, (lo, n) in enumerate(zip([0, *torch.tensor(ns).cumsum(0)[:-1]
+                                                          .tolist()], ns))], dim=1)
+        return float(torch.linalg.norm(got - ref) / torch.linalg.norm(ref))
+
+    return base, lora, check
+
+
+def run(model: str, out: Path, budget: Budget, cfg: TimerConfig) -> list[dict]:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    props = torch.cuda.get_device_properties(device)
+    rows: list[dict] = []
+    shape = MODELS[model]
+    for mode in ("graph", "eager"):
+        for name, (k, ns, _) in zip(NAMES, shape.groups("layer")):
+            for m in MS:
+                if budget.expired():
+                    return rows
+                base, lora, check = group_fns(k, ns, m, device, dtype)
+                row = {"mode": mode, "group": name, "K": k, "N": ns, "M": m,
+                       "base_us": measure(base, device, mode, cfg).median_us}
+                for path in gl.PATHS:
+                    cfg_p = gl.config_for(m, k, tuple(ns), RANK, props.name,
+                                          props.multi_processor_count, path=path)
+                    if path == "coop" and gl.STAGE_COOP not in cfg_p["stages"]:
+                        row[path] = None        # its grid cannot be co-resident here
+                        continue
+                    gl.choose_path(k, tuple(ns), RANK, m, path)
+                    try:
+                        err = check()
+                        if not err <= 2e-2:
+                            raise RuntimeError(f"relative error {err:.3g}")
+                        row[path] = measure(lora, device, mode, cfg).median_us
+                    except Exception as e:   # report, keep going: one path must not sink all
+                        row[path] = None
+                        row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:200]
+                    finally:
+                        gl.choose_path(k, tuple(ns), RANK, m, None)
+                rows.append(row)
+                write(rows, out, props.name)
+    return rows
+
+
+def write(rows: list[dict], out: Path, gpu: str, md: bool = False) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_paths.json").write_text(json.dumps(
+        {"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+    lines = [f"# Decode paths, {gpu}, bf16, r = {RANK}, every row open (µs, median; × base)",
+             "", "| mode | group | M | base | + split | + fused | + coop |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for path in gl.PATHS:
+            t = r.get(path)
+            cells.append("—" if t is None else f"{t:.1f} ({t / r['base_us']:.2f}×)")
+        lines.append(f"| {r['mode']} | {r['group']} | {r['M']} | {r['base_us']:.1f} | "
+                     + " | ".join(cells) + " |")
+    errors = [f"- {r['mode']} {r['group']} M={r['M']} {p}: {r[p + '_error']}"
+              for r in rows for p in gl.PATHS if p + "_error" in r]
+    text = "\n".join(lines + ([""] + errors if errors else [])) + "\n"
+    if md:
+        (out / "decode_paths.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_decode_paths",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu_check_out"))
+    parser.add_argument("--time-budget", type=float, default=None, metavar="S")
+    parser.add_argument("--model", default="llama3-8b", choices=["llama3-8b", "qwen2.5-7b"])
+    parser.add_argument("--md", action="store_true", help="also write decode_paths.md")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_decode_paths: needs a CUDA GPU")
+        return 1
+    start = time.monotonic()
+    cfg = TimerConfig(warmup_ms=10, rep_ms=20, graph_rep_ms=20)
+    rows = run(args.model, args.out, Budget(args.time_budget), cfg)
+    gpu = torch.cuda.get_device_name()
+    print(write(rows, args.out, gpu, args.md) if rows else "no rows")
+    print(f"decode paths: {len(rows)} rows in {time.monotonic() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The PyTorch path of the top-k distillation loss (CPU, `backend="torch"`), memory-bounded.
+
+Same contract as the Triton launchers of `kernels/topk_distill.py`: the student's logits only
+at the teacher's top-k tokens, never [N, V]. The gathered head rows W[idx] are [N, k, H] in
+full, so positions are processed in chunks whose gathered rows stay under `CHUNK_ELEMS`
+elements, in the forward and again in the backward (nothing [N, k, H] is kept for autograd).
+`prism_fast.reference.topk_distill_loss` stays the oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMS = 1 << 24   # gathered fp32 head rows per chunk: 64 MiB
+
+
+def _chunks(n: int, k: int, h: int):
+    step = max(1, CHUNK_ELEMS // max(1, k * h))
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
+            teacher_values: torch.Tensor, teacher_indices: torch.Tensor, temperature: float,
+            mask: torch.Tensor | None):
+    """kl [N], p_s, p_t [N, k] (fp32)."""
+    n, h = hidden.shape
+    k = teacher_indices.shape[1]
+    idx = teacher_indices.long()
+    logits = torch.empty(n, k, dtype=torch.float32, device=hidden.device)   # [N, k]
+    for lo, hi in _chunks(n, k, h):
+        rows = head_weight[idx[lo:hi]].float()                                # [c, k, H]
+        torch.bmm(rows, hidden[lo:hi].float()[:, :, None], out=logits[lo:hi, :, None])
+    if head_bias is not None:
+        logits += head_bias[idx].float()
+    log_ps = F.log_softmax(logits / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher_values.float() / temperature, dim=-1)
+    p_t = log_pt.exp()
+    kl = temperature**2 * (p_t * (log_pt - log_ps)).sum(dim=-1)
+    if mask is not None:
+        kl = torch.where(mask, kl, torch.zeros_like(kl))
+    return kl, log_ps.exp(), p_t
+
+
+def backward(grad_kl: torch.Tensor, hidden: torch.Tensor, head_weight: torch.Tensor,
+             teacher_indices: torch.Tensor, temperature: float, mask: torch.Tensor | None,
+             p_s: torch.Tensor, p_t: torch.Tensor):
+    """(grad_hidden [N, H] fp32, ds [N, k] fp32): ds = T (p_s − p_t) · grad_kl."""
+    n, h = hidden.shape
+    k = teacher_indices.shape[1]
+    g = grad_kl.float() if mask is None else torch.where(mask, grad_kl.float(), 0.0)
+    ds = (p_s - p_t) * (g * temperature)[:, None]                            # [N, k]
+    idx = teacher_indices.long()
+    grad_h = torch.empty(n, h, dtype=torch.float32, device=hidden.device)   # [N, H]
+    for lo, hi in _chunks(n, k, h):
+        rows = head_weight[idx[lo:hi]].float()                                # [c, k, H]
+        torch.bmm(ds[lo:hi, None, :], rows, out=grad_h[lo:hi, None, :])
+    return grad_h, ds
+
+
+def head_grads(ds: torch.Tensor, teacher_indices: torch.Tensor, hidden: torch.Tensor,
+               n_vocab: int, weight: bool, bias: bool):
+    """∂loss/∂W [V, H] = Σ_n Σ_j ds[n, j] e_idx[n,j] hidden[n]ᵀ (a sparse [V, N] × [N, H]
+    product: no [N, k, H] intermediate) and ∂loss/∂b [V] = Σ ds at idx; None where not asked."""
+    n, k = teacher_indices.shape
+    flat_idx = teacher_indices.reshape(-1).long()
+    valid = (flat_idx >= 0) & (flat_idx < n_vocab)       # never scatter outside the head
+    flat_idx = torch.where(valid, flat_idx, 0)
+    flat_ds = torch.where(valid, ds[:, :k].reshape(-1), 0.0)
+    grad_w = grad_b = None
+    if weight:
+        rows = torch.arange(n, device=hidden.device).repeat_interleave(k)
+        scatter = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), flat_ds, (n_vocab, n),
+                                          check_invariants=False).coalesce()   # [V, N], in range
+        grad_w = torch.sparse.mm(scatter, hidden.float())                      # [V, H]
+    if bias:
+        grad_b = torch.zeros(n_vocab, dtype=torch.float32, device=hidden.device)
+        grad_b.index_add_(0, flat_idx, flat_ds)
+    return grad_w, grad_b
