@@ -248,7 +248,7 @@ def context(args: argparse.Namespace, argv: list[str] | None) -> int:
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     meta["load_average_end"] = _load_average()
     bench_context.add_ratios(rows)
-    if not gpu and meta["load_average"][0] > 1.5:
+    if not gpu and max([0.0, *meta["load_average"][:1], *meta["load_average_end"][:1]]) > 1.5:
         notes.append(f"the machine was shared while this ran (load average "
                      f"{meta['load_average'][0]:.1f} at the start, "
                      f"{meta['load_average_end'][0]:.1f} at the end, {meta['threads']} threads): "

@@ -287,16 +287,22 @@ def run_context(plan: Plan, device: torch.device, log: Callable[[str], None], ro
     samples: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
     total = plan.rounds * len(cases)
     bar = progress(total=total, desc=f"context {plan.model}", unit="run") if progress else None
-    for _ in range(plan.rounds):
-        for i, (b, name, _, enc, gate_state) in enumerate(cases):
-            samples[i].append(generate(b, name, enc, gate_state))
-            if bar is not None:
-                bar.update(1)
+    interrupted = False
+    try:
+        for _ in range(plan.rounds):
+            for i, (b, name, _, enc, gate_state) in enumerate(cases):
+                samples[i].append(generate(b, name, enc, gate_state))
+                if bar is not None:
+                    bar.update(1)
+    except KeyboardInterrupt:   # keep the rounds already measured (rows say how many)
+        interrupted = True
     if bar is not None:
         bar.close()
 
     for i, (b, name, c, enc, _) in enumerate(cases):
         runs = samples[i]
+        if not runs:
+            continue
         ttft = statistics.median(r["ttft_s"] for r in runs)
         step = statistics.median(s for r in runs for s in r["steps_s"])
         answer = statistics.median(r["ttft_s"] + sum(r["steps_s"]) for r in runs) \
@@ -321,6 +327,8 @@ def run_context(plan: Plan, device: torch.device, log: Callable[[str], None], ro
             notes.append(f"{plan.model} B={r['B']} {r['case']}: the gate opened {r['open_rows']} "
                          f"rows, expected {expected[r['case']](r['B'])}")
     log(f"[context] {plan.model} done in {time.monotonic() - t0:.0f} s")
+    if interrupted:
+        raise KeyboardInterrupt
     return dict(persona_tokens=persona_tokens)
 
 
