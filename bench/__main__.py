@@ -1,16 +1,28 @@
-"""`python -m bench`: the prism_fast benchmark sweep for the device it finds.
+"""`python -m bench`: how much faster a PRISM model is than prompting with the context it replaces.
 
-On a CUDA GPU: the full sweep of issue 4 (Llama-3-8B and Qwen2.5-7B projection shapes, all four
-providers, eager and CUDA-graph timing, the gate, the 32-layer end-to-end model), written to
-bench/results/. On CPU: a small sweep (a tiny model shape, PyTorch providers only, fp32) that
-checks the harness in about a minute; it is labelled "CPU: not a GPU result" everywhere and
-written to bench/results/cpu/ (git-ignored), never to the headline folder.
+By default it runs the context-folding benchmark: an expert persona (≈ 200 tokens), then longer
+contexts (persona + retrieved passages, 1k and 4k tokens; 16k and 32k on a GPU) either prepended
+to every prompt of a batch (what users do today) or folded into a rank-16 PRISM adapter whose
+gate decides in the forward, against the model without any context. It reports time to first
+token, decode speed, the latency of a 128-token answer, prompt tokens, KV-cache size and peak
+memory, at batch 1 and 8. On a CPU it runs the real SmolLM2-135M-Instruct (fp32, torch backend);
+on a GPU also a Llama-3-8B-shaped model with random weights (bf16, Triton kernels).
+
+`--sweep` runs the kernel sweep instead: each projection and a whole decoder layer (base
+F.linear, prism_fast, PEFT-style torch, the reference op), the gate, and end-to-end prefill /
+decode of a random Llama-shaped model (or --e2e-model smollm2-135m). On CPU the sweep uses small
+shapes and the PyTorch providers only (Triton on CPU is an interpreter, not a timing).
+
+Every CPU number is labelled "CPU"; results go to bench/results/ (GPU) or bench/results/cpu/
+(CPU) as JSON, markdown and a PNG plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import os
 import platform
 import signal
 import subprocess
@@ -21,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench import bench_e2e, bench_gated_lora, bench_prism_gate, report
+from bench import bench_context, bench_e2e, bench_gated_lora, bench_prism_gate, report
 from bench.common import (
     CPU_LABEL,
     DTYPES,
@@ -62,7 +74,8 @@ def presets_help() -> str:
     """The presets as a table, from PRESETS itself (so the help cannot drift from the code)."""
     names = {(True, False): "GPU --full", (True, True): "GPU --quick", (False, True): "CPU --quick",
              (False, False): "CPU --full"}
-    lines = ["Lists are comma-separated. Every option left out takes its device's preset:", ""]
+    lines = ["Sweep options (with --sweep) are comma-separated lists; every option left out "
+             "takes its device's preset:", ""]
     for key, name in names.items():
         preset = PRESETS[key]
         cases = ", ".join(f"{c.kind} B={c.batch} T={c.tokens}" for c in preset["e2e_cases"])
@@ -70,7 +83,8 @@ def presets_help() -> str:
         lines += [f"    {k}: {','.join(map(str, v))}" for k, v in preset.items()
                   if k not in ("e2e_model", "e2e_cases")]
         lines.append(f"    e2e: {preset['e2e_model']} ({cases})")
-    lines += ["", "Output: <out>/<device>-<yyyymmdd>.{json,md,png}; see bench/results/README.md."]
+    lines += ["", "Output: <out>/context-<device>-<yyyymmdd>.{json,md,png} (context benchmark), "
+              "<out>/<device>-<yyyymmdd>.{json,md,png} (--sweep); see bench/results/README.md."]
     return "\n".join(lines)
 
 
@@ -83,12 +97,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
         epilog=presets_help())
+    p.add_argument("--sweep", action="store_true",
+                   help="run the kernel sweep (layers, gate, end to end) instead of the "
+                        "context-folding benchmark")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="a subset: one model, fewer M, r = 16, L = 1, one dtype (default on CPU)")
+                      help="sweep: a subset: one model, fewer M, r = 16, L = 1, one dtype "
+                           "(default on CPU)")
     size.add_argument("--full", action="store_true",
-                      help="the whole sweep of issue 4 (default on a GPU), most important cases "
-                           "first so that --time-budget cuts the least useful")
+                      help="context benchmark on CPU: also batch 8 with the 4k context (minutes "
+                           "more). Sweep: every shape, rank, dtype and mode (default on a GPU), "
+                           "most important cases first so that --time-budget cuts the least useful")
+    p.add_argument("--rounds", type=int, metavar="N",
+                   help="context benchmark: interleaved rounds per case (default 3); medians")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run (default: cuda if available)")
     p.add_argument("--shapes", type=_list(str), metavar="MODELS",
@@ -110,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-layer", action="store_true", help="skip the layer benchmarks")
     p.add_argument("--no-gate", action="store_true", help="skip the gate benchmark")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
-    p.add_argument("--e2e-model", choices=["llama3-8b", "tiny"],
+    p.add_argument("--e2e-model", choices=["llama3-8b", "smollm2-135m", "tiny"],
                    help="end-to-end model shape (default llama3-8b on GPU, tiny on CPU)")
     p.add_argument("--e2e-layers", type=int, help="decoder layers (default: the model's)")
     p.add_argument("--e2e-providers", type=_list(str),
@@ -165,6 +186,99 @@ def device_meta(device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sweep:
+        return sweep(args, argv)
+    return context(args, argv)
+
+
+def context(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The context-folding benchmark (the default)."""
+    started = time.monotonic()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    gpu = device.type == "cuda"
+    from bench.models import INSTALL_HINT, smollm2_available
+
+    if not smollm2_available():
+        raise SystemExit(f"the context benchmark runs the real SmolLM2-135M-Instruct, which is not "
+                         f"installed: {INSTALL_HINT}")
+    plans, notes = bench_context.plans(gpu, args.full)
+    if args.rounds:
+        plans = [dataclasses.replace(p, rounds=args.rounds) for p in plans]
+    out_dir = args.out or (RESULTS if gpu else RESULTS / "cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = device_meta(device)
+    today = datetime.date.today()
+    stem = out_dir / f"context-{dev['slug']}-{today:%Y%m%d}"
+    sha, dirty = git_info()
+    meta = dict(**dev, date=today.isoformat(), torch=torch.__version__, triton=version("triton"),
+                transformers=version("transformers"), peft=version("peft"),
+                python=platform.python_version(), git_sha=sha, git_dirty=dirty,
+                command=" ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+                threads=torch.get_num_threads(), load_average=_load_average(),
+                plans=[dict(model=p.model, dtype=str(p.dtype), backend=p.backend,
+                            contexts={str(b): list(c) for b, c in p.contexts.items()},
+                            decode_steps=p.decode_steps, rounds=p.rounds) for p in plans])
+    for n in notes:
+        print(f"skipped: {n}", flush=True)
+    rows: list[dict] = []
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print(f"context-folding benchmark on {dev['device']}" + ("" if gpu else f"  [{CPU_LABEL}]"),
+          flush=True)
+    status = 0
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+        print("(install tqdm for a progress bar)", flush=True)
+    try:
+        for plan in plans:
+            try:
+                meta.setdefault("facts", {})[plan.model] = bench_context.run_context(
+                    plan, device, lambda m: print(m, flush=True), rows, notes, tqdm)
+            except Exception as e:   # e.g. the 8B shape does not fit: the other model counts
+                notes.append(f"{plan.model} failed: {type(e).__name__}: {e}")
+                print(notes[-1] + "\n" + traceback.format_exc(limit=6), flush=True)
+                status = 1
+            if gpu:
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        notes.append("interrupted (SIGINT/SIGTERM): partial results")
+        status = 130
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    meta["load_average_end"] = _load_average()
+    bench_context.add_ratios(rows)
+    if not gpu and max([0.0, *meta["load_average"][:1], *meta["load_average_end"][:1]]) > 1.5:
+        notes.append(f"the machine was shared while this ran (load average "
+                     f"{meta['load_average'][0]:.1f} at the start, "
+                     f"{meta['load_average_end'][0]:.1f} at the end, {meta['threads']} threads): "
+                     "absolute times are slower and noisier than on an idle machine; cases are "
+                     "interleaved so that ratios share the noise")
+    report.write_json(stem.with_suffix(".json"), meta, rows, notes)
+    stem.with_suffix(".md").write_text(bench_context.markdown(meta, rows, notes))
+    written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    try:
+        if bench_context.plot(meta, rows, stem.with_suffix(".png")):
+            written.append(stem.with_suffix(".png"))
+    except ImportError:
+        print("plot skipped: matplotlib is not installed", flush=True)
+    line = bench_context.headline(rows)
+    if line:
+        print(f"\n{'GPU' if gpu else 'CPU'}: {line}.")
+    print(f"report written to {', '.join(str(p) for p in written)} "
+          f"({meta['elapsed_s']:.0f} s)")
+    return status
+
+
+def _load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The kernel sweep (--sweep): layers, gate, end to end."""
     started = time.monotonic()
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -288,10 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         save(final=True)
         return 130
     save(final=True)
-    print()
-    print(report.markdown(meta, rows, notes, full=False))
-    log(f"written: {stem}.json, .md" + (", .png" if stem.with_suffix(".png").exists() else "")
-        + f" ({meta['elapsed_s']:.0f} s)")
+    for n in notes:
+        log(f"note: {n}")
+    log(f"report written to {stem}.md, .json" + (", .png" if stem.with_suffix(".png").exists()
+                                                 else "") + f" ({meta['elapsed_s']:.0f} s)")
     return 0
 
 

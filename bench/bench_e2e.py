@@ -212,9 +212,15 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
     import prism_fast
 
     shape = MODELS[model_name]
-    layers = layers or shape.layers
     gpu = device.type == "cuda"
-    model = build_model(shape, layers, dtype, device)
+    if model_name == "smollm2-135m":          # real weights: the model has its own depth
+        from bench.models import load_smollm2
+
+        layers = shape.layers
+        model = load_smollm2(dtype, device)[0]
+    else:
+        layers = layers or shape.layers
+        model = build_model(shape, layers, dtype, device)
     fwd = Forward(model)
     gate = make_gate(shape.hidden, dtype, device, always_open=True)
     gate_state = gate.state_dict()        # gate.0.weight, gate.0.bias, gate.3.weight, gate.3.bias

@@ -55,6 +55,8 @@ class ModelShape:
 MODELS = {
     "llama3-8b": ModelShape("llama3-8b", 4096, 1024, 14336, False, 32, 32, 8, 128256),
     "qwen2.5-7b": ModelShape("qwen2.5-7b", 3584, 512, 18944, True, 28, 28, 4, 152064),
+    # The real model of the CPU runs (bench/models.py): SmolLM2-135M-Instruct, Llama architecture.
+    "smollm2-135m": ModelShape("smollm2-135m", 576, 192, 1536, False, 30, 9, 3, 49152),
     # CPU-sized stand-in: same structure (GQA, 7 projections), small enough for 2 cores.
     "tiny": ModelShape("tiny", 256, 64, 704, False, 4, 4, 1, 1024),
 }

@@ -26,6 +26,7 @@ from prism_fast.kernels import (
     topk_distill_backward,
     topk_distill_forward,
 )
+from prism_fast.torch_path import gated_lora_linear_torch
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -65,16 +66,8 @@ def gated_lora_group(x: torch.Tensor, weights: list[torch.Tensor],
             launcher(ys, x, ids, x.dim() == 3 and ids.dim() == 1)
             return ys
         return gated_lora_linear_triton(x, weights, biases, lora_a, lora_b, scaling, ids)
-    n_slices = len(weights)
-    r = lora_a.shape[1] // n_slices
-    scaling = scaling.reshape(n_slices, -1)                                 # [S, L]
-    ys, lo = [], 0
-    for s, (w, b) in enumerate(zip(weights, biases)):
-        hi = lo + w.shape[0]
-        ys.append(reference.gated_lora_linear(x, w, b, lora_a[:, s * r:(s + 1) * r],
-                                              lora_b[:, lo:hi], scaling[s], ids))
-        lo = hi
-    return ys
+    # The fast PyTorch path (prism_fast/torch_path.py), checked against the reference in tests.
+    return gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)
 
 
 def gate_routes(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,

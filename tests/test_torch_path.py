@@ -1,0 +1,142 @@
+"""The fast torch path (prism_fast/torch_path.py) against the reference and float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prism_fast import reference
+from prism_fast.torch_path import gated_lora_linear_torch
+from tests.helpers import float64_ref, make_ids, make_lora
+from tests.tolerances import REL_TOL, rel_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def multi_slice_case(n_out: list[int], k: int, n_adapters: int, rank: int, dtype, bias: bool):
+    """Weights per slice and the group's stacked A [L, S·R, K], B [L, ΣN, R], scaling [S, L]."""
+    weights = [torch.randn(n, k).div(k**0.5).to(dtype) for n in n_out]
+    biases = [torch.randn(n).to(dtype) if bias else None for n in n_out]
+    parts = [make_lora(n_adapters, rank, k, n, dtype, ranks=[max(1, rank - i)
+                                                             for i in range(n_adapters)])
+             for n in n_out]
+    lora_a = torch.cat([a for a, _, _ in parts], dim=1)                    # [L, S·R, K]
+    lora_b = torch.cat([b for _, b, _ in parts], dim=1)                    # [L, ΣN, R]
+    scaling = torch.stack([s for _, _, s in parts])                        # [S, L]
+    return weights, biases, lora_a, lora_b, scaling, parts
+
+
+def per_slice(x, weights, biases, parts, ids, fn):
+    return [fn(x, w, b, a, bb, s, ids) for w, b, (a, bb, s) in zip(weights, biases, parts)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n_out,k", [([40, 12, 12], 24), ([33], 19), ([17, 17], 31)])
+@pytest.mark.parametrize("ids_kind", ["sequence", "token"])
+@pytest.mark.parametrize("n_adapters", [1, 3])
+def test_matches_reference_and_float64(dtype, n_out, k, ids_kind, n_adapters):
+    torch.manual_seed(len(n_out) * 100 + k + n_adapters)
+    x = torch.randn(5, 7, k, dtype=dtype)
+    weights, biases, lora_a, lora_b, scaling, parts = multi_slice_case(n_out, k, n_adapters, 8,
+                                                                       dtype, bias=k % 2 == 1)
+    ids = make_ids((5,) if ids_kind == "sequence" else (5, 7), n_adapters, p_closed=0.4)
+    ids[0] = -1                                       # at least one closed sequence / token row
+    ys = gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)
+    exact = per_slice(x, weights, biases, parts, ids, float64_ref)
+    ref = per_slice(x, weights, biases, parts, ids, reference.gated_lora_linear)
+    closed = reference.per_token_ids(x, ids) < 0
+    for y, e, r, w, b in zip(ys, exact, ref, weights, biases):
+        assert y.dtype == dtype and y.shape == r.shape
+        assert torch.equal(y[closed], F.linear(x, w, b)[closed])         # bit-identical
+        assert rel_err(y, e) <= REL_TOL[dtype]
+        assert rel_err(y, e) <= 2 * rel_err(r, e) + (1e-6 if dtype == torch.float32 else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("routes", [[0, 0, 0], [-1, -1, -1], [1, -1, 1], [-1, 5, 0]])
+def test_route_mixes(dtype, routes):
+    """All open (no gather), all closed (F.linear only), mixed adapters, an out-of-range id."""
+    k = 20
+    x = torch.randn(3, 4, k, dtype=dtype)
+    weights, biases, lora_a, lora_b, scaling, parts = multi_slice_case([9, 5], k, 2, 4, dtype,
+                                                                       bias=True)
+    ids = torch.tensor(routes)
+    ys = gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)
+    for y, e, w, b in zip(ys, per_slice(x, weights, biases, parts, ids, float64_ref), weights,
+                          biases):
+        base = F.linear(x, w, b)
+        for i, r in enumerate(routes):
+            if not 0 <= r < 2:
+                assert torch.equal(y[i], base[i])
+            else:
+                assert rel_err(y[i], e[i]) <= REL_TOL[dtype]
+
+
+def test_odd_shapes_and_non_contiguous():
+    k = 13
+    weights, biases, lora_a, lora_b, scaling, parts = multi_slice_case([7, 3, 3], k, 2, 1,
+                                                                       torch.float32, bias=False)
+    x = torch.randn(k, 6, 2).permute(2, 1, 0)                            # [2, 6, 13], strided
+    for ids in (torch.tensor([1, -1]), make_ids((2, 6), 2)):
+        ys = gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)
+        for y, e in zip(ys, per_slice(x, weights, biases, parts, ids, float64_ref)):
+            assert rel_err(y, e) <= REL_TOL[torch.float32]
+    x2 = torch.randn(0, k)
+    ys = gated_lora_linear_torch(x2, weights, biases, lora_a, lora_b, scaling,
+                                 torch.zeros(0, dtype=torch.long))
+    assert [tuple(y.shape) for y in ys] == [(0, 7), (0, 3), (0, 3)]
+    x1 = torch.randn(1, k)                                               # M = 1, per token
+    ids = torch.tensor([1])
+    ys = gated_lora_linear_torch(x1, weights, biases, lora_a, lora_b, scaling, ids)
+    for y, e in zip(ys, per_slice(x1, weights, biases, parts, ids, float64_ref)):
+        assert rel_err(y, e) <= REL_TOL[torch.float32]
+
+
+def test_many_token_ids_grouped_with_unique():
+    """More ids than the host-list limit: the torch.unique grouping gives the same answer."""
+    k = 16
+    x = torch.randn(600, k)
+    weights, biases, lora_a, lora_b, scaling, parts = multi_slice_case([8], k, 3, 4,
+                                                                       torch.float32, bias=True)
+    for ids in (make_ids((600,), 3), torch.full((600,), 2)):
+        y = gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)[0]
+        e = float64_ref(x, weights[0], biases[0], *parts[0], ids)
+        assert rel_err(y, e) <= REL_TOL[torch.float32]
+        closed = ids < 0
+        assert torch.equal(y[closed], F.linear(x, weights[0], biases[0])[closed])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_trace_safe_formulation_matches(dtype):
+    """Under torch.compile the masked formulation runs: the same results, closed rows exact."""
+    k = 24
+    x = torch.randn(4, 3, k, dtype=dtype)
+    weights, biases, lora_a, lora_b, scaling, parts = multi_slice_case([16, 8, 8], k, 2, 4, dtype,
+                                                                       bias=False)
+    ids = torch.tensor([0, -1, 1, 0])
+    compiled = torch.compile(gated_lora_linear_torch, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    try:
+        ys = compiled(x, weights, biases, lora_a, lora_b, scaling, ids)
+    finally:
+        torch._dynamo.reset()
+    eager = gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)
+    for y, ye, e, w in zip(ys, eager, per_slice(x, weights, biases, parts, ids, float64_ref),
+                           weights):
+        assert torch.equal(y[1], F.linear(x, w)[1])
+        assert rel_err(y, e) <= REL_TOL[dtype]
+        assert rel_err(y, ye) <= REL_TOL[dtype]
+
+
+def test_closed_batch_does_no_lora_work(monkeypatch):
+    """Every route closed: the only matmuls are the base projections'."""
+    k = 12
+    weights, biases, lora_a, lora_b, scaling, _ = multi_slice_case([6, 6], k, 1, 4,
+                                                                   torch.float32, bias=False)
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **kw: calls.append(a))
+    x = torch.randn(2, 3, k)
+    ys = gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, torch.tensor([-1, -1]))
+    assert not calls
+    assert all(torch.equal(y, F.linear(x, w)) for y, w in zip(ys, weights))
