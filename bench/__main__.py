@@ -184,6 +184,22 @@ def device_meta(device: torch.device) -> dict:
                 slug="cpu", gpu=False, label=CPU_LABEL, tuned_config=None)
 
 
+def _run_meta(args: argparse.Namespace, device: torch.device, gpu: bool, prefix: str,
+              argv: list[str] | None) -> tuple[Path, dict]:
+    """(the results' path stem, the metadata every results file starts with): the output
+    folder (bench/results, or its cpu/ folder off a GPU), device, date, versions, git, command."""
+    out_dir = args.out or (RESULTS if gpu else RESULTS / "cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = device_meta(device)
+    today = datetime.date.today()
+    sha, dirty = git_info()
+    meta = dict(**dev, date=today.isoformat(), torch=torch.__version__, triton=version("triton"),
+                transformers=version("transformers"), peft=version("peft"),
+                python=platform.python_version(), git_sha=sha, git_dirty=dirty,
+                command=" ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]))
+    return out_dir / f"{prefix}{dev['slug']}-{today:%Y%m%d}", meta
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.sweep:
@@ -205,17 +221,8 @@ def context(args: argparse.Namespace, argv: list[str] | None) -> int:
     plans, notes = bench_context.plans(gpu, args.full)
     if args.rounds:
         plans = [dataclasses.replace(p, rounds=args.rounds) for p in plans]
-    out_dir = args.out or (RESULTS if gpu else RESULTS / "cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = device_meta(device)
-    today = datetime.date.today()
-    stem = out_dir / f"context-{dev['slug']}-{today:%Y%m%d}"
-    sha, dirty = git_info()
-    meta = dict(**dev, date=today.isoformat(), torch=torch.__version__, triton=version("triton"),
-                transformers=version("transformers"), peft=version("peft"),
-                python=platform.python_version(), git_sha=sha, git_dirty=dirty,
-                command=" ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
-                threads=torch.get_num_threads(), load_average=_load_average(),
+    stem, meta = _run_meta(args, device, gpu, "context-", argv)
+    meta.update(threads=torch.get_num_threads(), load_average=_load_average(),
                 plans=[dict(model=p.model, dtype=str(p.dtype), backend=p.backend,
                             contexts={str(b): list(c) for b, c in p.contexts.items()},
                             decode_steps=p.decode_steps, rounds=p.rounds) for p in plans])
@@ -223,7 +230,7 @@ def context(args: argparse.Namespace, argv: list[str] | None) -> int:
         print(f"skipped: {n}", flush=True)
     rows: list[dict] = []
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    print(f"context-folding benchmark on {dev['device']}" + ("" if gpu else f"  [{CPU_LABEL}]"),
+    print(f"context-folding benchmark on {meta['device']}" + ("" if gpu else f"  [{CPU_LABEL}]"),
           flush=True)
     status = 0
     try:
@@ -317,17 +324,8 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     headline = dict(dtype=opt["dtypes"][0], rank=16 if 16 in opt["rank"] else opt["rank"][0],
                     adapters=1 if 1 in opt["adapters"] else opt["adapters"][0])
 
-    out_dir = args.out or (RESULTS if gpu else RESULTS / "cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = device_meta(device)
-    today = datetime.date.today()
-    stem = out_dir / f"{dev['slug']}-{today:%Y%m%d}"
-    sha, dirty = git_info()
-    meta = dict(**dev, date=today.isoformat(), torch=torch.__version__, triton=version("triton"),
-                transformers=version("transformers"), peft=version("peft"),
-                python=platform.python_version(), git_sha=sha, git_dirty=dirty,
-                command=" ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
-                sweep="quick" if quick else "full", headline=headline,
+    stem, meta = _run_meta(args, device, gpu, "", argv)
+    meta.update(sweep="quick" if quick else "full", headline=headline,
                 options={k: (v if k != "e2e_cases" else [vars(c) for c in v])
                          for k, v in opt.items()},
                 timing=("triton.testing.do_bench (L2 flushed) / do_bench_cudagraph medians" if gpu
@@ -359,7 +357,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     # What the later sections need, kept back from the layer sweep (the model build included).
     reserve_e2e = 0.0 if args.no_e2e else (30.0 if not gpu else 70.0 if quick else 100.0)
     reserve_gate = 0.0 if args.no_gate else (5.0 if not gpu else 15.0)
-    log(f"prism_fast bench on {dev['device']} ({'quick' if quick else 'full'} sweep)"
+    log(f"prism_fast bench on {meta['device']} ({'quick' if quick else 'full'} sweep)"
         + ("" if gpu else f"  [{CPU_LABEL}]"))
     try:
         meta["limits"] = device_limits(device, DTYPES[opt["dtypes"][0]], timer)
