@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from prism_fast import ops
+from prism_fast.torch_path import tracing
 
 
 class Phase(enum.Enum):
@@ -208,13 +209,6 @@ def capturing() -> bool:
     torch.compile, whose guards re-check host flags, False."""
     if torch.compiler.is_compiling():
         return False
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def tracing() -> bool:
-    """True under torch.compile or CUDA-graph capture: no syncs and no route-dependent branches."""
-    if torch.compiler.is_compiling():
-        return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

@@ -54,13 +54,15 @@ def gated_lora_linear_torch(x: torch.Tensor, weights: list[torch.Tensor],
         and adapter_ids.shape != x.shape[:-1]
     if x.numel() == 0 or lora_a.numel() == 0:
         return ys
-    if adapter_ids.device.type == "cpu" and not _tracing():
+    if adapter_ids.device.type == "cpu" and not tracing():
         _add_gathered(ys, x, lora_a, lora_b, scaling, adapter_ids, per_sequence, rank, offsets)
         return ys
     return _add_masked(ys, x, lora_a, lora_b, scaling, adapter_ids, per_sequence, rank, offsets)
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """True under torch.compile or CUDA-graph capture: no syncs and no data-dependent branches
+    (routing's hooks use it too)."""
     if torch.compiler.is_compiling():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
