@@ -1,20 +1,35 @@
 """Training a PRISM adapter: the official Stage B step (full [T, V] logits, one sample at a time)
 against prism_fast's (top-k loss, padded micro-batches), and gate features (full forward with
-output_hidden_states vs embeddings + layer 0 only), on SmolLM2-135M-Instruct.
+output_hidden_states vs embeddings + layer 0 only).
 
-    python -m bench.bench_train [--resp 128 512] [--micro-batch 8] [--out bench/results/cpu/train.md]
+    python -m bench.bench_train                      # SmolLM2-135M-Instruct (real weights), CPU
+    python -m bench.bench_train --model llama3-8b    # random-init Llama-3-8B shape, bf16 (GPU)
 
-Timings are medians of perf_counter around each call in the same process. On CPU the top-k
+Three tables:
+1. **Stage B step** on the model: time per training sample (forward + backward) and the step's
+   measured peak memory, for the official step (batch 1), prism_fast at micro-batch 1 (the top-k
+   loss alone changes) and at micro-batch 8.
+2. **The loss alone** (LM head + loss, forward + backward, from the final hidden states) at the
+   head shapes of SmolLM2-135M, Llama-3-8B and Qwen2.5-7B: the official one sample's [T, V]
+   logits against prism_fast's top-k loss over a micro-batch of 8 samples. Its share of the
+   official step bounds what removing the head can gain (Amdahl).
+3. **Gate features**: full forward vs layer 0 only.
+
+Times are medians of `perf_counter` around each call, in one process, after a warm-up, the
+variants of a row timed in interleaved rounds (this 2-core CPU drifts by ±20 % between
+minutes). Peak
+memory is measured in a separate call (`bench.common.peak_memory`): on CUDA the allocator's
+`max_memory_allocated`, on CPU every tensor storage the call creates while it is alive; both
+above what was allocated before the call (the model's weights are not in it). On CPU the top-k
 loss runs its torch path (the Triton kernel would run under the interpreter, which is no speed
-measurement); on CUDA it runs the Triton kernel. Logits memory is computed from the shapes of
-the tensors each loss keeps for backward (official: fp32 [T, V] logits, its gathered copy and
-log-softmax; prism_fast: [N, k] fp32 coefficients): it is not a measured peak.
+measurement); on CUDA the Triton kernel.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -22,85 +37,252 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import CPU_LABEL
-from bench.models import load_smollm2
+from bench.common import CPU_LABEL, MODELS, peak_memory
+from prism_fast.ops import topk_distill_loss
 from prism_fast.train import TEACHER_TOPK, TrainConfig, add_lora, collate, distill_loss, gate_features
 
+MIB = 2 ** 20
+HEAD_SHAPES = ("smollm2-135m", "llama3-8b", "qwen2.5-7b")
 
-def _median(fn, reps: int) -> float:
-    fn()                                                   # warm-up
-    times = []
+
+def _x(ratio: float) -> str:
+    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.0f}×"
+
+
+def _medians(calls: dict, reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each call, timed in interleaved rounds (one of each per round, after a
+    warm-up of each) so that the machine's drift falls on every call alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for fn in calls.values():
+        _timed(fn, device)()
     for _ in range(reps):
-        t = time.perf_counter()
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            _timed(fn, device)()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _timed(fn, device: torch.device):
+    def call():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return call
 
 
-def _official_step(model, s, temperature=2.0):
-    """run_gated_lora.py Stage B for one sample: full logits, gather, kl_div batchmean · T²."""
-    logits = model(input_ids=s["input_ids"][None]).logits
+def _official_head_loss(logits: torch.Tensor, s: dict, temperature: float) -> torch.Tensor:
+    """run_gated_lora.py Stage B's loss for one sample from its logits [1, T, V]: slice, gather
+    at the teacher's top-k, log-softmax over the k, kl_div batchmean · T²."""
     s_resp = logits[0, s["prompt_len"] - 1:-1, :]
     n = min(s_resp.shape[0], s["topk_values"].shape[0])
     t_log = F.log_softmax(s["topk_values"][:n] / temperature, dim=-1)
     s_log = F.log_softmax(s_resp[:n].gather(1, s["topk_indices"][:n]).float() / temperature, -1)
-    (F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * temperature ** 2).backward()
+    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * temperature ** 2
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--resp", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--out", default="bench/results/cpu/train.md")
-    a = p.parse_args(argv)
-    torch.manual_seed(0)
-    base, _ = load_smollm2(torch.float32)
-    vocab, dev = base.config.vocab_size, "cpu"
-    label = CPU_LABEL if not torch.cuda.is_available() else "GPU"
-    model = add_lora(copy.deepcopy(base), TrainConfig(lora_dropout=0.0)).train()
-    lines = [f"# Training a PRISM adapter, SmolLM2-135M-Instruct fp32 ({label})", "",
-             f"Stage B, prompt {a.prompt} tokens, k = {TEACHER_TOPK}; loss implementation of "
-             f"prism_fast: {'torch top-k path' if dev == 'cpu' else 'Triton kernel'}; medians "
-             f"of {a.reps} after a warm-up.", "",
-             "| response | official s/sample (batch 1, full logits) | prism_fast s/sample "
-             f"(micro-batch {a.micro_batch}, top-k) | speed-up | official logits MB/sample | "
-             "prism_fast logits MB/sample | ratio |", "|---|---|---|---|---|---|---|"]
-    for resp in a.resp:
-        samples = []
-        for _ in range(a.micro_batch):
-            samples.append({"input_ids": torch.randint(3, vocab, (a.prompt + resp,)),
-                            "prompt_len": a.prompt,
-                            "topk_values": torch.randn(resp, TEACHER_TOPK).half().float() * 3,
-                            "topk_indices": torch.randint(0, vocab, (resp, TEACHER_TOPK))})
-        official = _median(lambda s=samples[0]: _official_step(model, s), a.reps)
-        batch = collate(samples, 0)
-        ours = _median(lambda b=batch: distill_loss(model, b, 2.0).backward(), a.reps) / a.micro_batch
-        t = a.prompt + resp
-        # Official: logits [T, V] and their gradient, fp32 (the model's dtype here).
-        off_mb = 2 * t * vocab * 4 / 2 ** 20
-        ours_mb = 2 * resp * TEACHER_TOPK * 4 / 2 ** 20     # z is never stored; coef + gather
-        lines.append(f"| {resp} | {official:.3f} | {ours:.3f} | {official / ours:.2f}× | "
-                     f"{off_mb:.1f} | {ours_mb:.2f} | {off_mb / ours_mb:.0f}× |")
-        print(lines[-1], flush=True)
-    # Gate features: 8 prompts of 128 tokens.
-    ids = torch.randint(3, vocab, (8, 128))
+def _official_step(model, s: dict, temperature: float = 2.0) -> None:
+    logits = model(input_ids=s["input_ids"][None]).logits           # [1, T, V]
+    _official_head_loss(logits, s, temperature).backward()
+
+
+def _samples(n: int, prompt: int, resp: int, vocab: int, device) -> list[dict]:
+    return [{"input_ids": torch.randint(3, vocab, (prompt + resp,), device=device),
+             "prompt_len": prompt,
+             "topk_values": (torch.randn(resp, TEACHER_TOPK, device=device).half().float() * 3),
+             "topk_indices": torch.randint(0, vocab, (resp, TEACHER_TOPK), device=device)}
+            for _ in range(n)]
+
+
+def _load(name: str, layers: int | None, device: torch.device):
+    """(base model, description, dtype): SmolLM2's real weights, or a random-init model with one
+    of bench.common.MODELS' shapes (bf16 on CUDA, fp32 on CPU)."""
+    if name == "smollm2":
+        from bench.models import load_smollm2
+
+        base, _ = load_smollm2(torch.float32, device)
+        return base, "SmolLM2-135M-Instruct (real weights)", torch.float32
+    from bench.bench_e2e import build_model
+
+    shape = MODELS[name]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = layers or shape.layers
+    return (build_model(shape, n, dtype, device),
+            f"{name} shape, {n} of {shape.layers} layers, random init", dtype)
+
+
+def stage_b_row(model, resp: int, a, device: torch.device) -> dict:
+    samples = _samples(a.micro_batch, a.prompt, resp, model.config.vocab_size, device)
+    one, batch = collate(samples[:1], 0), collate(samples, 0)
+    calls = {
+        "official": (lambda: _official_step(model, samples[0]), 1),
+        "prism_fast_mb1": (lambda: distill_loss(model, one, 2.0).backward(), 1),
+        f"prism_fast_mb{a.micro_batch}": (lambda: distill_loss(model, batch, 2.0).backward(),
+                                          a.micro_batch),
+    }
+    row = {"response": resp, "tokens": a.prompt + resp}
+    medians = _medians({name: fn for name, (fn, _) in calls.items()}, a.reps, device)
+    for name, (fn, n) in calls.items():
+        row[f"{name}_s_per_sample"] = medians[name] / n
+        model.zero_grad(set_to_none=True)
+        row[f"{name}_peak_mib"] = peak_memory(fn, device) / MIB
+        model.zero_grad(set_to_none=True)
+    print(row, flush=True)
+    return row
+
+
+def loss_row(shape_name: str, head: torch.Tensor, resp: int, a, device: torch.device) -> dict:
+    """The head [V, H] + loss alone, forward and backward from hidden states that require
+    grad: one sample's official loss against prism_fast's over a micro-batch."""
+    vocab, hidden = head.shape
+    t, mb = a.prompt + resp, a.micro_batch
+    samples = _samples(mb, a.prompt, resp, vocab, device)
+    h1 = torch.randn(1, t, hidden, device=device, dtype=head.dtype, requires_grad=True)
+    hb = torch.randn(mb * resp, hidden, device=device, dtype=head.dtype, requires_grad=True)
+    values = torch.cat([s["topk_values"] for s in samples])                   # [mb · resp, k]
+    indices = torch.cat([s["topk_indices"] for s in samples])
+
+    def official():
+        _official_head_loss(F.linear(h1, head), samples[0], 2.0).backward()
+
+    def ours():
+        topk_distill_loss(hb, head, None, values, indices, 2.0).backward()
+
+    medians = _medians({"official": official, "ours": ours}, a.reps, device)
+    row = {"shape": shape_name, "vocab": vocab, "hidden": hidden, "response": resp, "tokens": t,
+           "official_s_per_sample": medians["official"],
+           f"prism_fast_mb{mb}_s_per_sample": medians["ours"] / mb}
+    h1.grad = hb.grad = None
+    row["official_peak_mib"] = peak_memory(official, device) / MIB
+    row[f"prism_fast_mb{mb}_peak_mib"] = peak_memory(ours, device) / MIB
+    print(row, flush=True)
+    return row
+
+
+def loss_rows(a, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for shape_name in a.head_shapes:
+        shape = MODELS[shape_name]
+        head = torch.randn(shape.vocab, shape.hidden, device=device, dtype=dtype) * 0.02
+        rows += [loss_row(shape_name, head, resp, a, device) for resp in a.resp]
+    return rows
+
+
+def gate_row(base, a, device: torch.device) -> dict:
+    """Gate features of 8 prompts × 128 tokens: full forward with hidden states vs layer 0."""
+    vocab = base.config.vocab_size
+    ids = torch.randint(3, vocab, (8, 128), device=device)
     att = torch.ones_like(ids)
-    last = torch.full((8,), 127)
-    base.eval()
+    last = torch.full((8,), 127, device=device)
 
     def full():
         with torch.no_grad():
             base(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[1]
-    t_full = _median(full, a.reps + 1)
-    t_l0 = _median(lambda: gate_features(base, ids, att, last), a.reps + 1)
-    lines += ["", f"Gate features, 8 prompts × 128 tokens, {base.config.num_hidden_layers} "
-              f"layers ({label})", "", "| full forward s | layer 0 only s | speed-up |",
-              "|---|---|---|", f"| {t_full:.3f} | {t_l0:.4f} | {t_full / t_l0:.1f}× |"]
-    print("\n".join(lines[-5:]))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines) + "\n")
+    medians = _medians({"full": full, "layer0": lambda: gate_features(base, ids, att, last)},
+                       a.reps + 1, device)
+    return {"layers": base.config.num_hidden_layers, "full_s": medians["full"],
+            "layer0_s": medians["layer0"]}
+
+
+def markdown(meta: dict, stage_b: list[dict], loss: list[dict], gate: dict, mb: int) -> str:
+    label, ours = meta["label"], f"prism_fast_mb{mb}"
+    lines = [f"# Training a PRISM adapter: {meta['model']}, {meta['dtype']} ({label})", "",
+             f"{meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}; "
+             f"prompt {meta['prompt']} tokens, k = {TEACHER_TOPK}, LoRA r = 16 on the seven "
+             f"projections of layers 1…N−1; top-k loss: {meta['loss_impl']}; medians of "
+             f"{meta['reps']} interleaved rounds after a warm-up; peak memory measured above "
+             "the loaded model.", "",
+             "## Stage B step (forward + backward)", "",
+             "| response | official s/sample (batch 1, full logits) | prism_fast s/sample, "
+             f"micro-batch 1 | micro-batch {mb} | speed-up | official step peak MiB | "
+             f"prism_fast mb 1 peak MiB | mb {mb} peak MiB (per sample) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in stage_b:
+        lines.append(
+            f"| {r['response']} | {r['official_s_per_sample']:.3f} | "
+            f"{r['prism_fast_mb1_s_per_sample']:.3f} | {r[f'{ours}_s_per_sample']:.3f} | "
+            f"{_x(r['official_s_per_sample'] / r[f'{ours}_s_per_sample'])} | "
+            f"{r['official_peak_mib']:.0f} | {r['prism_fast_mb1_peak_mib']:.0f} | "
+            f"{r[f'{ours}_peak_mib']:.0f} ({r[f'{ours}_peak_mib'] / mb:.0f}) |")
+    lines += ["", "## The loss alone: LM head + loss, forward + backward, from hidden states", "",
+              f"Official: one sample's [T, V] logits (T = prompt + response). prism_fast: the "
+              f"top-k loss over a micro-batch of {mb} samples at once. Peak memory is what each "
+              f"holds at once: one sample against {mb}.", "",
+              "| head shape [V, H] | response | official s/sample | prism_fast s/sample | "
+              f"speed-up | official peak MiB (1 sample) | prism_fast peak MiB ({mb} samples) | "
+              "ratio |", "|---|---|---|---|---|---|---|---|"]
+    for r in loss:
+        lines.append(
+            f"| {r['shape']} [{r['vocab']}, {r['hidden']}] | {r['response']} | "
+            f"{r['official_s_per_sample']:.4f} | {r[f'{ours}_s_per_sample']:.5f} | "
+            f"{_x(r['official_s_per_sample'] / r[f'{ours}_s_per_sample'])} | "
+            f"{r['official_peak_mib']:.1f} | {r[f'{ours}_peak_mib']:.2f} | "
+            f"{_x(r['official_peak_mib'] / r[f'{ours}_peak_mib'])} |")
+    bounds = [(r, b) for r in stage_b for b in loss
+              if b["shape"] == meta.get("head_shape") and b["response"] == r["response"]]
+    if bounds:
+        lines += ["", "## What removing the head can gain (Amdahl)", "",
+                  "| response | official head + loss s | share of the official step | bound on "
+                  "the speed-up from the loss alone | measured, micro-batch 1 |",
+                  "|---|---|---|---|---|"]
+        for r, b in bounds:
+            share = b["official_s_per_sample"] / r["official_s_per_sample"]
+            bound = r["official_s_per_sample"] / (r["official_s_per_sample"]
+                                                  - b["official_s_per_sample"]
+                                                  + b[f"{ours}_s_per_sample"])
+            lines.append(f"| {r['response']} | {b['official_s_per_sample']:.3f} | "
+                         f"{share:.0%} | {_x(bound)} | "
+                         f"{_x(r['official_s_per_sample'] / r['prism_fast_mb1_s_per_sample'])} |")
+    lines += ["", f"## Gate features, 8 prompts × 128 tokens, {gate['layers']} layers", "",
+              "| full forward s | layer 0 only s | speed-up |", "|---|---|---|",
+              f"| {gate['full_s']:.3f} | {gate['layer0_s']:.4f} | "
+              f"{gate['full_s'] / gate['layer0_s']:.1f}× |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", *MODELS],
+                   help="smollm2: the real SmolLM2-135M-Instruct; else a random-init shape")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of a random model "
+                   "(default: the model's own count)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resp", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--head-shapes", nargs="*", default=list(HEAD_SHAPES), choices=list(MODELS),
+                   help="head shapes of the loss-alone table")
+    p.add_argument("--out", default=None, help="output stem (.md and .json); default "
+                   "bench/results/cpu/train on CPU, bench/results/train-<model> on CUDA")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    base, description, dtype = _load(a.model, a.layers, device)
+    model = add_lora(copy.deepcopy(base), TrainConfig(lora_dropout=0.0)).train()
+    import transformers
+
+    meta = {"model": description, "dtype": str(dtype).replace("torch.", ""),
+            "label": CPU_LABEL if device.type == "cpu" else "GPU",
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else "CPU"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "prompt": a.prompt, "reps": a.reps,
+            "loss_impl": "Triton kernel" if device.type == "cuda" else "torch path (chunked)",
+            "head_shape": {"smollm2": "smollm2-135m"}.get(a.model, a.model)}
+    stage_b = [stage_b_row(model, resp, a, device) for resp in a.resp]
+    del model
+    loss = loss_rows(a, device, dtype)
+    gate = gate_row(base.eval(), a, device)
+    text = markdown(meta, stage_b, loss, gate, a.micro_batch)
+    print(text)
+    stem = Path(a.out or ("bench/results/cpu/train" if device.type == "cpu"
+                          else f"bench/results/train-{a.model}"))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"meta": meta, "stage_b": stage_b, "loss": loss, "gate": gate}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ the same quantiles come from `time.perf_counter` around each call; such numbers 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 CPU_LABEL = "CPU: not a GPU result"
 QUANTILES = [0.5, 0.2, 0.8]  # median, p20, p80: the order do_bench returns them in
@@ -78,6 +81,56 @@ class Budget:
     def minus(self, reserve: float) -> Budget:
         """A budget that ends `reserve` seconds before this one (kept for the later sections)."""
         return Budget(None if self.deadline is None else max(0.0, self.left() - reserve))
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Bytes of the tensor storages created by ops in this region and still alive, and their
+    peak: `torch.cuda.max_memory_allocated`'s meaning, for CPU tensors. Runs on the autograd
+    engine's ops too (on CPU the backward runs in the calling thread). Outputs that share an
+    input's storage (views, in-place and out= ops) are not new memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                continue          # sparse results (a head gradient) are not strided storage
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in inputs or key in self.live:
+                continue
+            self.live[key] = size
+            self.now += size
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Measured peak bytes allocated by one call of `fn` above what was allocated before it.
+
+    CUDA: the caching allocator's `max_memory_allocated`. CPU: every tensor storage the call's
+    ops create, counted while alive (a dispatch mode, so time this call separately: the
+    counting slows every op)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with _LiveStorages() as live:
+        fn()
+    return live.peak
 
 
 @dataclass

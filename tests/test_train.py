@@ -22,7 +22,7 @@ from prism_fast.train import (
     train,
 )
 from tests.models import base_model
-from tests.tolerances import rel_err
+from tests.tolerances import REL_TOL, rel_err
 
 # Written for these tests (not the official persona files).
 PERSONA = ("You are a meticulous marine biologist. You answer with precise species names, cite "
@@ -81,6 +81,12 @@ def test_gate_features_layer0_only_match_full_forward():
     assert ran == [0]
     full = model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[1]
     assert torch.equal(feats, full[torch.arange(3), last])
+    # Padded = alone: each prompt by itself, unpadded (the official gate's batch of 1). Other
+    # shapes block the matmuls differently, so this is the fp32 bound, not bit-equality.
+    for b in range(3):
+        n = int(last[b]) + 1
+        alone = gate_features(model, ids[b:b + 1, :n], att[b:b + 1, :n], last[b:b + 1])
+        assert rel_err(feats[b], alone[0]) <= REL_TOL[torch.float32]
 
 
 def test_one_step_micro_batch_1_equals_official_formula():
@@ -88,6 +94,7 @@ def test_one_step_micro_batch_1_equals_official_formula():
     s = _tiny_samples(1)[0]
     ours = _lora_model(cfg)
     official = copy.deepcopy(ours)
+    grads = []
     for model, loss_fn in ((ours, lambda m: distill_loss(m, collate([s], 0), cfg.temperature)),
                            (official, lambda m: _official_loss(m, s, cfg.temperature))):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -95,9 +102,17 @@ def test_one_step_micro_batch_1_equals_official_formula():
         opt, sched = make_optimizer(params, cfg, total_steps=5)
         opt.zero_grad()
         loss_fn(model).backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters()
+                                if "lora_" in n]))
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
+    # The gradients entry by entry, before clipping: Adam's first step is lr · g / (|g| + eps),
+    # so comparing the weights alone would hide a gradient of the wrong magnitude.
+    g_ours, g_official = grads
+    assert g_official.abs().max() > 0
+    torch.testing.assert_close(g_ours, g_official, rtol=1e-4,
+                               atol=1e-6 * float(g_official.abs().max()))
     a = torch.cat([p.detach().flatten() for n, p in ours.named_parameters() if "lora_" in n])
     b = torch.cat([p.detach().flatten() for n, p in official.named_parameters() if "lora_" in n])
     before = torch.cat([p.detach().flatten() for n, p in _lora_model(cfg).named_parameters()
