@@ -228,8 +228,13 @@ def distill_loss(model, batch: dict, temperature: float) -> torch.Tensor:
     and the student's logits only at the teacher's top-k ids (never [T, V])."""
     lm = _decoder(model)
     dev = lm.lm_head.weight.device
-    hidden = lm.model(input_ids=batch["input_ids"].to(dev),
-                      attention_mask=batch["attention_mask"].to(dev)).last_hidden_state  # [B, T, H]
+    # No attention mask, on purpose: the batch is right-padded and attention is causal, so every
+    # pad comes after all of its row's real tokens and no real position can attend to it;
+    # positions are 0…len−1 either way, and the loss reads real positions only (pads get no
+    # gradient). Without a mask SDPA takes its causal path instead of a materialised [B, 1, T, T]
+    # mask: measured on CPU (SmolLM2, B = 8, T = 544, forward + backward) 1.86 s/sample
+    # against 2.45 s with the mask.
+    hidden = lm.model(input_ids=batch["input_ids"].to(dev)).last_hidden_state       # [B, T, H]
     rows, vals, idx, weight = [], [], [], []
     samples = batch["samples"]
     for b, s in enumerate(samples):
