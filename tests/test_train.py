@@ -17,8 +17,10 @@ from prism_fast.train import (
     context_teacher,
     distill_loss,
     encode,
+    forward_groups,
     gate_features,
     make_optimizer,
+    step_backward,
     train,
 )
 from tests.models import base_model
@@ -129,6 +131,31 @@ def test_micro_batch_8_loss_is_mean_of_single_losses():
         batched = distill_loss(model, collate(samples, 0), cfg.temperature)
         singles = torch.stack([_official_loss(model, s, cfg.temperature) for s in samples])
     assert rel_err(batched, singles.mean()) <= 1e-5
+
+
+def test_forward_groups_keep_every_sample_within_the_token_budget():
+    samples = _tiny_samples(16, seed=2)
+    for budget in (1, 20, 40, 1000):
+        groups = forward_groups(samples, budget)
+        assert sorted(id(s) for g in groups for s in g) == sorted(id(s) for s in samples)
+        for g in groups:
+            padded = len(g) * max(len(s["input_ids"]) for s in g)
+            assert len(g) == 1 or padded <= budget
+    assert len(forward_groups(samples, 1000)) == 1 and len(forward_groups(samples, 1)) == 16
+
+
+def test_step_in_several_forwards_equals_one_forward():
+    cfg = TrainConfig(lora_dropout=0.0)
+    samples = _tiny_samples(8, seed=3)
+    grads, losses = [], []
+    for budget in (10_000, 30):                     # one forward; several groups of ≤ 30 tokens
+        model = _lora_model(cfg)
+        assert len(forward_groups(samples, budget)) == (1 if budget > 1000 else 3)
+        losses.append(step_backward(model, samples, TrainConfig(max_batch_tokens=budget), 0))
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters()
+                                if "lora_" in n]))
+    assert rel_err(losses[1], losses[0]) <= 1e-5
+    assert rel_err(grads[1], grads[0]) <= REL_TOL[torch.float32]
 
 
 @pytest.fixture(scope="module")
