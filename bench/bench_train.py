@@ -233,8 +233,8 @@ def markdown(meta: dict, stage_b: list[dict], loss: list[dict], gate: dict, mb: 
               if b["shape"] == meta.get("head_shape") and b["response"] == r["response"]]
     if bounds:
         lines += ["", "## What removing the head can gain (Amdahl)", "",
-                  "| response | official head + loss s | share of the official step | bound on "
-                  "the speed-up from the loss alone | measured, micro-batch 1 |",
+                  "| response | official head + loss s | share of the official step | speed-up "
+                  "expected from the loss alone | measured, micro-batch 1 |",
                   "|---|---|---|---|---|"]
         for r, b in bounds:
             share = b["official_s_per_sample"] / r["official_s_per_sample"]
