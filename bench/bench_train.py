@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from bench.common import CPU_LABEL, MODELS, peak_memory
 from prism_fast.ops import topk_distill_loss
+from prism_fast.reference import official_stage_b_loss
 from prism_fast.train import (
     TEACHER_TOPK,
     TrainConfig,
@@ -80,19 +81,14 @@ def _timed(fn, device: torch.device):
     return call
 
 
-def _official_head_loss(logits: torch.Tensor, s: dict, temperature: float) -> torch.Tensor:
-    """run_gated_lora.py Stage B's loss for one sample from its logits [1, T, V]: slice, gather
-    at the teacher's top-k, log-softmax over the k, kl_div batchmean · T²."""
-    s_resp = logits[0, s["prompt_len"] - 1:-1, :]
-    n = min(s_resp.shape[0], s["topk_values"].shape[0])
-    t_log = F.log_softmax(s["topk_values"][:n] / temperature, dim=-1)
-    s_log = F.log_softmax(s_resp[:n].gather(1, s["topk_indices"][:n]).float() / temperature, -1)
-    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * temperature ** 2
+def _official_loss(logits: torch.Tensor, s: dict, temperature: float = 2.0) -> torch.Tensor:
+    """run_gated_lora.py Stage B's loss of one sample from its logits [1, T, V]."""
+    return official_stage_b_loss(logits[0, s["prompt_len"] - 1:-1], s["topk_values"],
+                                 s["topk_indices"], temperature)
 
 
-def _official_step(model, s: dict, temperature: float = 2.0) -> None:
-    logits = model(input_ids=s["input_ids"][None]).logits           # [1, T, V]
-    _official_head_loss(logits, s, temperature).backward()
+def _official_step(model, s: dict) -> None:
+    _official_loss(model(input_ids=s["input_ids"][None]).logits, s).backward()   # [1, T, V]
 
 
 def _samples(n: int, prompt: int, resp: int, vocab: int, device) -> list[dict]:
@@ -153,7 +149,7 @@ def loss_row(shape_name: str, head: torch.Tensor, resp: int, a, device: torch.de
     indices = torch.cat([s["topk_indices"] for s in samples])
 
     def official():
-        _official_head_loss(F.linear(h1, head), samples[0], 2.0).backward()
+        _official_loss(F.linear(h1, head), samples[0]).backward()
 
     def ours():
         topk_distill_loss(hb, head, None, values, indices, 2.0).backward()

@@ -1,4 +1,5 @@
-"""The two ops in plain PyTorch: the spec in code and the oracle of every test.
+"""The ops in plain PyTorch: the spec in code and the oracle of every test; and the official
+Stage B loss that the top-k distillation loss replaces.
 
 No data-dependent control flow, so the same code also serves as the `torch` backend under
 `torch.compile(fullgraph=True)`.
@@ -66,3 +67,17 @@ def topk_distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor,
     log_pt = F.log_softmax(teacher_values.to(acc) / temperature, dim=-1)
     kl = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
     return kl if mask is None else torch.where(mask, kl, torch.zeros_like(kl))
+
+
+def official_stage_b_loss(logits: torch.Tensor, teacher_values: torch.Tensor,
+                          teacher_indices: torch.Tensor, temperature: float) -> torch.Tensor:
+    """PRISM's `run_gated_lora.py` Stage B loss of one sample, from its full logits [L, V] at
+    the positions that predict response tokens: truncated with the teacher's rows [L', k] to
+    the shorter of the two, gathered at the teacher's top-k, log-softmax over the k in fp32,
+    `kl_div(log_target=True, reduction="batchmean")` · T². Materialises [L, V]: the oracle of
+    `topk_distill_loss`'s mean, and the baseline of the training benchmark."""
+    n = min(logits.shape[0], teacher_values.shape[0])
+    t_log = F.log_softmax(teacher_values[:n].float() / temperature, dim=-1)
+    s_at_topk = logits[:n].gather(1, teacher_indices[:n].long())
+    s_log = F.log_softmax(s_at_topk.float() / temperature, dim=-1)
+    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * temperature**2

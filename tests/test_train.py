@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.models import load_smollm2, smollm2_available
 from prism_fast import load_prism
+from prism_fast.reference import official_stage_b_loss
 from prism_fast.train import (
     TrainConfig,
     add_lora,
@@ -53,11 +53,8 @@ def _tiny_samples(n, seed=0, vocab=97, k=64):
 def _official_loss(model, s, temperature):
     """run_gated_lora.py Stage B, one sample: full [T, V] logits, gather, kl_div batchmean · T²."""
     logits = model(input_ids=s["input_ids"][None]).logits
-    s_resp = logits[0, s["prompt_len"] - 1:-1, :]
-    n = min(s_resp.shape[0], s["topk_values"].shape[0])
-    t_log = F.log_softmax(s["topk_values"][:n].float() / temperature, dim=-1)
-    s_log = F.log_softmax(s_resp[:n].gather(1, s["topk_indices"][:n]).float() / temperature, -1)
-    return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * temperature ** 2
+    return official_stage_b_loss(logits[0, s["prompt_len"] - 1:-1], s["topk_values"],
+                                 s["topk_indices"], temperature)
 
 
 def _lora_model(cfg):

@@ -31,13 +31,9 @@ def make_case(n, h, v, k, dtype, bias=True, duplicates=False, masked=False):
 
 
 def official(hidden, weight, bias, values, indices, temperature):
-    """run_gated_lora.py, Stage B, one sample: full logits, gather, kl_div batchmean × T²."""
-    logits = F.linear(hidden, weight, bias)                              # [L, V]
-    t_log_probs = F.log_softmax(values.float() / temperature, dim=-1)
-    s_at_topk = logits.gather(1, indices.long())
-    s_log_probs = F.log_softmax(s_at_topk.float() / temperature, dim=-1)
-    kl = F.kl_div(s_log_probs, t_log_probs, log_target=True, reduction="batchmean")
-    return kl * temperature**2
+    """run_gated_lora.py, Stage B, one sample: full logits [L, V], then the official loss."""
+    return reference.official_stage_b_loss(F.linear(hidden, weight, bias), values, indices,
+                                           temperature)
 
 
 def test_reference_is_the_official_loss():
