@@ -33,10 +33,7 @@ installed sources but has not been run yet.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import statistics
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -44,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import MODELS, make_gate
+from bench.common import MODELS, PeakMemory, make_gate
 
 ANSWER_TOKENS = 128
 CPU_DECODE_STEPS = 12
@@ -102,46 +99,6 @@ class _Stamps:
         self.sync()
         self.times.append(time.perf_counter())
         return scores
-
-
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator stats, or sampled RSS on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_bytes = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            return self
-        with contextlib.suppress(OSError, AttributeError):   # hand freed pages back first
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self.start = self.peak = _rss()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.stop.wait(0.002):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.stop.set()
-            self.thread.join()
-            self.peak_bytes = max(self.peak, _rss()) - self.start
-        return False
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
