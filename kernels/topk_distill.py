@@ -178,10 +178,11 @@ def _launch(hidden, weight, bias, values, indices, temperature, mask, p_s, p_t, 
     k = indices.shape[1]
     bk = p_s.shape[1]
     placeholder = p_s          # never read where its flag is off
+    # The kernel reads bias and mask at unit stride: views with gaps are made contiguous here.
     _topk_distill_kernel[(n,)](
-        h_ptr=hidden, w_ptr=weight, b_ptr=placeholder if bias is None else bias,
+        h_ptr=hidden, w_ptr=weight, b_ptr=placeholder if bias is None else bias.contiguous(),
         val_ptr=values, idx_ptr=indices,
-        mask_ptr=placeholder if mask is None else mask, ps_ptr=p_s, pt_ptr=p_t,
+        mask_ptr=placeholder if mask is None else mask.contiguous(), ps_ptr=p_s, pt_ptr=p_t,
         kl_ptr=placeholder if kl is None else kl, gkl_ptr=placeholder if grad_kl is None else grad_kl,
         ds_ptr=placeholder if ds is None else ds, gh_ptr=placeholder if grad_h is None else grad_h,
         H=h, V=weight.shape[0], KTOP=k, inv_t=1.0 / temperature, t_sq=float(temperature) ** 2,

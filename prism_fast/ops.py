@@ -157,8 +157,6 @@ def topk_distill_loss(hidden: torch.Tensor, head_weight: torch.Tensor,
                             temperature, mask)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    if mask is not None:
-        mask = mask.contiguous()
     kl = _TopkDistill.apply(hidden, head_weight, head_bias, teacher_values, teacher_indices,
                             float(temperature), mask, use_triton(backend, hidden.device))
     if reduction == "none":
