@@ -20,9 +20,9 @@ Times are medians of `perf_counter` around each call, in one process, after a wa
 variants of a row timed in interleaved rounds (this 2-core CPU drifts by up to ±10 % between
 runs). Peak memory is measured in a separate call (`bench.common.peak_memory`): on CUDA the
 allocator's `max_memory_allocated`, on CPU every tensor storage the call creates while it is
-alive; both above what was allocated before the call (the model's weights are not in it). On CPU the top-k
-loss runs its torch path (the Triton kernel would run under the interpreter, which is no speed
-measurement); on CUDA the Triton kernel.
+alive; both above what was allocated before the call (the model's weights are not in it). On
+CPU the top-k loss runs its torch path (the Triton kernel would run under the interpreter,
+which is no speed measurement); on CUDA the Triton kernel.
 """
 
 from __future__ import annotations

@@ -34,3 +34,12 @@ def check_tensor(name: str, t: object, ref: torch.Tensor, ref_name: str,
     if ndim is not None:
         expect(t.dim() == ndim, ValueError,
                f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_range(name: str, t: torch.Tensor, lo: int, hi: int, meaning: str) -> None:
+    """An integer tensor's values in lo…hi. Checked on CPU only (a device tensor's min / max
+    would synchronise) and not while compiling; out-of-range values never read memory anyway."""
+    if t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling():
+        vmin, vmax = int(t.min()), int(t.max())
+        expect(vmin >= lo and vmax <= hi, ValueError,
+               f"{name}: expected values in {lo}…{hi} ({meaning}), got values in {vmin}…{vmax}")

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._checks import check_input, check_tensor, expect
+from ._checks import check_input, check_range, check_tensor, expect
 
 STAGE_FUSED = 0
 STAGE_SHRINK = 1
@@ -497,12 +497,8 @@ def check_gated_lora_args(x: torch.Tensor, weights: list[torch.Tensor],
     expect(shape == per_token or shape == per_seq, ValueError,
            f"adapter_ids: expected shape {per_token} (one per token)"
            + (f" or {per_seq} (one per sequence)" if per_seq else "") + f", got {shape}")
-    if check_values and adapter_ids.device.type == "cpu" and adapter_ids.numel() > 0 \
-            and not torch.compiler.is_compiling():
-        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
-        expect(lo >= -1 and hi < n_adapters, ValueError,
-               f"adapter_ids: expected values in -1…{n_adapters - 1} (-1 = base), got "
-               f"values in {lo}…{hi}")
+    if check_values:
+        check_range("adapter_ids", adapter_ids, -1, n_adapters - 1, "-1 = base")
 
 
 def ids_per_sequence(x: torch.Tensor, adapter_ids: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_input, check_tensor, expect
+from ._checks import check_input, check_range, check_tensor, expect
 
 MAX_TOPK = 256
 
@@ -128,13 +128,8 @@ def check_topk_distill_args(hidden: torch.Tensor, head_weight: torch.Tensor,
     if mask is not None:
         check_tensor("mask", mask, hidden, "hidden", 1, torch.bool)
         expect(mask.shape[0] == n, ValueError, f"mask: expected shape ({n},), got {tuple(mask.shape)}")
-    if teacher_indices.device.type == "cpu" and teacher_indices.numel() \
-            and not torch.compiler.is_compiling():
-        lo, hi = int(teacher_indices.min()), int(teacher_indices.max())
-        v = head_weight.shape[0]
-        expect(lo >= 0 and hi < v, ValueError,
-               f"teacher_indices: expected values in 0…{v - 1} (rows of head_weight), got "
-               f"values in {lo}…{hi}")
+    check_range("teacher_indices", teacher_indices, 0, head_weight.shape[0] - 1,
+                "rows of head_weight")
 
 
 def _block_k(k: int) -> int:

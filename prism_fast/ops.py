@@ -22,6 +22,7 @@ from prism_fast.kernels import (
     check_prism_gate_args,
     check_topk_distill_args,
     gated_lora_linear_triton,
+    ids_per_sequence,
     prism_gate_triton,
     topk_distill_backward,
     topk_distill_forward,
@@ -63,7 +64,7 @@ def gated_lora_group(x: torch.Tensor, weights: list[torch.Tensor],
                                                    ids)
         if launcher is not None:
             ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]   # S × [..., N_s]
-            launcher(ys, x, ids, x.dim() == 3 and ids.dim() == 1)
+            launcher(ys, x, ids, ids_per_sequence(x, ids))
             return ys
         return gated_lora_linear_triton(x, weights, biases, lora_a, lora_b, scaling, ids)
     # The fast PyTorch path (prism_fast/torch_path.py), checked against the reference in tests.

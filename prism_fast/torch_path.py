@@ -32,6 +32,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prism_fast.kernels import ids_per_sequence
+from prism_fast.reference import per_token_ids
+
 # Per-sequence ids of at most this many entries are read as a Python list (≈ 1 µs for 8);
 # longer per-token id vectors are grouped with torch.unique instead.
 _LIST_IDS = 256
@@ -50,14 +53,13 @@ def gated_lora_linear_torch(x: torch.Tensor, weights: list[torch.Tensor],
     offsets = [0]
     for w in weights:
         offsets.append(offsets[-1] + w.shape[0])
-    per_sequence = x.dim() == 3 and adapter_ids.dim() == 1 and adapter_ids.shape[0] == x.shape[0] \
-        and adapter_ids.shape != x.shape[:-1]
     if x.numel() == 0 or lora_a.numel() == 0:
         return ys
     if adapter_ids.device.type == "cpu" and not tracing():
-        _add_gathered(ys, x, lora_a, lora_b, scaling, adapter_ids, per_sequence, rank, offsets)
+        _add_gathered(ys, x, lora_a, lora_b, scaling, adapter_ids,
+                      ids_per_sequence(x, adapter_ids), rank, offsets)
         return ys
-    return _add_masked(ys, x, lora_a, lora_b, scaling, adapter_ids, per_sequence, rank, offsets)
+    return _add_masked(ys, x, lora_a, lora_b, scaling, adapter_ids, rank, offsets)
 
 
 def tracing() -> bool:
@@ -117,13 +119,11 @@ def _add_gathered(ys, x, lora_a, lora_b, scaling, ids, per_sequence, rank, offse
                                 .add_(delta).to(y.dtype))
 
 
-def _add_masked(ys, x, lora_a, lora_b, scaling, ids, per_sequence, rank, offsets):
+def _add_masked(ys, x, lora_a, lora_b, scaling, ids, rank, offsets):
     """Trace-safe: no data-dependent shape or branch; every row computed, closed rows kept."""
     n_adapters, sr, k = lora_a.shape
     n_slices = len(ys)
-    if per_sequence:
-        ids = ids.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-    ids = ids.reshape(-1)                                                  # [M]
+    ids = per_token_ids(x, ids).reshape(-1)                                # [M]
     x2 = x.reshape(-1, k).to(torch.float32)                                # [M, K]
     u = x2 @ lora_a.to(torch.float32).view(n_adapters * sr, k).T           # [M, L·S·R]
     select = ids[:, None] == torch.arange(n_adapters, device=ids.device)   # [M, L]
