@@ -200,6 +200,13 @@ def _run_meta(args: argparse.Namespace, device: torch.device, gpu: bool, prefix:
     return out_dir / f"{prefix}{dev['slug']}-{today:%Y%m%d}", meta
 
 
+def _device(choice: str) -> torch.device:
+    """--device: "auto" is CUDA where there is one, else the CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.sweep:
@@ -210,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 def context(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The context-folding benchmark (the default)."""
     started = time.monotonic()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = _device(args.device)
     gpu = device.type == "cuda"
     from bench.models import INSTALL_HINT, smollm2_available
 
@@ -287,10 +293,7 @@ def _load_average() -> list[float]:
 def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The kernel sweep (--sweep): layers, gate, end to end."""
     started = time.monotonic()
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = _device(args.device)
     gpu = device.type == "cuda"
     quick = args.quick or (not args.full and not gpu)
     preset = PRESETS[(gpu, quick)]

@@ -49,6 +49,7 @@ from bench.common import (
     make_gate,
     measure,
 )
+from bench.models import load_model
 
 ADAPTER = "persona_expert"
 PERSONA_TOKENS = 230
@@ -213,14 +214,7 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
 
     shape = MODELS[model_name]
     gpu = device.type == "cuda"
-    if model_name == "smollm2-135m":          # real weights: the model has its own depth
-        from bench.models import load_smollm2
-
-        layers = shape.layers
-        model = load_smollm2(dtype, device)[0]
-    else:
-        layers = layers or shape.layers
-        model = build_model(shape, layers, dtype, device)
+    model, layers = load_model(model_name, layers, dtype, device)   # SmolLM2: real, own depth
     fwd = Forward(model)
     gate = make_gate(shape.hidden, dtype, device, always_open=True)
     gate_state = gate.state_dict()        # gate.0.weight, gate.0.bias, gate.3.weight, gate.3.bias

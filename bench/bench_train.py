@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import CPU_LABEL, MODELS, peak_memory
+from bench.common import CPU_LABEL, MODELS, peak_memory, sync
+from bench.models import load_model
 from prism_fast.ops import topk_distill_loss
 from prism_fast.reference import official_stage_b_loss
 from prism_fast.train import (
@@ -63,21 +64,15 @@ def _medians(calls: dict, reps: int, device: torch.device) -> dict[str, float]:
     warm-up of each) so that the machine's drift falls on every call alike."""
     times: dict[str, list[float]] = {name: [] for name in calls}
     for fn in calls.values():
-        _timed(fn, device)()
+        fn()
+        sync(device)
     for _ in range(reps):
         for name, fn in calls.items():
             t = time.perf_counter()
-            _timed(fn, device)()
+            fn()
+            sync(device)
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def _timed(fn, device: torch.device):
-    def call():
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return call
 
 
 def _official_loss(logits: torch.Tensor, s: dict, temperature: float = 2.0) -> torch.Tensor:
@@ -96,23 +91,6 @@ def _samples(n: int, prompt: int, resp: int, vocab: int, device) -> list[dict]:
              "topk_values": (torch.randn(resp, TEACHER_TOPK, device=device).half().float() * 3),
              "topk_indices": torch.randint(0, vocab, (resp, TEACHER_TOPK), device=device)}
             for _ in range(n)]
-
-
-def _load(name: str, layers: int | None, device: torch.device):
-    """(base model, description, dtype): SmolLM2's real weights, or a random-init model with one
-    of bench.common.MODELS' shapes (bf16 on CUDA, fp32 on CPU)."""
-    if name == "smollm2":
-        from bench.models import load_smollm2
-
-        base, _ = load_smollm2(torch.float32, device)
-        return base, "SmolLM2-135M-Instruct (real weights)", torch.float32
-    from bench.bench_e2e import build_model
-
-    shape = MODELS[name]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = layers or shape.layers
-    return (build_model(shape, n, dtype, device),
-            f"{name} shape, {n} of {shape.layers} layers, random init", dtype)
 
 
 def stage_b_row(model, resp: int, a, device: torch.device) -> dict:
@@ -249,8 +227,8 @@ def markdown(meta: dict, stage_b: list[dict], loss: list[dict], gate: dict, mb: 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=["smollm2", *MODELS],
-                   help="smollm2: the real SmolLM2-135M-Instruct; else a random-init shape")
+    p.add_argument("--model", default="smollm2-135m", choices=list(MODELS),
+                   help="smollm2-135m: the real SmolLM2-135M-Instruct; else a random-init shape")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of a random model "
                    "(default: the model's own count)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -265,7 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.manual_seed(0)
-    base, description, dtype = _load(a.model, a.layers, device)
+    real = a.model == "smollm2-135m"
+    # Real SmolLM2 weights in fp32; a random-init shape in bf16 on CUDA, fp32 on CPU.
+    dtype = torch.bfloat16 if device.type == "cuda" and not real else torch.float32
+    base, layers = load_model(a.model, a.layers, dtype, device)
+    description = ("SmolLM2-135M-Instruct (real weights)" if real else
+                   f"{a.model} shape, {layers} of {MODELS[a.model].layers} layers, random init")
     model = add_lora(copy.deepcopy(base), TrainConfig(lora_dropout=0.0)).train()
     import transformers
 
@@ -276,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "prompt": a.prompt, "reps": a.reps,
             "loss_impl": "Triton kernel" if device.type == "cuda" else "torch path (chunked)",
-            "head_shape": {"smollm2": "smollm2-135m"}.get(a.model, a.model)}
+            "head_shape": a.model}
     stage_b = [stage_b_row(model, resp, a, device) for resp in a.resp]
     del model
     loss = loss_rows(a, device, dtype)

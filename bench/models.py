@@ -65,3 +65,18 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
 
     model = copy.deepcopy(_load_smollm2_weights(dtype)).to(device)
     return model, load_smollm2_tokenizer()
+
+
+def load_model(name: str, layers: int | None, dtype: torch.dtype,
+               device: str | torch.device = "cpu"):
+    """(model, its layer count) for a name of bench.common.MODELS: "smollm2-135m" is the real
+    SmolLM2-135M-Instruct at its own depth; any other name a random-init model of that shape
+    with `layers` decoder layers (default: the shape's own count)."""
+    from bench.bench_e2e import build_model
+    from bench.common import MODELS
+
+    shape = MODELS[name]
+    if name == "smollm2-135m":
+        return load_smollm2(dtype, device)[0], shape.layers
+    layers = layers or shape.layers
+    return build_model(shape, layers, dtype, device), layers
