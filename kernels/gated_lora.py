@@ -443,62 +443,69 @@ def check_gated_lora_args(x: torch.Tensor, weights: list[torch.Tensor],
     expect(x.dim() >= 1, ValueError, "x: expected shape (..., K), got a 0-d tensor")
     k = x.shape[-1]
     expect(isinstance(weights, (list, tuple)) and isinstance(biases, (list, tuple)), TypeError,
-           f"weights, biases: expected lists of tensors, got {type(weights).__name__} and "
+           lambda: f"weights, biases: expected lists of tensors, got {type(weights).__name__} and "
            f"{type(biases).__name__}")
     s = len(weights)
     expect(1 <= s <= MAX_SLICES, ValueError,
-           f"weights: expected 1 to {MAX_SLICES} projections, got {s}")
+           lambda: f"weights: expected 1 to {MAX_SLICES} projections, got {s}")
     expect(len(biases) == s, ValueError,
-           f"biases: expected {s} entries (one per weight), got {len(biases)}")
+           lambda: f"biases: expected {s} entries (one per weight), got {len(biases)}")
     for i, (w, b) in enumerate(zip(weights, biases)):
-        check_tensor(f"weight[{i}]" if s > 1 else "weight", w, x, "x", 2, x.dtype)
-        expect(w.shape[1] == k, ValueError,
-               f"weight: expected shape (N, {k}) to match x (..., {k}), got {tuple(w.shape)}")
-        if b is not None:
-            check_tensor(f"bias[{i}]" if s > 1 else "bias", b, x, "x", 1, x.dtype)
-            expect(b.shape[0] == w.shape[0], ValueError,
-                   f"bias: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
+        _check_projection(f"[{i}]" if s > 1 else "", w, b, x)
     check_tensor("lora_a", lora_a, x, "x", 3)
     check_tensor("lora_b", lora_b, x, "x", 3)
     # Adapters in x's dtype, or fp32 on a half-precision x (PEFT keeps LoRA weights in fp32).
     expect(lora_a.dtype in (x.dtype, torch.float32), TypeError,
-           f"lora_a: expected dtype {x.dtype} (the dtype of x) or torch.float32, got "
+           lambda: f"lora_a: expected dtype {x.dtype} (the dtype of x) or torch.float32, got "
            f"{lora_a.dtype}")
     expect(lora_b.dtype == lora_a.dtype, TypeError,
-           f"lora_b: expected dtype {lora_a.dtype} (the dtype of lora_a), got {lora_b.dtype}")
+           lambda: f"lora_b: expected dtype {lora_a.dtype} (the dtype of lora_a), got {lora_b.dtype}")
     n_adapters, sr, ka = lora_a.shape
     expect(1 <= n_adapters <= MAX_ADAPTERS, ValueError,
-           f"lora_a: expected 1 to {MAX_ADAPTERS} adapters (dim 0), got {n_adapters}")
+           lambda: f"lora_a: expected 1 to {MAX_ADAPTERS} adapters (dim 0), got {n_adapters}")
     expect(sr % s == 0, ValueError,
-           f"lora_a: expected dim 1 = {s}·R (rank R per projection, {s} projections), got {sr}")
+           lambda: f"lora_a: expected dim 1 = {s}·R (rank R per projection, {s} projections), got {sr}")
     r = sr // s
     expect(1 <= r <= MAX_RANK, ValueError,
-           f"lora_a: expected rank 1 to {MAX_RANK} per projection, got rank {r}"
+           lambda: f"lora_a: expected rank 1 to {MAX_RANK} per projection, got rank {r}"
            + (f" (dim 1 = {sr} for {s} projections)" if s > 1 else ""))
-    expect(ka == k, ValueError, f"lora_a: expected shape (L, R, {k}) to match x, got "
+    expect(ka == k, ValueError, lambda: f"lora_a: expected shape (L, R, {k}) to match x, got "
            f"{tuple(lora_a.shape)}")
     n_total = sum(w.shape[0] for w in weights)
     expect(tuple(lora_b.shape) == (n_adapters, n_total, r), ValueError,
-           f"lora_b: expected shape ({n_adapters}, {n_total}, {r}) to match lora_a and weight, "
+           lambda: f"lora_b: expected shape ({n_adapters}, {n_total}, {r}) to match lora_a and weight, "
            f"got {tuple(lora_b.shape)}")
     check_tensor("scaling", scaling, x, "x")
     expect(scaling.dtype.is_floating_point, TypeError,
-           f"scaling: expected a floating-point tensor, got {scaling.dtype}")
+           lambda: f"scaling: expected a floating-point tensor, got {scaling.dtype}")
     shapes = [(s, n_adapters)] if s > 1 else [(n_adapters,), (1, n_adapters)]
     expect(tuple(scaling.shape) in shapes, ValueError,
-           f"scaling: expected shape {shapes[0]} (one per adapter"
+           lambda: f"scaling: expected shape {shapes[0]} (one per adapter"
            + (" and projection" if s > 1 else "") + f"), got {tuple(scaling.shape)}")
     check_tensor("adapter_ids", adapter_ids, x, "x")
     expect(adapter_ids.dtype in _INTS, TypeError,
-           f"adapter_ids: expected a signed integer tensor, got {adapter_ids.dtype}")
+           lambda: f"adapter_ids: expected a signed integer tensor, got {adapter_ids.dtype}")
     per_token = tuple(x.shape[:-1])
     per_seq = tuple(x.shape[:1]) if x.dim() == 3 else None
     shape = tuple(adapter_ids.shape)
     expect(shape == per_token or shape == per_seq, ValueError,
-           f"adapter_ids: expected shape {per_token} (one per token)"
+           lambda: f"adapter_ids: expected shape {per_token} (one per token)"
            + (f" or {per_seq} (one per sequence)" if per_seq else "") + f", got {shape}")
     if check_values:
         check_range("adapter_ids", adapter_ids, -1, n_adapters - 1, "-1 = base")
+
+
+def _check_projection(index: str, w: torch.Tensor, b: torch.Tensor | None,
+                      x: torch.Tensor) -> None:
+    """One projection's weight [N, K] and bias [N] or None against x [..., K]."""
+    k = x.shape[-1]
+    check_tensor(f"weight{index}", w, x, "x", 2, x.dtype)
+    expect(w.shape[1] == k, ValueError,
+           lambda: f"weight: expected shape (N, {k}) to match x (..., {k}), got {tuple(w.shape)}")
+    if b is not None:
+        check_tensor(f"bias{index}", b, x, "x", 1, x.dtype)
+        expect(b.shape[0] == w.shape[0], ValueError,
+               lambda: f"bias: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
 
 
 def ids_per_sequence(x: torch.Tensor, adapter_ids: torch.Tensor) -> bool:
@@ -567,7 +574,7 @@ def _make_plan(m: int, t: int, seq_ids: bool, x2: torch.Tensor, lora_a: torch.Te
     cfg = config or pick_config(m, k, tuple(ns), r, x2.device)
     if config is not None and STAGE_FUSED in config["stages"]:
         expect(config[STAGE_FUSED]["BLOCK_R"] >= r, ValueError,
-               f"config: the fused stage needs BLOCK_R ≥ rank {r}, got "
+               lambda: f"config: the fused stage needs BLOCK_R ≥ rank {r}, got "
                f"{config[STAGE_FUSED]['BLOCK_R']}")
     strides_y = [y.stride(0) for y in y2]
     while len(ns) < MAX_SLICES:
