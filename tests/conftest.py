@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests import models as M  # noqa: E402
+
 
 def _bf16_dot(original, interpreter, tl):
     """triton-lang/triton#11584: the interpreter's `tl.dot` multiplies bfloat16 operands as their
@@ -72,3 +74,17 @@ _fix_interpreter()
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def prism_dir(tmp_path):
+    """A tiny Llama PRISM case (M.prism_case): (path, base, peft_model, gate)."""
+    return M.prism_case(tmp_path / "prism_out", 8, 10)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A clean Dynamo cache before and after the test (use via pytest.mark.usefixtures)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -23,6 +23,14 @@ def make_lora(n_adapters: int, rank: int, k: int, n: int, dtype: torch.dtype,
     return a.to(dtype), b.to(dtype), scaling
 
 
+def stack_slices(parts):
+    """One group from per-slice make_lora results: A [L, S·R, K], B [L, ΣN, R], scaling [S, L]."""
+    a = torch.cat([p[0] for p in parts], dim=1)
+    b = torch.cat([p[1] for p in parts], dim=1)
+    scaling = torch.stack([p[2] for p in parts])
+    return a, b, scaling
+
+
 def make_ids(shape: tuple[int, ...], n_adapters: int, p_closed: float = 0.3) -> torch.Tensor:
     ids = torch.randint(0, n_adapters, shape)
     return torch.where(torch.rand(shape) < p_closed, torch.full_like(ids, -1), ids)

@@ -57,9 +57,9 @@ def base_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, n_layers
 
 
 def peft_model(model, arch: str = "llama", n_adapters: int = 1, rank: int = 8, seed: int = 1,
-               layers=None):
+               layers=None, std_a: float = 0.2, std_b: float = 0.1):
     """PEFT LoRA adapters "persona_expert", "p1", … on layers 1…N−1 with random B (PEFT inits
-    B to zero, which would make every test pass trivially)."""
+    B to zero, which would make every test pass trivially): A ~ N(0, std_a), B ~ N(0, std_b)."""
     from peft import LoraConfig, get_peft_model
 
     _, targets = _config(arch)
@@ -76,7 +76,7 @@ def peft_model(model, arch: str = "llama", n_adapters: int = 1, rank: int = 8, s
             pm.add_adapter(name, cfg)
     for n, p in pm.named_parameters():
         if "lora_" in n:
-            torch.nn.init.normal_(p, std=0.1 if "lora_B" in n else 0.2)
+            torch.nn.init.normal_(p, std=std_b if "lora_B" in n else std_a)
     return pm.eval()
 
 

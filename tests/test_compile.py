@@ -14,19 +14,15 @@ import prism_fast
 from tests import models as M
 from tests.tolerances import MODEL_REL_TOL, rel_err
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.usefixtures("fresh_dynamo"),
+]
 
 
 @pytest.fixture(scope="module")
 def prism(tmp_path_factory):
     return M.prism_case(tmp_path_factory.mktemp("c") / "out", 6, 9)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

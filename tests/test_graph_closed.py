@@ -11,14 +11,10 @@ from torch._dynamo.backends.common import aot_autograd
 import prism_fast
 from tests import models as M
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
+    pytest.mark.usefixtures("fresh_dynamo"),
+]
 
 
 def lora_ops(gm: torch.fx.GraphModule) -> int:

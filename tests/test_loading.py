@@ -15,11 +15,6 @@ from tests import models as M
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
-@pytest.fixture
-def prism_dir(tmp_path):
-    return M.prism_case(tmp_path / "prism_out", 8, 10)
-
-
 def test_load_formats(tmp_path, prism_dir):
     path, base, pm, gate = prism_dir
     adapter = prism_fast.load_prism(path)
@@ -140,11 +135,10 @@ def test_hand_path_equals_the_peft_path(tmp_path, monkeypatch, name, kwargs):
         assert with_peft.modules["model.layers.1.mlp.up_proj"].scaling == 8 / 4
 
 
-def test_the_peft_path_matches_peft_outputs(tmp_path, prism_dir):
+def test_the_peft_path_matches_peft_outputs(tmp_path):
     """A PEFT directory with rank and alpha patterns, patched, gives PEFT's own logits."""
     from peft import PeftModel
 
-    _, base, _, _ = prism_dir
     d = _save_peft(tmp_path, "patterns", r=8, lora_alpha=16, rank_pattern={"q_proj": 4},
                    alpha_pattern={"down_proj": 3})
     pm = PeftModel.from_pretrained(M.base_model(), str(d)).eval()

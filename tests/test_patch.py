@@ -80,11 +80,6 @@ def test_parameter_names_kept_and_base_weights_not_copied():
 # ---- the gate: single pass, equal to the official two-pass formula ---------------------------
 
 
-@pytest.fixture
-def prism_dir(tmp_path):
-    return M.prism_case(tmp_path / "prism_out", 8, 10)
-
-
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gate_routes_match_two_pass(prism_dir, padding, backend):

@@ -47,19 +47,10 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def real():
     """(base model, PEFT model, tokenizer, balanced gate, encoded prompts): loaded once."""
-    from peft import LoraConfig, get_peft_model
-
     base, tokenizer = load_smollm2(torch.float32)
-    n_layers = base.config.num_hidden_layers
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=M.ALL7, lora_dropout=0.0,
-                        layers_to_transform=list(range(1, n_layers)), bias="none")
-    torch.manual_seed(11)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = get_peft_model(copy.deepcopy(base), config, adapter_name=ADAPTER).eval()
-    for name, p in pm.named_parameters():
-        if "lora_" in name:       # PEFT zeroes B: a random B makes the adapter matter
-            torch.nn.init.normal_(p, std=0.02 if "lora_B" in name else 1 / 24)
+        pm = M.peft_model(copy.deepcopy(base), rank=16, seed=11, std_a=1 / 24, std_b=0.02)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                            add_generation_prompt=True) for q in QUESTIONS]
     tokenizer.padding_side = "left"
@@ -85,6 +76,13 @@ def names_for(routes: torch.Tensor) -> list[str]:
     return [ADAPTER if r >= 0 else "__base__" for r in routes.tolist()]
 
 
+def rows(enc, pick) -> dict:
+    """The rows `pick` of an encoding, without the columns that are padding in all of them."""
+    sub = {k: v[pick] for k, v in enc.items()}
+    keep = sub["attention_mask"].any(0)
+    return {k: v[:, keep] for k, v in sub.items()}
+
+
 def test_routes_equal_official_two_pass(real):
     _, _, _, _, enc = real
     routes = official(real, enc)
@@ -94,9 +92,7 @@ def test_routes_equal_official_two_pass(real):
         model(**enc)
     assert torch.equal(prism_fast.get_routes(model), routes)
     for part in (slice(0, 5), slice(5, 16, 2)):              # other batches, other paddings
-        sub = {k: v[part] for k, v in enc.items()}
-        keep = sub["attention_mask"].any(0)
-        sub = {k: v[:, keep] for k, v in sub.items()}
+        sub = rows(enc, part)
         with torch.no_grad():
             model(**sub)
         assert torch.equal(prism_fast.get_routes(model), official(real, sub))
@@ -122,9 +118,7 @@ def test_logits_per_route_match_peft(real):
 def test_greedy_64_tokens_equal_peft(real):
     _, pm, _, _, enc = real
     pick = [0, 3, 13, 15]
-    sub = {k: v[pick] for k, v in enc.items()}
-    keep = sub["attention_mask"].any(0)
-    sub = {k: v[:, keep] for k, v in sub.items()}
+    sub = rows(enc, pick)
     routes = official(real, sub)
     assert 0 < int((routes >= 0).sum()) < len(pick)
     model = patched(real)
@@ -139,9 +133,7 @@ def test_greedy_64_tokens_equal_peft(real):
 
 def test_sampling_and_beams_run(real):
     _, _, tokenizer, _, enc = real
-    sub = {k: v[:3] for k, v in enc.items()}
-    keep = sub["attention_mask"].any(0)
-    sub = {k: v[:, keep] for k, v in sub.items()}
+    sub = rows(enc, slice(3))
     routes = official(real, sub)
     model = patched(real)
     t = sub["input_ids"].shape[1]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from prism_fast import reference
 from prism_fast.torch_path import gated_lora_linear_torch
-from tests.helpers import float64_ref, make_ids, make_lora
+from tests.helpers import float64_ref, make_ids, make_lora, stack_slices
 from tests.tolerances import REL_TOL, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -21,9 +21,7 @@ def multi_slice_case(n_out: list[int], k: int, n_adapters: int, rank: int, dtype
     parts = [make_lora(n_adapters, rank, k, n, dtype, ranks=[max(1, rank - i)
                                                              for i in range(n_adapters)])
              for n in n_out]
-    lora_a = torch.cat([a for a, _, _ in parts], dim=1)                    # [L, S·R, K]
-    lora_b = torch.cat([b for _, b, _ in parts], dim=1)                    # [L, ΣN, R]
-    scaling = torch.stack([s for _, _, s in parts])                        # [S, L]
+    lora_a, lora_b, scaling = stack_slices(parts)          # [L, S·R, K], [L, ΣN, R], [S, L]
     return weights, biases, lora_a, lora_b, scaling, parts
 
 

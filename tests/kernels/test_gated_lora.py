@@ -18,7 +18,14 @@ from prism_fast.kernels.gated_lora import (
     add_gated_lora_,
     gated_lora_linear_triton,
 )
-from tests.helpers import compiled_gpu_mode, float64_ref, make_ids, make_lora, plain_torch
+from tests.helpers import (
+    compiled_gpu_mode,
+    float64_ref,
+    make_ids,
+    make_lora,
+    plain_torch,
+    stack_slices,
+)
 from tests.tolerances import PLAIN_FLOOR, PLAIN_MIN_ELEMS, PLAIN_RATIO, REL_TOL, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -192,9 +199,7 @@ def test_multi_slice_shares_shrink(n_slices, m, dtype, path):
     bs = [torch.randn(n, dtype=dtype) if i != 1 else None for i, n in enumerate(ns)]
     loras = [make_lora(2, 8, k, n, dtype) for n in ns]
     ids = make_ids((m,), 2)
-    a = torch.cat([lo[0] for lo in loras], dim=1)            # [L, S·R, K]
-    bb = torch.cat([lo[1] for lo in loras], dim=1)           # [L, ΣN, R]
-    s = torch.stack([lo[2] for lo in loras])                 # [S, L]
+    a, bb, s = stack_slices(loras)          # [L, S·R, K], [L, ΣN, R], [S, L]
     ys = gated_lora_linear_triton(x, ws, bs, a, bb, s, ids, config=FORCED[path] if path else None)
     for y, w, bias, (ai, bi, si) in zip(ys, ws, bs, loras):
         check_op(x, w, bias, ai, bi, si, ids, y)
@@ -213,9 +218,7 @@ def test_fp32_adapters_on_half_x(n_slices, path, dtype):
     ws = [torch.randn(n, k, dtype=dtype) / k**0.5 for n in ns]
     bs = [torch.randn(n, dtype=dtype) for n in ns]
     loras = [make_lora(2, 8, k, n, torch.float32) for n in ns]
-    a = torch.cat([lo[0] for lo in loras], dim=1)            # [L, S·R, K] fp32
-    bb = torch.cat([lo[1] for lo in loras], dim=1)           # [L, ΣN, R] fp32
-    s = torch.stack([lo[2] for lo in loras])                 # [S, L]
+    a, bb, s = stack_slices(loras)          # [L, S·R, K], [L, ΣN, R] fp32, [S, L]
     ids = make_ids((m,), 2)
     is_open = ids >= 0
     cfg = FORCED[path] if path else None

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from prism_fast.kernels import gated_lora as gl
-from tests.helpers import compiled_gpu_mode, make_ids, make_lora
+from tests.helpers import compiled_gpu_mode, make_ids, make_lora, stack_slices
 from tests.kernels.test_gated_lora import check_op
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -37,9 +37,7 @@ def test_coop_matches_reference(m, k, ns, rank, split_k, dtype):
     ws = [torch.randn(n, k, dtype=dtype) / k**0.5 for n in ns]
     bs = [torch.randn(n, dtype=dtype) for n in ns]
     parts = [make_lora(n_adapters, rank, k, n, dtype) for n in ns]
-    a = torch.cat([p[0] for p in parts], dim=1)                   # [L, S·R, K]
-    b = torch.cat([p[1] for p in parts], dim=1)                   # [L, ΣN, R]
-    scaling = torch.stack([p[2] for p in parts])                   # [S, L]
+    a, b, scaling = stack_slices(parts)              # [L, S·R, K], [L, ΣN, R], [S, L]
     ids = make_ids((m,), n_adapters)
     ys = gl.gated_lora_linear_triton(x, ws, bs, a, b, scaling, ids, config=coop_config(split_k))
     lo = 0
