@@ -3,14 +3,14 @@ given (SPEC §5). Host-side only; nothing here synchronises with a device."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import typing
 
 import torch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def expect(cond: bool, exc: type[Exception], msg: str | Callable[[], str]) -> None:
+def expect(cond: bool, exc: type[Exception], msg: str | typing.Callable[[], str]) -> None:
     """Raise exc(msg) unless cond. A message given as a callable is formatted only on failure:
     checks run on every call of a registered op (formatting dtypes, devices and shapes eagerly
     cost 21.6 µs of a 3-projection decode group's check on this project's CPU)."""
