@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from prism_fast.train import BinaryGate
 
 CPU_LABEL = "CPU: not a GPU result"
 QUANTILES = [0.5, 0.2, 0.8]  # median, p20, p80: the order do_bench returns them in
@@ -251,26 +252,11 @@ def device_limits(device: torch.device, dtype: torch.dtype, cfg: TimerConfig) ->
     }
 
 
-class GateMLP(nn.Module):
-    """PRISM's BinaryGate: `gate.0` Linear(H, 256) → GELU → Dropout → `gate.3` Linear(256, C).
-
-    Built as the reference code builds it, so its state_dict has exactly the keys of `gate.pt`.
-    """
-
-    def __init__(self, hidden: int, classes: int = 2, width: int = 256):
-        super().__init__()
-        self.gate = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Dropout(0.1),
-                                  nn.Linear(width, classes))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, H] → [B, C] logits
-        return self.gate(h)
-
-
 def make_gate(hidden: int, dtype: torch.dtype, device: torch.device, *,
-              always_open: bool = False) -> GateMLP:
+              always_open: bool = False) -> BinaryGate:
     """A random gate in eval mode. always_open: the lora class wins for every input, so that
     single-pass and two-pass routing do the same work as a forced all-open route."""
-    gate = GateMLP(hidden).to(device=device, dtype=dtype).eval()
+    gate = BinaryGate(hidden).to(device=device, dtype=dtype).eval()
     if always_open:
         with torch.no_grad():
             gate.gate[3].weight.mul_(1e-3)

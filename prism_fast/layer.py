@@ -41,10 +41,7 @@ class Group:
         """Slot `slot`'s output for x, base + gated LoRA; slot 0 computes the whole group."""
         members = self.members
         if slot != 0 and len(members) > 1:
-            y = self.take(slot, x)
-            if y is not None:
-                return y
-            # Called without slot 0 before it on this x: this slice alone.
+            # No output of slot 0's call on this x to take (forward tried): this slice alone.
             slots = [slot]
             lora_a, lora_b, scaling = self.slice_args(slot)
             launcher = None

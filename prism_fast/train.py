@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from prism_fast.hf import decoder_and_root
 from prism_fast.ops import topk_distill_loss
 
 TEACHER_TOPK = 64
@@ -109,17 +110,12 @@ def load_teacher_file(path: str | os.PathLike) -> dict:
     return data
 
 
-def _decoder(model):
-    """The causal LM under any PEFT wrapper (its `.model` is the decoder, `.lm_head` the head)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @torch.no_grad()
 def context_teacher(model, ids: torch.Tensor, prompt_len: int, k: int = TEACHER_TOPK) -> dict:
     """Teacher top-k at the response positions of `ids` (the prompt *with* the persona)."""
-    lm = _decoder(model)
-    hidden = lm.model(input_ids=ids[None]).last_hidden_state[0, prompt_len - 1:-1]   # [L, H]
-    logits = lm.lm_head(hidden)                                                      # [L, V]
+    root, decoder, _ = decoder_and_root(model)
+    hidden = decoder(input_ids=ids[None]).last_hidden_state[0, prompt_len - 1:-1]    # [L, H]
+    logits = root.lm_head(hidden)                                                    # [L, V]
     vals, idx = logits.float().topk(k, dim=-1)
     return {"topk_values": vals.half(), "topk_indices": idx.int(), "prompt_len": prompt_len}
 
@@ -139,14 +135,14 @@ def gate_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Runs the embeddings and layer 0 only: a hook on layer 0 stops the forward there (the
     official `get_hidden_state` runs every layer with output_hidden_states=True).
     """
-    lm = _decoder(model)
+    _, decoder, layers = decoder_and_root(model)
 
     def stop(_module, _args, out):
         raise _Stop(out[0] if isinstance(out, tuple) else out)
 
-    handle = lm.model.layers[0].register_forward_hook(stop)
+    handle = layers[0].register_forward_hook(stop)
     try:
-        lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         raise RuntimeError("gate_features: decoder layer 0 never ran")
     except _Stop as s:
         hidden = s.hidden                                                   # [B, T, H]
@@ -156,14 +152,16 @@ def gate_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 class BinaryGate(nn.Module):
-    """The official gate: Linear(H, 256) → GELU → Dropout(0.1) → Linear(256, 2) (keys gate.*)."""
+    """PRISM's BinaryGate: `gate.0` Linear(H, 256) → GELU → Dropout(0.1) → `gate.3`
+    Linear(256, C), built as the official code builds it, so its state_dict has exactly the keys
+    of `gate.pt`."""
 
-    def __init__(self, hidden: int, dropout: float = 0.1):
+    def __init__(self, hidden: int, classes: int = 2, width: int = 256):
         super().__init__()
-        self.gate = nn.Sequential(nn.Linear(hidden, 256), nn.GELU(), nn.Dropout(dropout),
-                                  nn.Linear(256, 2))
+        self.gate = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Dropout(0.1),
+                                  nn.Linear(width, classes))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, H] → [B, C] logits
         return self.gate(h)
 
 
@@ -232,15 +230,16 @@ def collate(samples: list[dict], pad_id: int) -> dict:
 def distill_loss(model, batch: dict, temperature: float) -> torch.Tensor:
     """Mean over the batch's samples of the official per-sample loss, with one padded forward
     and the student's logits only at the teacher's top-k ids (never [T, V])."""
-    lm = _decoder(model)
-    dev = lm.lm_head.weight.device
+    root, decoder, _ = decoder_and_root(model)
+    head = root.lm_head
+    dev = head.weight.device
     # No attention mask, on purpose: the batch is right-padded and attention is causal, so every
     # pad comes after all of its row's real tokens and no real position can attend to it;
     # positions are 0…len−1 either way, and the loss reads real positions only (pads get no
     # gradient). Without a mask SDPA takes its causal path instead of a materialised [B, 1, T, T]
     # mask: measured on CPU (SmolLM2, B = 8, T = 544, forward + backward) 1.86 s/sample
     # against 2.45 s with the mask.
-    hidden = lm.model(input_ids=batch["input_ids"].to(dev)).last_hidden_state       # [B, T, H]
+    hidden = decoder(input_ids=batch["input_ids"].to(dev)).last_hidden_state        # [B, T, H]
     rows, vals, idx, weight = [], [], [], []
     samples = batch["samples"]
     for b, s in enumerate(samples):
@@ -255,7 +254,7 @@ def distill_loss(model, batch: dict, temperature: float) -> torch.Tensor:
         weight.append(torch.full((n,), 1.0 / (n * len(samples)), device=dev))
     if not rows:
         return hidden.sum() * 0.0
-    per_row = topk_distill_loss(torch.cat(rows), lm.lm_head.weight, lm.lm_head.bias,
+    per_row = topk_distill_loss(torch.cat(rows), head.weight, head.bias,
                                 torch.cat(vals).to(dev), torch.cat(idx).to(dev), temperature,
                                 reduction="none")
     return (per_row * torch.cat(weight)).sum()

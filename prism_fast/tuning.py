@@ -60,7 +60,9 @@ def group_shapes(model) -> list[Shape]:
     for module in model.modules():
         if isinstance(module, GatedLoraLinear) and module.slot == 0:
             group = module.group
-            shape = (group.lora_a.shape[2], tuple(m.out_features for m in group.members),
+            # The sizes the kernels see: this rank's shard under tensor parallelism.
+            sizes = tuple(b - a for a, b in zip(group.offsets, group.offsets[1:]))
+            shape = (group.lora_a.shape[2], sizes,
                      group.rank, str(group.lora_a.dtype).removeprefix("torch."),
                      str(module.weight.dtype).removeprefix("torch."))
             seen.setdefault(shape, None)
