@@ -36,8 +36,7 @@ __all__ = ["GatedLoraLinear", "get_routes", "patch_model", "set_routes", "unpatc
 class _Patch:
     routing: Routing
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]   # parent, attr, original, ours
-    hooks: list
-    overrides: Overrides
+    overrides: Overrides                                        # with the routing hooks
 
 
 def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
@@ -94,10 +93,11 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
                                   first.weight.dtype)
     by_layer: dict[int, list[str]] = {}
     for path in targets:
-        by_layer.setdefault(int(LAYER_PATH.match(path).group(1)), []).append(path)
+        layer, rel = LAYER_PATH.match(path).groups()
+        by_layer.setdefault(int(layer), []).append(rel)
     groups = [[f"model.layers.{idx}.{r}" for r in rel_names]
-              for idx, paths in sorted(by_layer.items())
-              for rel_names in groups_of(model_type, [LAYER_PATH.match(p).group(2) for p in paths])]
+              for idx, rels in sorted(by_layer.items())
+              for rel_names in groups_of(model_type, rels)]
     plan = sharding.tp_plan(root, targets, peft=bool(wrapped))
     if plan is not None:
         sharding.check_groups(plan, groups)
@@ -117,9 +117,9 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
             parent = root.get_submodule(parent_path)
             swaps.append((parent, attr, getattr(parent, attr), module))
             setattr(parent, attr, module)
-    hooks = install_hooks(routing, decoder, layers[0])
     overrides = override_methods(model, root, routing, swaps)
-    model.__dict__["_prism_patch"] = _Patch(routing, swaps, hooks, overrides)
+    overrides.hooks += install_hooks(routing, decoder, layers[0])
+    model.__dict__["_prism_patch"] = _Patch(routing, swaps, overrides)
     return model
 
 
@@ -136,8 +136,6 @@ def unpatch_model(model):
     patch = _patch_of(model)
     for parent, attr, original, _ in reversed(patch.swaps):
         setattr(parent, attr, original)
-    for handle in patch.hooks:
-        handle.remove()
     patch.overrides.remove()
     del model.__dict__["_prism_patch"]
     return model

@@ -359,7 +359,7 @@ def train(model, tokenizer, data_dir, output_dir, cfg: TrainConfig | None = None
     feats = []
     for s in range(0, len(everything), 32):
         chunk = everything[s:s + 32]
-        batch = collate([{"input_ids": c["input_ids"]} for c in chunk], pad_id)
+        batch = collate(chunk, pad_id)
         last = torch.tensor([c["prompt_len"] - 1 for c in chunk], device=dev)
         feats.append(gate_features(model, batch["input_ids"].to(dev),
                                    batch["attention_mask"].to(dev), last).float())
