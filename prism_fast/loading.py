@@ -122,12 +122,13 @@ def _match_pattern(patterns: dict, module: str, default):
     return default
 
 
-def _read_adapter(path: Path, use_peft: bool) -> tuple[dict, dict[str, torch.Tensor], object]:
+def _read_adapter(path: Path, raw: dict, weights_file: Path,
+                  use_peft: bool) -> tuple[dict, dict[str, torch.Tensor], object]:
     """(adapter config, adapter weights, pattern lookup) of a PEFT directory whose files exist.
 
     With peft installed, PEFT reads them itself (LoraConfig.from_pretrained fills in its own
     defaults, load_peft_weights its own file formats), so its format cannot drift from ours;
-    without it, the JSON and the weights file are read here."""
+    without it, the config is the JSON already read (`raw`) and `weights_file` is read here."""
     if use_peft:
         from peft import LoraConfig
         from peft.utils import load_peft_weights
@@ -148,11 +149,7 @@ def _read_adapter(path: Path, use_peft: bool) -> tuple[dict, dict[str, torch.Ten
             return patterns.get(key, default)
 
         return config, weights, lookup
-    config = _read_json(path / "adapter_config.json")
-    for fname in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (path / fname).is_file():
-            return config, _load_tensors(path / fname), _match_pattern
-    raise AssertionError("unreachable: load_peft_dir checked the weights file")
+    return raw, _load_tensors(weights_file), _match_pattern
 
 
 def _peft_installed() -> bool:
@@ -174,11 +171,13 @@ def load_peft_dir(path: str | Path, name: str | None = None,
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter: expected a LoRA adapter (peft_type LORA) in {path}, got "
                          f"{raw.get('peft_type')}")
-    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+    weights_file = next((path / f for f in ("adapter_model.safetensors", "adapter_model.bin")
+                         if (path / f).is_file()), None)
+    if weights_file is None:
         raise FileNotFoundError(f"adapter: expected adapter_model.safetensors in {path}, found "
                                 f"none")
-    config, weights, lookup = _read_adapter(path, _peft_installed() if use_peft is None
-                                            else use_peft)
+    config, weights, lookup = _read_adapter(path, raw, weights_file,
+                                            _peft_installed() if use_peft is None else use_peft)
     for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
         if config.get(flag):
             raise ValueError(f"adapter: {flag}=True in {path} is not supported by the gated LoRA "
