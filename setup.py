@@ -1,7 +1,11 @@
 from setuptools import setup
 
-# `kernels/` is installed as `prism_fast.kernels`: a top-level package named `kernels` would
-# shadow Hugging Face's `kernels` package, which transformers probes at import time.
+# The top-level `kernels/` folder is installed as `prism_fast.kernels` and has no __init__.py:
+# run from a checkout (pytest, `python -m bench`), the checkout is on sys.path, and a regular
+# package named `kernels` there would shadow Hugging Face's `kernels` package, which
+# transformers imports. A folder without __init__.py is only a namespace portion, which any
+# installed regular package of that name outranks. In the checkout, prism_fast/kernels is a
+# link to ../kernels, so prism_fast.kernels imports without an install too.
 setup(
     name="prism-fast",
     version="0.1.0",
@@ -19,6 +23,9 @@ setup(
             "peft>=0.13",
             "safetensors",
             "accelerate",
+            # Hugging Face's `kernels`: transformers ≥ 5.25 requires it; listed so that the
+            # tests always run beside it (tests/test_layering.py checks it is not shadowed).
+            "kernels",
             "gguf",          # the real model of the benchmark and the `real` tests (GGUF file)
             "tqdm",
             "pytest",

@@ -258,6 +258,12 @@ def context(args: argparse.Namespace, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         notes.append("interrupted (SIGINT/SIGTERM): partial results")
         status = 130
+    if not any("error" not in r for r in rows):
+        # Nothing measured: write no report that could pass for a result, and end on the cause.
+        cause = next((n for n in reversed(notes) if " failed: " in n),
+                     notes[-1] if notes else "no case ran")
+        print(f"context benchmark: no result; {cause}", flush=True)
+        return status or 1
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     meta["load_average_end"] = _load_average()
     bench_context.add_ratios(rows)
@@ -342,7 +348,10 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
         print(msg, flush=True)
 
     def save(final: bool = False) -> None:
-        """Write the JSON and markdown (after every section, so a cut run keeps its rows)."""
+        """Write the JSON and markdown (after every section, so a cut run keeps its rows);
+        nothing while no case has a result."""
+        if not any("error" not in r for r in rows):
+            return
         report.add_ratios(rows)
         if final:
             try:
@@ -360,6 +369,7 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     # What the later sections need, kept back from the layer sweep (the model build included).
     reserve_e2e = 0.0 if args.no_e2e else (30.0 if not gpu else 70.0 if quick else 100.0)
     reserve_gate = 0.0 if args.no_gate else (5.0 if not gpu else 15.0)
+    status = 0
     log(f"prism_fast bench on {meta['device']} ({'quick' if quick else 'full'} sweep)"
         + ("" if gpu else f"  [{CPU_LABEL}]"))
     try:
@@ -397,17 +407,24 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
             except Exception as e:  # e.g. the model does not fit: the other sections still count
                 notes.append(f"e2e failed: {type(e).__name__}: {e}")
                 log(notes[-1] + "\n" + traceback.format_exc(limit=6))
+                status = 1
     except KeyboardInterrupt:
         notes.append("interrupted (SIGINT/SIGTERM): partial results")
         log(notes[-1])
         save(final=True)
         return 130
+    if not any("error" not in r for r in rows):
+        # Nothing measured: no report that could pass for a result; end on the cause.
+        cause = next((n for n in reversed(notes) if "failed" in n or "skipped" in n),
+                     "no case ran")
+        log(f"sweep: no result; {cause}")
+        return 1
     save(final=True)
     for n in notes:
         log(f"note: {n}")
     log(f"report written to {stem}.md, .json" + (", .png" if stem.with_suffix(".png").exists()
                                                  else "") + f" ({meta['elapsed_s']:.0f} s)")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

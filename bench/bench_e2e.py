@@ -207,8 +207,10 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
-    except ImportError as e:
-        notes.append(f"e2e skipped: {e} (install the [hf] extra)")
+    except ImportError as e:   # name the real exception: a missing package or a broken import
+        missing = isinstance(e, ModuleNotFoundError) and e.name in ("peft", "transformers")
+        notes.append(f"e2e skipped: {type(e).__name__}: {e}"
+                     + (" (install the [hf] extra)" if missing else ""))
         return
     import prism_fast
 

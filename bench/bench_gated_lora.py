@@ -182,7 +182,7 @@ def case_inputs(factory: InputFactory, case: LayerCase) -> list[GroupInputs]:
 
 def check_inputs(groups: list[GroupInputs]) -> None:
     """Validate prepared inputs once, outside the timed loop (the multi-slice op skips checks)."""
-    from prism_fast.kernels import check_gated_lora_args
+    from prism_fast.kernels.gated_lora import check_gated_lora_args
 
     for g in groups:
         scaling = g.scaling[0] if len(g.ws) == 1 else g.scaling

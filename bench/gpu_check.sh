@@ -46,10 +46,9 @@ transformers.__version__, '| peft', peft.__version__, '|', torch.cuda.get_device
 
 echo "== install" | tee -a "$log"
 if ! timeout 60 python -m pip install --no-deps --no-build-isolation -q -e . >>"$log" 2>&1; then
-    # Seen with an old setuptools and no `wheel` package: run from the source tree instead,
-    # with prism_fast.kernels linked to kernels/ as setup.py's package_dir maps it.
+    # Seen with an old setuptools and no `wheel` package: run from the source tree instead
+    # (prism_fast/kernels is a link to kernels/ in the checkout, as setup.py maps it).
     echo "install FAILED: running from the source tree" | tee -a "$log"
-    [ -e prism_fast/kernels ] || ln -s ../kernels prism_fast/kernels
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 

@@ -96,7 +96,7 @@ class Problem:
                              props.multi_processor_count, table=table)
 
     def run(self, config: dict) -> None:
-        from prism_fast.kernels import add_gated_lora_
+        from prism_fast.kernels.gated_lora import add_gated_lora_
 
         add_gated_lora_(self.ys, self.x, self.a, self.b, self.scaling, self.ids, False, config)
 

@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from prism_fast import distill, reference
-from prism_fast.kernels import (
+from prism_fast.kernels.gated_lora import (
     GatedLoraLauncher,
     check_gated_lora_args,
-    check_prism_gate_args,
-    check_topk_distill_args,
     gated_lora_linear_triton,
     ids_per_sequence,
-    prism_gate_triton,
+)
+from prism_fast.kernels.prism_gate import check_prism_gate_args, prism_gate_triton
+from prism_fast.kernels.topk_distill import (
+    check_topk_distill_args,
     topk_distill_backward,
     topk_distill_forward,
 )

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {"torch", "triton", "__future__", "functools", "json", "math", "os", "pathlib",
            "typing", "dataclasses", "weakref"}
@@ -37,5 +39,54 @@ def test_importing_kernels_pulls_in_neither_transformers_nor_peft():
 def test_kernels_is_installed_under_prism_fast_not_top_level():
     import prism_fast.kernels
 
-    # resolve(): bench/gpu_check.sh, where an install fails, links prism_fast/kernels → kernels
-    assert Path(prism_fast.kernels.__file__).resolve().parent == (ROOT / "kernels").resolve()
+    # A namespace package (no __init__.py: see setup.py), found in the checkout's kernels/.
+    paths = [Path(p).resolve() for p in prism_fast.kernels.__path__]
+    assert paths == [(ROOT / "kernels").resolve()]
+    assert not (ROOT / "kernels" / "__init__.py").exists(), \
+        "kernels/__init__.py would shadow Hugging Face's `kernels` when the checkout is on sys.path"
+
+
+# Run from the repository root, where the README runs pytest and `python -m bench`: the checkout
+# is on sys.path there, ahead of site-packages.
+_FROM_ROOT = """
+import importlib.metadata, pathlib, sys
+import kernels
+dist = importlib.metadata.distribution("kernels")
+assert pathlib.Path(kernels.__file__).resolve().is_relative_to(
+    pathlib.Path(dist.locate_file("")).resolve()), ("shadowed", kernels.__path__)
+import transformers.activations
+import torch
+import prism_fast
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+model = LlamaForCausalLM(config).eval()
+from peft import LoraConfig, get_peft_model
+lora = LoraConfig(r=4, lora_alpha=8, layers_to_transform=[1],
+                  target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+pm = get_peft_model(model, lora, adapter_name="persona_expert")
+prism_fast.patch_model(pm)
+ids = torch.randint(0, 50, (2, 6))
+out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                  do_sample=False)
+assert out.shape == (2, 9), out.shape
+print("ok", prism_fast.get_routes(pm).tolist())
+"""
+
+
+def test_readme_commands_work_from_the_repository_root_beside_hf_kernels():
+    """transformers ≥ 5.25 imports Hugging Face's `kernels`; the checkout's kernels/ must not
+    shadow it. A fresh interpreter, working directory = the repository root, `-c` (so that '' —
+    the root — leads sys.path, as for pytest and `python -m bench`)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("Hugging Face's `kernels` is not installed: pip install -e '.[dev]' "
+                    "installs it (transformers ≥ 5.25 requires it)")
+    done = subprocess.run([sys.executable, "-c", _FROM_ROOT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import prism_fast.kernels  # noqa: F401  registers torch.ops.prism_fast.*
+import prism_fast  # noqa: F401  its ops module registers torch.ops.prism_fast.*
 from tests.helpers import make_ids, make_lora
 
 TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
