@@ -132,8 +132,8 @@ def tune(model, *, budget_s: float = BUDGET_S, directory: Path | None = None,
     `timer(shape, m, path)` (µs or None for a failure) replaces the CUDA-graph timing, and
     `device_name` / `sms` the GPU's, for tests. Choices are read from the cache file when one
     exists for this GPU, these shapes and this Triton version; a run cut short by `budget_s`
-    stores nothing, so that the
-    next run times everything again (Triton's own disk cache makes its compiles quick then).
+    stores nothing, so that the next run times everything again (Triton's own disk cache makes
+    its compiles quick then).
     """
     shapes = group_shapes(model)
     directory = None if directory is None else Path(directory)
