@@ -179,8 +179,13 @@ def check_model(model) -> None:
     if not isinstance(head, nn.Linear):
         raise ValueError(f"model: expected an nn.Linear lm_head, got {type(head).__name__}")
     ids = torch.arange(min(8, head.weight.shape[0]), device=head.weight.device)[None]   # [1, 8]
-    own = root(input_ids=ids).logits.float()
-    ours = head_logits(root, decoder(input_ids=ids).last_hidden_state).float()
+    training = root.training
+    root.eval()                      # dropout would make the two forwards differ
+    try:
+        own = root(input_ids=ids).logits.float()
+        ours = head_logits(root, decoder(input_ids=ids).last_hidden_state).float()
+    finally:
+        root.train(training)
     if not torch.allclose(ours, own, rtol=1e-2, atol=1e-2 * float(own.abs().max())):
         raise ValueError(f"model: {type(root).__name__}'s logits are not lm_head(hidden states) "
                          f"(soft-capped where the config says so); prism_fast.train cannot "
