@@ -213,3 +213,24 @@ def test_model_whose_logits_are_not_its_head_is_refused():
     model.config.final_logit_softcapping = 0.5      # claimed, never applied by Llama
     with pytest.raises(ValueError, match="model: LlamaForCausalLM's logits are not lm_head"):
         T.check_model(model)
+
+
+def test_teacher_files_are_read_and_their_ids_checked(tmp_path):
+    data = stage2(tmp_path / "data")
+    (data / "teacher_logits_topk").mkdir()
+    for i in range(len(DISTILL)):
+        torch.save({"topk_values": torch.randn(30, 8).half(),
+                    "topk_indices": torch.randint(0, VOCAB, (30, 8)).int(), "prompt_len": 5},
+                   data / "teacher_logits_topk" / f"sample_{i}.pt")
+    cfg = T.TrainConfig(**TINY)
+    out = T.train(base_model("llama"), tokenizer(), data, tmp_path / "out", cfg, teacher="files",
+                  progress=False)
+    assert json.loads((out / "gated_lora_config.json").read_text())["teacher"] == "files"
+    bad = data / "teacher_logits_topk" / "sample_1.pt"
+    torch.save({"topk_values": torch.randn(3, 8).half(),
+                "topk_indices": torch.full((3, 8), -1, dtype=torch.int32), "prompt_len": 5}, bad)
+    with pytest.raises(ValueError, match=r"teacher file .*sample_1.pt: expected topk_indices in "
+                                         r"0…96 \(the model's vocabulary\), got -1…-1"):
+        T.train(base_model("llama"), tokenizer(), data, tmp_path / "out2", cfg, teacher="files",
+                progress=False)
+    assert not (tmp_path / "out2").exists()
