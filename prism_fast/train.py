@@ -18,6 +18,12 @@ Differences from the official `prism/run_gated_lora.py`, each on purpose:
 - gate features run the embeddings and decoder layer 0 only, at the last prompt token (where
   prism_fast's routing reads them); the official code runs every layer and reads the last
   non-pad token of prompt + response. The best-accuracy gate is kept.
+
+Arguments, the data and the output folder are checked before any work. The output is written
+into a temporary sibling folder and renamed into place when complete (an interrupted run leaves
+the previous output whole); an existing output is replaced only with `overwrite=True`
+(`--overwrite`). Samples that cannot train (the prompt fills max_len, or longer than the model's
+positions) are skipped with a warning and counted in gated_lora_config.json ("n_skipped").
 """
 
 from __future__ import annotations
