@@ -27,6 +27,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -92,6 +93,17 @@ def _list(kind):
     return lambda s: [kind(v) for v in s.split(",") if v]
 
 
+def _positive(s: str) -> int:
+    """A positive integer, or argparse's clear error ("argument --rank: expected …")."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {v}")
+    return v
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -108,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="context benchmark on CPU: also batch 8 with the 4k context (minutes "
                            "more). Sweep: every shape, rank, dtype and mode (default on a GPU), "
                            "most important cases first so that --time-budget cuts the least useful")
-    p.add_argument("--rounds", type=int, metavar="N",
+    p.add_argument("--rounds", type=_positive, metavar="N",
                    help="context benchmark: interleaved rounds per case (default 3); medians")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to run (default: cuda if available)")
@@ -120,20 +132,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--providers", type=_list(str),
                    help=f"layer providers: {', '.join(bench_gated_lora.PROVIDERS)} (prism_fast needs "
                         "CUDA: Triton on CPU is only its interpreter, not a timing)")
-    p.add_argument("--m", type=_list(int), metavar="M", help="rows: tokens in the batch")
+    p.add_argument("--m", type=_list(_positive), metavar="M", help="rows: tokens in the batch")
     p.add_argument("--share", type=_list(float), metavar="S", help="open shares in [0, 1]")
-    p.add_argument("--rank", type=_list(int), metavar="R", help="LoRA ranks")
-    p.add_argument("--adapters", type=_list(int), metavar="L", help="numbers of stacked adapters")
+    p.add_argument("--rank", type=_list(_positive), metavar="R", help="LoRA ranks")
+    p.add_argument("--adapters", type=_list(_positive), metavar="L", help="numbers of stacked adapters")
     p.add_argument("--dtypes", type=_list(str), help=f"{', '.join(DTYPES)}; the first is the "
                    "headline dtype (default bf16,fp16 on GPU, fp32 on CPU)")
     p.add_argument("--modes", type=_list(str), help="eager, graph (CUDA graphs: GPU only)")
-    p.add_argument("--gate-batch", type=_list(int), metavar="B", help="gate batch sizes")
+    p.add_argument("--gate-batch", type=_list(_positive), metavar="B", help="gate batch sizes")
     p.add_argument("--no-layer", action="store_true", help="skip the layer benchmarks")
     p.add_argument("--no-gate", action="store_true", help="skip the gate benchmark")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
     p.add_argument("--e2e-model", choices=["llama3-8b", "smollm2-135m", "tiny"],
                    help="end-to-end model shape (default llama3-8b on GPU, tiny on CPU)")
-    p.add_argument("--e2e-layers", type=int, help="decoder layers (default: the model's)")
+    p.add_argument("--e2e-layers", type=_positive, help="decoder layers (default: the model's)")
     p.add_argument("--e2e-providers", type=_list(str),
                    help=f"end-to-end providers: {', '.join(bench_e2e.PROVIDERS)}")
     p.add_argument("--out", type=Path, metavar="DIR",
@@ -189,7 +201,7 @@ def _run_meta(args: argparse.Namespace, device: torch.device, gpu: bool, prefix:
     """(the results' path stem, the metadata every results file starts with): the output
     folder (bench/results, or its cpu/ folder off a GPU), device, date, versions, git, command."""
     out_dir = args.out or (RESULTS if gpu else RESULTS / "cpu")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir)
     dev = device_meta(device)
     today = datetime.date.today()
     sha, dirty = git_info()
@@ -200,10 +212,23 @@ def _run_meta(args: argparse.Namespace, device: torch.device, gpu: bool, prefix:
     return out_dir / f"{prefix}{dev['slug']}-{today:%Y%m%d}", meta
 
 
+def _check_writable(out_dir: Path) -> None:
+    """--out: created and written to once before anything is measured (SystemExit naming it)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise SystemExit(f"--out: cannot write in {out_dir} ({e.strerror or e})") from None
+
+
 def _device(choice: str) -> torch.device:
-    """--device: "auto" is CUDA where there is one, else the CPU."""
+    """--device: "auto" is CUDA where there is one, else the CPU; "cuda" needs one."""
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to torch "
+                         "(torch.cuda.is_available() is False); use --device cpu or auto")
     return torch.device(choice)
 
 
@@ -350,16 +375,18 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
     def save(final: bool = False) -> None:
         """Write the JSON and markdown (after every section, so a cut run keeps its rows);
         nothing while no case has a result."""
+        # A row an interrupt cut short (no time, no error) is no result: dropped.
+        rows[:] = [r for r in rows if "median_us" in r or r.get("error")]
         if not any("error" not in r for r in rows):
             return
         report.add_ratios(rows)
+        meta["elapsed_s"] = round(time.monotonic() - started, 1)
         if final:
             try:
                 if report.plot(meta, rows, stem.with_suffix(".png")):
                     log(f"plot: {stem.with_suffix('.png')}")
             except ImportError:
                 notes.append("plot skipped: matplotlib is not installed")
-        meta["elapsed_s"] = round(time.monotonic() - started, 1)
         report.write_json(stem.with_suffix(".json"), meta, rows, notes)
         stem.with_suffix(".md").write_text(report.markdown(meta, rows, notes))
 

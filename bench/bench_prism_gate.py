@@ -59,14 +59,15 @@ def run_gate_bench(models: list[str], batches: list[int], dtypes: list[str], pro
                     for mode in modes:
                         row = dict(bench="gate", **asdict(case), hidden=hidden, provider=provider,
                                    mode=mode, case_key=f"gate|{model}|B={batch}|{dtype}|{mode}")
-                        rows.append(row)
                         try:
                             tm = measure(gate_fn(provider, h, gate), device, mode, timer)
                         except Exception as e:  # one shot on a GPU: record it, keep going
                             row["error"] = f"{type(e).__name__}: {e}"
+                            rows.append(row)
                             log(f"[gate] {provider}/{mode} FAILED on {case}: {row['error']}")
                             summary.append(f"{provider}/{mode} FAILED")
                             continue
-                        row.update(asdict(tm))
+                        # Appended once measured: an interrupt never leaves a row without a time.
+                        rows.append({**row, **asdict(tm)})
                         summary.append(f"{provider}/{mode} {tm.median_us:.1f}")
                 log(f"[gate] {model} H={hidden} B={batch} {dtype}: " + ", ".join(summary) + " µs")

@@ -143,8 +143,9 @@ def gate_table(rows: list[dict]) -> str:
             r = rs.get(p)
             if r and r.get("error"):
                 line.append("error")
-            else:
-                line.append(f"{r['median_us']:.1f} ({_fmt(r['ratio'], '.2f')})" if r else "–")
+            else:   # a row cut short by an interrupt has no time: "–"
+                line.append(f"{r['median_us']:.1f} ({_fmt(r.get('ratio'), '.2f')})"
+                            if r and r.get("median_us") is not None else "–")
         body.append(line)
     return _table(header, body)
 

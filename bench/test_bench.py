@@ -128,3 +128,66 @@ def test_e2e_decode(benchmark, models, provider: str):
     finally:
         if patched:
             prism_fast.unpatch_model(peft_model)
+
+
+# ---- the command line on bad input and on an interrupt (not benchmarks) --------------------------
+
+def _main(argv):
+    from bench.__main__ import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize("flag", ["--rank", "--m", "--adapters", "--gate-batch", "--rounds"])
+def test_cli_refuses_non_positive_sizes(flag, capsys):
+    with pytest.raises(SystemExit):
+        _main(["--sweep", flag, "0"])
+    assert f"argument {flag}: expected positive integers, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(GPU, reason="checks the message given without CUDA")
+def test_cli_device_cuda_without_cuda():
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
+        _main(["--sweep", "--device", "cuda"])
+
+
+def test_cli_out_unwritable_is_found_before_measuring(tmp_path, monkeypatch):
+    import bench.__main__ as cli
+
+    monkeypatch.setattr(cli, "device_limits", lambda *a: pytest.fail("measuring started"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="--out: cannot write in .*a_file"):
+        _main(["--sweep", "--device", "cpu", "--out", str(tmp_path / "a_file" / "out")])
+
+
+def test_interrupt_in_the_gate_section_keeps_what_was_measured(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the gate section: the gates timed so far are in the JSON, the
+    markdown and the plot, and no row is left without a time."""
+    import bench.__main__ as cli
+    from bench.common import Timing
+
+    gate_calls = []
+
+    def measure_gate(*a, **k):
+        gate_calls.append(1)
+        if len(gate_calls) == 3:                 # B = 1 timed for both providers, then Ctrl-C
+            raise KeyboardInterrupt
+        return Timing(10.0 + len(gate_calls), 9.0, 12.0)
+
+    monkeypatch.setattr(cli, "device_limits", lambda *a: {
+        "copy_gbps": 1.0, "matmul_tflops": 1.0, "copy_bytes": 1, "matmul_n": 1,
+        "matmul_dtype": "float32"})
+    monkeypatch.setattr(bench_gated_lora, "measure", lambda *a, **k: Timing(20.0, 19.0, 21.0))
+    monkeypatch.setattr(bench_prism_gate, "measure", measure_gate)
+    status = _main(["--sweep", "--device", "cpu", "--projections", "layer", "--m", "1,8",
+                    "--share", "1", "--no-e2e", "--out", str(tmp_path)])
+    assert status == 130
+    (md,) = tmp_path.glob("cpu-*.md")
+    data = __import__("json").loads(md.with_suffix(".json").read_text())
+    gate_rows = [r for r in data["rows"] if r["bench"] == "gate"]
+    assert len(gate_rows) == 2 and all(r["median_us"] for r in gate_rows)
+    assert all("median_us" in r or r.get("error") for r in data["rows"])
+    text = md.read_text()
+    assert "interrupted" in text and "PRISM gate" in text and "11.0" in text
+    pytest.importorskip("matplotlib")
+    assert md.with_suffix(".png").is_file()

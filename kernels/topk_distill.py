@@ -23,6 +23,8 @@ sync) never reads memory: its entry is dropped from both softmaxes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -123,10 +125,14 @@ def check_topk_distill_args(hidden: torch.Tensor, head_weight: torch.Tensor,
     expect(teacher_indices.shape == teacher_values.shape, ValueError,
            f"teacher_indices: expected shape {tuple(teacher_values.shape)} (that of "
            f"teacher_values), got {tuple(teacher_indices.shape)}")
-    expect(isinstance(temperature, (int, float)) and temperature > 0, ValueError,
-           f"temperature: expected a positive number, got {temperature!r}")
+    expect(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+           and math.isfinite(temperature) and temperature > 0, ValueError,
+           f"temperature: expected a positive finite number, got {temperature!r}")
     if mask is not None:
-        check_tensor("mask", mask, hidden, "hidden", 1, torch.bool)
+        check_tensor("mask", mask, hidden, "hidden", 1)
+        expect(mask.dtype == torch.bool, TypeError,
+               lambda: f"mask: expected a torch.bool tensor (True: the position counts), got "
+                       f"{mask.dtype}; pass mask.bool()")
         expect(mask.shape[0] == n, ValueError, f"mask: expected shape ({n},), got {tuple(mask.shape)}")
     check_range("teacher_indices", teacher_indices, 0, head_weight.shape[0] - 1,
                 "rows of head_weight")

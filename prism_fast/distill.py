@@ -10,7 +10,6 @@ elements, in the forward and again in the backward (nothing [N, k, H] is kept fo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # Gathered fp32 head rows per chunk: 4 MiB. Measured on this project's 2-core CPU (forward +
 # backward, k = 64): 1 << 20 took 55 ms where 1 << 24 (64 MiB) took 122 ms at N = 1024,
@@ -27,10 +26,12 @@ def _chunks(n: int, k: int, h: int):
 def forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
             teacher_values: torch.Tensor, teacher_indices: torch.Tensor, temperature: float,
             mask: torch.Tensor | None):
-    """kl [N], p_s, p_t [N, k] (fp32)."""
+    """kl [N], p_s, p_t [N, k] (fp32). An index outside 0…V−1 is dropped from both softmaxes
+    and reads nothing, as in the Triton kernel (the host range check is skipped under
+    torch.compile and for device tensors)."""
     n, h = hidden.shape
     k = teacher_indices.shape[1]
-    idx = teacher_indices.long()
+    valid, idx = _valid(teacher_indices, head_weight.shape[0])               # [N, k]
     logits = torch.empty(n, k, dtype=torch.float32, device=hidden.device)   # [N, k]
     for lo, hi in _chunks(n, k, h):
         rows = head_weight[idx[lo:hi]].float()                                # [c, k, H]
@@ -38,13 +39,29 @@ def forward(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Te
         del rows                          # one chunk alive at a time, not the next one beside it
     if head_bias is not None:
         logits += head_bias[idx].float()
-    log_ps = F.log_softmax(logits / temperature, dim=-1)
-    log_pt = F.log_softmax(teacher_values.float() / temperature, dim=-1)
+    log_ps = _masked_log_softmax(logits / temperature, valid)
+    log_pt = _masked_log_softmax(teacher_values.float() / temperature, valid)
     p_t = log_pt.exp()
-    kl = temperature**2 * (p_t * (log_pt - log_ps)).sum(dim=-1)
+    kl = temperature**2 * torch.where(valid, p_t * (log_pt - log_ps), 0.0).sum(dim=-1)
     if mask is not None:
         kl = torch.where(mask, kl, torch.zeros_like(kl))
     return kl, log_ps.exp(), p_t
+
+
+def _valid(teacher_indices: torch.Tensor, n_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid [N, k] bool, indices [N, k] int64 with the invalid ones replaced by row 0)."""
+    idx = teacher_indices.long()
+    valid = (idx >= 0) & (idx < n_vocab)
+    return valid, torch.where(valid, idx, 0)
+
+
+def _masked_log_softmax(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the valid entries: −inf elsewhere (p = 0), and a row with none valid
+    gives −inf everywhere rather than NaN (its KL is 0, as in the kernel)."""
+    x = torch.where(valid, x, float("-inf"))
+    top = x.amax(dim=-1, keepdim=True)
+    x = x - torch.where(torch.isfinite(top), top, 0.0)
+    return x - torch.logsumexp(x, dim=-1, keepdim=True).nan_to_num(neginf=0.0)
 
 
 def backward(grad_kl: torch.Tensor, hidden: torch.Tensor, head_weight: torch.Tensor,
@@ -55,7 +72,7 @@ def backward(grad_kl: torch.Tensor, hidden: torch.Tensor, head_weight: torch.Ten
     k = teacher_indices.shape[1]
     g = grad_kl.float() if mask is None else torch.where(mask, grad_kl.float(), 0.0)
     ds = (p_s - p_t) * (g * temperature)[:, None]                            # [N, k]
-    idx = teacher_indices.long()
+    _, idx = _valid(teacher_indices, head_weight.shape[0])   # dropped entries: p_s = p_t = 0
     grad_h = torch.empty(n, h, dtype=torch.float32, device=hidden.device)   # [N, H]
     for lo, hi in _chunks(n, k, h):
         rows = head_weight[idx[lo:hi]].float()                                # [c, k, H]

@@ -18,26 +18,44 @@ Differences from the official `prism/run_gated_lora.py`, each on purpose:
 - gate features run the embeddings and decoder layer 0 only, at the last prompt token (where
   prism_fast's routing reads them); the official code runs every layer and reads the last
   non-pad token of prompt + response. The best-accuracy gate is kept.
+
+Arguments, the data and the output folder are checked before any work. The output is written
+into a temporary sibling folder and renamed into place when complete (an interrupted run leaves
+the previous output whole); an existing output is replaced only with `overwrite=True`
+(`--overwrite`). Samples that cannot train (the prompt fills max_len, or longer than the model's
+positions) are skipped with a warning and counted in gated_lora_config.json ("n_skipped").
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from prism_fast import train_output
 from prism_fast.hf import decoder_and_root
 from prism_fast.ops import topk_distill_loss
 
-TEACHER_TOPK = 64
+# Re-exported: prism_fast.train is the trainer's one public module.
+from prism_fast.train_data import (  # noqa: F401
+    TEACHER_TOPK,
+    build_samples,
+    check_model,
+    collate,
+    context_teacher,
+    encode,
+    head_logits,
+    load_stage2,
+    load_teacher_file,
+    logit_cap,
+)
+from prism_fast.train_gate import BinaryGate, gate_features, stage_a, train_gate  # noqa: F401
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -67,140 +85,29 @@ class TrainConfig:
     seed: int = 0
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- checks
 
-def encode(tokenizer, system: str | None, instruction: str, output: str | None,
-           max_len: int | None) -> tuple[torch.Tensor, int]:
-    """(input_ids [T], prompt_len) as the official `_format_to_ids`: the chat template over
-    system (an explicit "" when cleared) + user (+ assistant), truncated to max_len if given."""
-    def text(with_output: bool) -> str:
-        msgs = [] if system is None else [{"role": "system", "content": system}]
-        msgs.append({"role": "user", "content": instruction})
-        if with_output:
-            msgs.append({"role": "assistant", "content": output})
-        return tokenizer.apply_chat_template(msgs, tokenize=False,
-                                             add_generation_prompt=not with_output)
-    ids = tokenizer(text(True), truncation=max_len is not None, max_length=max_len,
-                    return_tensors="pt").input_ids[0]
-    prompt_len = len(tokenizer(text(False), return_tensors="pt").input_ids[0])
-    return ids, prompt_len
+_POSITIVE_INTS = ("epochs", "micro_batch", "max_batch_tokens", "max_len", "lora_r", "gate_epochs")
+_POSITIVE_FLOATS = ("lr", "lora_alpha", "temperature", "max_grad_norm", "gate_lr")
 
 
-def load_stage2(data_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
-    """distill_set.json (gate 1) and retain_set.json (gate 0, optional) of an official Stage 2."""
-    data_dir = Path(data_dir)
-    distill_path = data_dir / "distill_set.json"
-    if not distill_path.is_file():
-        raise FileNotFoundError(f"data_dir: expected {distill_path} (official Stage 2 output), "
-                                f"not found")
-    distill = json.loads(distill_path.read_text())
-    retain_path = data_dir / "retain_set.json"
-    retain = json.loads(retain_path.read_text()) if retain_path.is_file() else []
-    return distill, retain
-
-
-def load_teacher_file(path: str | os.PathLike) -> dict:
-    """One official teacher file: topk_values [L, k] fp16, topk_indices [L, k], prompt_len."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"teacher file: expected {path}, not found")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("topk_values", "topk_indices", "prompt_len"):
-        if key not in data:
-            raise ValueError(f"teacher file {path}: expected key {key!r}, got {sorted(data)}")
-    return data
-
-
-@torch.no_grad()
-def context_teacher(model, ids: torch.Tensor, prompt_len: int, k: int = TEACHER_TOPK) -> dict:
-    """Teacher top-k at the response positions of `ids` (the prompt *with* the persona)."""
-    root, decoder, _ = decoder_and_root(model)
-    hidden = decoder(input_ids=ids[None]).last_hidden_state[0, prompt_len - 1:-1]    # [L, H]
-    logits = root.lm_head(hidden)                                                    # [L, V]
-    vals, idx = logits.float().topk(k, dim=-1)
-    return {"topk_values": vals.half(), "topk_indices": idx.int(), "prompt_len": prompt_len}
-
-
-# ----------------------------------------------------------------------------- Stage A
-
-class _Stop(Exception):
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
-
-
-@torch.no_grad()
-def gate_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  last: torch.Tensor) -> torch.Tensor:
-    """hidden_states[1] (decoder layer 0's output) at positions `last` [B]: [B, H].
-
-    Runs the embeddings and layer 0 only: a hook on layer 0 stops the forward there (the
-    official `get_hidden_state` runs every layer with output_hidden_states=True).
-    """
-    _, decoder, layers = decoder_and_root(model)
-
-    def stop(_module, _args, out):
-        raise _Stop(out[0] if isinstance(out, tuple) else out)
-
-    handle = layers[0].register_forward_hook(stop)
-    try:
-        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        raise RuntimeError("gate_features: decoder layer 0 never ran")
-    except _Stop as s:
-        hidden = s.hidden                                                   # [B, T, H]
-    finally:
-        handle.remove()
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-class BinaryGate(nn.Module):
-    """PRISM's BinaryGate: `gate.0` Linear(H, 256) → GELU → Dropout(0.1) → `gate.3`
-    Linear(256, C), built as the official code builds it, so its state_dict has exactly the keys
-    of `gate.pt`."""
-
-    def __init__(self, hidden: int, classes: int = 2, width: int = 256):
-        super().__init__()
-        self.gate = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Dropout(0.1),
-                                  nn.Linear(width, classes))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, H] → [B, C] logits
-        return self.gate(h)
-
-
-def train_gate(features: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig,
-               dtype: torch.dtype = torch.float32) -> tuple[dict, float]:
-    """Stage A as the official `_train_gate_only`: class weights N / (2 N_c), AdamW (wd 0.01),
-    cosine schedule, clipping 1.0, batch min(32, N), target accuracy and patience; returns the
-    best-accuracy state dict and that accuracy (%)."""
-    n = features.shape[0]
-    gate = BinaryGate(features.shape[1]).to(features.device, dtype)
-    n_pos = int(targets.sum())
-    weights = torch.tensor([n / (2.0 * max(n - n_pos, 1)), n / (2.0 * max(n_pos, 1))],
-                           device=features.device, dtype=dtype)
-    opt = torch.optim.AdamW(gate.parameters(), lr=cfg.gate_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.gate_epochs)
-    batch = min(32, n)
-    best, best_state, no_improve = -1.0, None, 0
-    for _ in range(cfg.gate_epochs):
-        gate.train()
-        perm = torch.randperm(n)
-        correct = 0
-        for s in range(0, n, batch):
-            i = perm[s:s + batch]
-            logits = gate(features[i].to(dtype))
-            loss = F.cross_entropy(logits, targets[i], weight=weights)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(gate.parameters(), 1.0)
-            opt.step()
-            correct += int((logits.argmax(-1) == targets[i]).sum())
-        sched.step()
-        acc = 100.0 * correct / n
-        if acc > best:
-            best, best_state, no_improve = acc, copy.deepcopy(gate.state_dict()), 0
-        else:
-            no_improve += 1
-        if acc >= cfg.gate_target_acc or (no_improve >= cfg.gate_patience and acc > 85.0):
-            break
-    return best_state, best
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the field, what was expected and what was given; before any work."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+    for name in _POSITIVE_INTS:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    for name in _POSITIVE_FLOATS:
+        v = getattr(cfg, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name}: expected a positive finite number, got {v!r}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout: expected a number in [0, 1), got {cfg.lora_dropout!r}")
+    if cfg.weight_decay < 0 or cfg.gate_patience < 0:
+        raise ValueError(f"weight_decay / gate_patience: expected ≥ 0, got {cfg.weight_decay!r} "
+                         f"/ {cfg.gate_patience!r}")
 
 
 # ----------------------------------------------------------------------------- Stage B
@@ -216,22 +123,11 @@ def add_lora(model, cfg: TrainConfig):
     return get_peft_model(model, config, adapter_name="persona_expert")
 
 
-def collate(samples: list[dict], pad_id: int) -> dict:
-    """Right-padded input_ids / attention_mask [B, T] plus each sample's teacher and prompt_len."""
-    t = max(len(s["input_ids"]) for s in samples)
-    ids = torch.full((len(samples), t), pad_id, dtype=torch.long)
-    att = torch.zeros(len(samples), t, dtype=torch.long)
-    for b, s in enumerate(samples):
-        ids[b, :len(s["input_ids"])] = s["input_ids"]
-        att[b, :len(s["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": att, "samples": samples}
-
-
 def distill_loss(model, batch: dict, temperature: float) -> torch.Tensor:
     """Mean over the batch's samples of the official per-sample loss, with one padded forward
     and the student's logits only at the teacher's top-k ids (never [T, V])."""
     root, decoder, _ = decoder_and_root(model)
-    head = root.lm_head
+    head, cap = root.lm_head, logit_cap(root)
     dev = head.weight.device
     # No attention mask, on purpose: the batch is right-padded and attention is causal, so every
     # pad comes after all of its row's real tokens and no real position can attend to it;
@@ -254,10 +150,25 @@ def distill_loss(model, batch: dict, temperature: float) -> torch.Tensor:
         weight.append(torch.full((n,), 1.0 / (n * len(samples)), device=dev))
     if not rows:
         return hidden.sum() * 0.0
-    per_row = topk_distill_loss(torch.cat(rows), head.weight, head.bias,
-                                torch.cat(vals).to(dev), torch.cat(idx).to(dev), temperature,
-                                reduction="none")
+    args = (torch.cat(rows), head.weight, head.bias, torch.cat(vals).to(dev),
+            torch.cat(idx).to(dev), temperature)
+    per_row = topk_distill_loss(*args, reduction="none") if cap is None \
+        else capped_topk_kl(*args, cap)
     return (per_row * torch.cat(weight)).sum()
+
+
+def capped_topk_kl(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   values: torch.Tensor, indices: torch.Tensor, temperature: float,
+                   cap: float) -> torch.Tensor:
+    """kl [N] of `topk_distill_loss` with the student's logits soft-capped as the model's are
+    (Gemma-2): by autograd over the gathered head rows [N, k, H] (no fused kernel)."""
+    s = torch.bmm(weight[indices], hidden[:, :, None])[..., 0]                     # [N, k]
+    if bias is not None:
+        s = s + bias[indices]
+    s = cap * torch.tanh(s.float() / cap)
+    log_ps = F.log_softmax(s / temperature, dim=-1)
+    log_pt = F.log_softmax(values.float() / temperature, dim=-1)
+    return temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
 
 
 def forward_groups(samples: list[dict], max_tokens: int) -> list[list[dict]]:
@@ -324,63 +235,42 @@ def train_lora(model, samples: list[dict], cfg: TrainConfig, pad_id: int, progre
 # ----------------------------------------------------------------------------- pipeline
 
 def train(model, tokenizer, data_dir, output_dir, cfg: TrainConfig | None = None,
-          teacher: str = "context", progress: bool = True) -> Path:
-    """Both stages from an official Stage 2 directory; writes the official output layout."""
-    cfg = cfg or TrainConfig()
+          teacher: str = "context", progress: bool = True, overwrite: bool = False) -> Path:
+    """Both stages from an official Stage 2 directory; writes the official output layout into a
+    temporary sibling of `output_dir`, renamed into place when complete. An existing training
+    output is replaced only with `overwrite=True`. Everything is checked before any work."""
+    cfg = TrainConfig() if cfg is None else cfg
+    check_config(cfg)
     if teacher not in ("context", "files"):
         raise ValueError(f"teacher: expected 'context' or 'files', got {teacher!r}")
-    torch.manual_seed(cfg.seed)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     distill, retain = load_stage2(data_dir)
+    check_model(model)
+    out = train_output.check(output_dir, overwrite)
+    torch.manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dev = next(model.parameters()).device
-
-    samples = []
-    for i, s in enumerate(distill):
-        ids, pl = encode(tokenizer, "", s["instruction"], s["output"], cfg.max_len)
-        if teacher == "files":
-            t = load_teacher_file(Path(data_dir) / "teacher_logits_topk" / f"sample_{i}.pt")
-        else:
-            # The persona lengthens the prompt: keep exactly the student's response tokens.
-            t_ids, t_pl = encode(tokenizer, s.get("system", ""), s["instruction"], s["output"],
-                                 None)
-            t = context_teacher(model, t_ids[:t_pl + len(ids) - pl].to(dev), t_pl)
-        samples.append({"input_ids": ids, "prompt_len": pl, "gate_target": 1,
-                        "topk_values": t["topk_values"].float(),
-                        "topk_indices": t["topk_indices"].long()})
-    retain_samples = []
-    for s in retain:
-        ids, pl = encode(tokenizer, "", s["instruction"], s["output"], cfg.max_len)
-        retain_samples.append({"input_ids": ids, "prompt_len": pl, "gate_target": 0})
-
-    # Stage A: features at each sample's last prompt token, micro-batches of 32.
-    everything = samples + retain_samples
-    feats = []
-    for s in range(0, len(everything), 32):
-        chunk = everything[s:s + 32]
-        batch = collate(chunk, pad_id)
-        last = torch.tensor([c["prompt_len"] - 1 for c in chunk], device=dev)
-        feats.append(gate_features(model, batch["input_ids"].to(dev),
-                                   batch["attention_mask"].to(dev), last).float())
-    targets = torch.tensor([c["gate_target"] for c in everything], device=dev)
-    gate_state, gate_acc = train_gate(torch.cat(feats), targets, cfg)
-    torch.save(gate_state, out / "gate.pt")
-
-    # Stage B.
-    model = add_lora(model, cfg)
-    history = train_lora(model, samples, cfg, pad_id, progress)
-    model.save_pretrained(out)
-    (out / "gated_lora_config.json").write_text(json.dumps({
-        "architecture": "GatedSingleLoRA_TwoStage", "model": str(model.config.name_or_path),
-        "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_epochs": cfg.epochs,
-        "gate_epochs": cfg.gate_epochs, "learning_rate": cfg.lr, "gate_lr": cfg.gate_lr,
-        "temperature": cfg.temperature, "n_distill": len(distill), "n_retain": len(retain),
-        "final_gate_acc": gate_acc, "gate_target_acc": cfg.gate_target_acc,
-        "training": "two-stage (A: router → B: LoRA)", "teacher": teacher,
-        "loss_type": "KL distillation, top-k (prism_fast)", "final_kl": history[-1] if history
-        else None, "prism_fast_config": asdict(cfg)}, indent=2))
-    return out
+    tmp = train_output.start(out)
+    try:
+        samples, retain_samples, skipped = build_samples(model, tokenizer, data_dir, distill,
+                                                         retain, cfg, teacher)
+        gate_state, gate_acc = stage_a(model, samples + retain_samples, cfg, pad_id)
+        torch.save(gate_state, tmp / "gate.pt")
+        model = add_lora(model, cfg)
+        history = train_lora(model, samples, cfg, pad_id, progress)
+        model.save_pretrained(tmp)
+        (tmp / "gated_lora_config.json").write_text(json.dumps({
+            "architecture": "GatedSingleLoRA_TwoStage", "model": str(model.config.name_or_path),
+            "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_epochs": cfg.epochs,
+            "gate_epochs": cfg.gate_epochs, "learning_rate": cfg.lr, "gate_lr": cfg.gate_lr,
+            "temperature": cfg.temperature, "n_distill": len(samples),
+            "n_retain": len(retain_samples), "n_skipped": skipped,
+            "final_gate_acc": gate_acc, "gate_target_acc": cfg.gate_target_acc,
+            "training": "two-stage (A: router → B: LoRA)", "teacher": teacher,
+            "loss_type": "KL distillation, top-k (prism_fast)", "final_kl": history[-1] if history
+            else None, "prism_fast_config": asdict(cfg)}, indent=2))
+    except BaseException:
+        train_output.abandon(tmp)     # an interrupted run leaves the previous output as it was
+        raise
+    return train_output.finish(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -388,19 +278,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory or id")
     p.add_argument("--data", required=True, help="official Stage 2 dir (distill_set.json, ...)")
     p.add_argument("--out", required=True, help="output dir (persona_expert/, gate.pt, ...)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing training output in --out (kept otherwise)")
     p.add_argument("--teacher", default="context", choices=["context", "files"])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     for f, v in asdict(TrainConfig()).items():
         p.add_argument(f"--{f}", type=type(v), default=v)
     a = p.parse_args(argv)
+    cfg = TrainConfig(**{f: getattr(a, f) for f in asdict(TrainConfig())})
+    try:       # what can be checked before the model loads (minutes for a 7B one)
+        check_config(cfg)
+        load_stage2(a.data)
+        train_output.check(a.out, a.overwrite)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
     if torch.cuda.is_available():
         model = model.cuda()
-    cfg = TrainConfig(**{f: getattr(a, f) for f in asdict(TrainConfig())})
-    print(train(model, tok, a.data, a.out, cfg, teacher=a.teacher))
+    print(train(model, tok, a.data, a.out, cfg, teacher=a.teacher, overwrite=a.overwrite))
 
 
 if __name__ == "__main__":

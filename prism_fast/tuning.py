@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,16 +128,20 @@ def tune(model, *, budget_s: float = BUDGET_S, directory: Path | None = None,
     """Choose the decode path of each projection group of a patched model on this GPU (see the
     module's docstring); returns the choices {"K|N_s,…|R|M": path} now in use.
 
-    On a CPU, with no `timer`, returns {} at once: nothing is timed. `timer(shape, m, path)`
-    (µs or None for a failure) replaces the CUDA-graph timing, and `device_name` / `sms` the
-    GPU's, for tests. Choices are read from the cache file when one exists for this GPU, these
-    shapes and this Triton version; a run cut short by `budget_s` stores nothing, so that the
-    next run times everything again (Triton's own disk cache makes its compiles quick then).
+    On a CPU, with no `timer`, returns {} at once with a warning: nothing is timed there.
+    `timer(shape, m, path)` (µs or None for a failure) replaces the CUDA-graph timing, and
+    `device_name` / `sms` the GPU's, for tests. Choices are read from the cache file when one
+    exists for this GPU, these shapes and this Triton version; a run cut short by `budget_s`
+    stores nothing, so that the next run times everything again (Triton's own disk cache makes
+    its compiles quick then).
     """
     shapes = group_shapes(model)
+    directory = None if directory is None else Path(directory)
     device = next(model.parameters()).device
     if timer is None:
         if device.type != "cuda":
+            warnings.warn(f"prism_fast.tune: the model is on {device.type}, not a CUDA GPU: "
+                          f"nothing timed, the default paths kept (returns {{}})", stacklevel=2)
             return {}
         props = torch.cuda.get_device_properties(device)
         device_name, sms = props.name, props.multi_processor_count
@@ -188,22 +193,47 @@ def tune(model, *, budget_s: float = BUDGET_S, directory: Path | None = None,
                  f"; cached in {path}"), file=sys.stderr, flush=True)
     apply(choices)
     if not cut:
-        _write(path, key, choices, prefill)
+        try:
+            _write(path, key, choices, prefill)
+        except OSError as e:   # the choices are in use all the same; only the next run re-times
+            warnings.warn(f"prism_fast.tune: could not write the cache file {path} ({e}); the "
+                          f"choices are in use for this process only", stacklevel=2)
     return choices
 
 
 def _read(path: Path, key: dict) -> dict[str, str] | None:
-    """The stored choices for exactly this key, or None (missing, corrupt or another key)."""
+    """The stored choices for exactly this key, or None: missing or another key (silently),
+    unreadable or malformed (with a warning naming the file; it is timed anew and rewritten)."""
+    if not path.is_file():
+        return None
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("key") != key:
+    except (OSError, ValueError) as e:
+        return _ignore(path, f"unreadable ({e})")
+    if not isinstance(data, dict):
+        return _ignore(path, f"expected a JSON object, got {type(data).__name__}")
+    if data.get("key") != key:
         return None
     choices = data.get("choices")
-    if not isinstance(choices, dict) or not all(v in gl.PATHS for v in choices.values()):
-        return None
+    if not isinstance(choices, dict):
+        return _ignore(path, "no 'choices' object")
+    for k, v in choices.items():
+        if v not in gl.PATHS or not _valid_choice_key(k):
+            return _ignore(path, f"bad choice {k!r}: {v!r} (expected \"K|N0,N1,…|R|M\": one "
+                                 f"of {', '.join(gl.PATHS)})")
     return choices
+
+
+def _valid_choice_key(key: object) -> bool:
+    parts = key.split("|") if isinstance(key, str) else []
+    return len(parts) == 4 and all(p.isdigit() for p in (parts[0], parts[2], parts[3])) and \
+        all(n.isdigit() for n in parts[1].split(","))
+
+
+def _ignore(path: Path, why: str) -> None:
+    warnings.warn(f"prism_fast.tune: ignoring the cache file {path}: {why}; timing anew",
+                  stacklevel=3)
+    return None
 
 
 def _write(path: Path, key: dict, choices: dict[str, str], prefill: dict) -> None:

@@ -32,6 +32,8 @@ def _config(arch: str, n_layers: int = N_LAYERS):
         return tf.Qwen2Config(**common), ALL7
     if arch == "gemma":
         return tf.GemmaConfig(head_dim=16, **common), ALL7
+    if arch == "gemma2":   # not in ARCHS: the trainer's soft-capped logits (final cap 0.5)
+        return tf.Gemma2Config(head_dim=16, final_logit_softcapping=0.5, **common), ALL7
     if arch == "phi3":
         return tf.Phi3Config(**common), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     if arch == "qwen2_moe":

@@ -101,9 +101,33 @@ def test_failures_and_a_corrupt_cache(patched, tmp_path):
     path = next(tmp_path.glob("tune-*.json"))
     path.write_text("{not json")
     again = FakeTimer()
-    run(patched, tmp_path, again)
+    with pytest.warns(UserWarning, match=f"ignoring the cache file {path}: unreadable"):
+        run(patched, tmp_path, again)
     assert again.calls, "a corrupt cache file is timed anew and rewritten"
     assert json.loads(path.read_text())["choices"]
+
+
+@pytest.mark.parametrize("bad", [{"nonsense": "split"}, {"64|64,32,32|8": "warp"},
+                                 {"64|64|x|1": "split"}])
+def test_a_bad_choice_in_the_cache_is_ignored_with_a_warning(patched, tmp_path, bad):
+    run(patched, tmp_path, FakeTimer())
+    path = next(tmp_path.glob("tune-*.json"))
+    data = json.loads(path.read_text())
+    data["choices"] = {**data["choices"], **bad}
+    path.write_text(json.dumps(data))
+    again = FakeTimer()
+    with pytest.warns(UserWarning, match=f"ignoring the cache file {path}: bad choice"):
+        choices = run(patched, tmp_path, again)
+    assert again.calls and not set(bad) & set(choices)
+    assert not set(bad) & set(json.loads(path.read_text())["choices"])   # rewritten
+
+
+def test_an_unwritable_cache_warns_and_keeps_the_choices(patched, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.warns(UserWarning, match="could not write the cache file .*file/tune-"):
+        choices = prism_fast.tune(patched, directory=str(tmp_path / "file"), timer=FakeTimer(),
+                                  device_name="Fake GPU", sms=132, progress=False)
+    assert set(choices.values()) == {"coop"}
 
 
 def test_budget_cut_stores_nothing(patched, tmp_path, monkeypatch):
@@ -117,7 +141,8 @@ def test_budget_cut_stores_nothing(patched, tmp_path, monkeypatch):
 
 
 def test_cpu_times_nothing(patched, tmp_path):
-    assert prism_fast.tune(patched, directory=tmp_path, progress=False) == {}
+    with pytest.warns(UserWarning, match="the model is on cpu, not a CUDA GPU: nothing timed"):
+        assert prism_fast.tune(patched, directory=tmp_path, progress=False) == {}
     assert not list(tmp_path.glob("*"))
 
 

@@ -198,7 +198,11 @@ BAD = [
      "teacher_indices: expected shape"),
     (_set(teacher_indices=lambda a: a["teacher_indices"] + 100), ValueError,
      "teacher_indices: expected values in 0…49"),
-    (_set(temperature=0.0), ValueError, "temperature: expected a positive number"),
+    (_set(temperature=0.0), ValueError, "temperature: expected a positive finite number"),
+    (_set(temperature=float("inf")), ValueError, "temperature: expected a positive finite number"),
+    (_set(temperature=float("nan")), ValueError, "temperature: expected a positive finite number"),
+    (_set(mask=torch.ones(6, dtype=torch.int64)), TypeError,
+     r"mask: expected a torch.bool tensor .* got torch.int64; pass mask.bool\(\)"),
     (_set(mask=torch.ones(3, dtype=torch.bool)), ValueError, r"mask: expected shape \(6,\)"),
     (_set(reduction="batchmean"), ValueError, "reduction: expected one of"),
 ]
@@ -253,3 +257,44 @@ def test_out_of_range_indices_read_nothing():
     assert (ds[:, 0] == 0).all() and torch.isfinite(grad_h).all()
     grad_w, _ = distill.head_grads(ds, bad, hidden, 30, True, False)
     assert torch.isfinite(grad_w).all()
+
+
+def _drop_first_column_case():
+    """Indices with column 0 outside the head (−1 among them) and the loss without that column."""
+    hidden, weight, b, values, indices, mask = make_case(6, 16, 30, 5, torch.float32, masked=True)
+    bad = indices.clone()
+    bad[:, 0] = torch.tensor([-1, 30, -1, -(2**31), 1000, -1], dtype=indices.dtype)
+    keep = reference.topk_distill_loss(hidden, weight, b, values[:, 1:], indices[:, 1:], 2.0, mask)
+    return hidden, weight, b, values, bad, mask, keep
+
+
+def test_torch_path_drops_out_of_range_indices():
+    """The PyTorch path, called without the host's range check (as under torch.compile or for
+    CUDA tensors), drops an index outside 0…V−1 as the Triton kernel does: id −1 is never read
+    as the last row of the head."""
+    hidden, weight, b, values, bad, mask, keep = _drop_first_column_case()
+    kl, p_s, p_t = distill.forward(hidden, weight, b, values, bad, 2.0, mask)
+    assert rel_err(kl, keep) <= 1e-5
+    assert (p_s[:, 0] == 0).all() and (p_t[:, 0] == 0).all()
+    grad_h, ds = distill.backward(torch.ones(6), hidden, weight, bad, 2.0, mask, p_s, p_t)
+    assert (ds[:, 0] == 0).all() and torch.isfinite(grad_h).all()
+    # A row with no index in range has KL 0 and no gradient (the kernel's answer), never NaN.
+    bad[0] = -1
+    kl, p_s, p_t = distill.forward(hidden, weight, b, values, bad, 2.0, None)
+    grad_h, _ = distill.backward(torch.ones(6), hidden, weight, bad, 2.0, None, p_s, p_t)
+    assert kl[0] == 0 and (grad_h[0] == 0).all() and torch.isfinite(kl).all()
+
+
+def test_compiled_loss_drops_out_of_range_indices():
+    """Under torch.compile the host range check is skipped: the PyTorch path drops the entry
+    (KL 1.1894 instead of 1.3824 in the filed case: −1 was read as the head's last row). The
+    Triton op checks again when it runs on CPU, and its kernel drops the entry on a GPU."""
+    backend = "torch"
+    hidden, weight, b, values, bad, mask, keep = _drop_first_column_case()
+
+    def loss(h):
+        return prism_fast.topk_distill_loss(h, weight, b, values, bad, 2.0, mask,
+                                            reduction="none", backend=backend)
+
+    kl = torch.compile(loss, fullgraph=True, backend="aot_eager")(hidden)
+    assert rel_err(kl, keep) <= 1e-5
