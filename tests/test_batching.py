@@ -146,12 +146,12 @@ def test_join_while_decoding_and_cancel(model):
     inputs = prompts([9, 14, 6, 21, 8, 12], seed=4)
     routes = [0, -1, None, 0, None, -1]
     manager = model.init_continuous_batching(generation_config=gen_config(24),
-                                             continuous_batching_config=cb_config())
+                                             continuous_batching_config=cb_config(num_blocks=256))
     manager.start()
     try:
         first = [manager.add_request(p, max_new_tokens=24, streaming=True, prism_route=r)
                  for p, r in zip(inputs[:3], routes[:3])]
-        victim = manager.add_request(inputs[5], max_new_tokens=400, prism_route=routes[5])
+        victim = manager.add_request(inputs[5], max_new_tokens=200, prism_route=routes[5])
         seen = set()
         while not seen:                                  # the first ones are decoding now
             r = manager.get_result(timeout=30)
