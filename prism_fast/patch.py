@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from prism_fast import sharding
+from prism_fast import batching, sharding
 from prism_fast.hf import (
     LAYER_PATH,
     Overrides,
@@ -119,6 +119,7 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
             setattr(parent, attr, module)
     overrides = override_methods(model, root, routing, swaps)
     overrides.hooks += install_hooks(routing, decoder, layers[0])
+    batching.install(model, root, routing, overrides)
     model.__dict__["_prism_patch"] = _Patch(routing, swaps, overrides)
     return model
 

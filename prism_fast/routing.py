@@ -54,6 +54,8 @@ class Routing:
     in_generate: int = 0                           # depth of patched generate() calls
     decided_in_generate: bool = False              # this generate() already had its prefill
     disabled: bool = False                         # PEFT's disable_adapter(): the base model
+    flat: object | None = None                     # continuous batching: this forward's per-token
+                                                   # routes (flat_batch.FlatBatch), else None
 
     def assign(self, routes: torch.Tensor) -> None:
         """Write routes in place when the batch size allows, so captured graphs see them."""
@@ -75,6 +77,8 @@ class Routing:
 
     def ids_for(self, x: torch.Tensor) -> torch.Tensor:
         """Routes [B] for x [B, T, K]; per-token ids [B·T] for x [B·T, K] (MoE blocks flatten)."""
+        if self.flat is not None:
+            return self.flat.ids(x)
         routes = self.routes
         if routes is None:
             raise ValueError("routes: no routes yet; run a prefill forward or call set_routes")
@@ -229,6 +233,10 @@ def is_prefill(cache, t: int) -> bool:
     cache or call set_routes.)"""
     if cache is None:
         return True
+    if not hasattr(cache, "get_seq_length"):
+        raise ValueError(f"cache: a {type(cache).__name__} (continuous batching) reached a patched "
+                         f"model outside the engine prism_fast hooks; create the manager with "
+                         f"model.init_continuous_batching() or use model.generate_batch()")
     n = cache.get_seq_length()
     if isinstance(n, int):
         return n == 0
@@ -241,6 +249,8 @@ def install_hooks(routing: Routing, decoder, layer0) -> list:
     """The three hooks; their handles, for unpatch_model."""
 
     def before_decoder(module, args, kwargs):
+        if routing.flat is not None:     # continuous batching: batching.py set this forward up
+            return
         x = kwargs.get("input_ids")
         if x is None:
             x = kwargs.get("inputs_embeds")
@@ -252,7 +262,8 @@ def install_hooks(routing: Routing, decoder, layer0) -> list:
                       kwargs.get("attention_mask"))
 
     def after_layer0(module, args, output):
-        routing.run_gate(output if isinstance(output, torch.Tensor) else output[0])
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        (routing if routing.flat is None else routing.flat).run_gate(hidden)
 
     return [decoder.register_forward_pre_hook(before_decoder, with_kwargs=True),
             layer0.register_forward_hook(after_layer0),
