@@ -216,7 +216,9 @@ class Routing:
 def writable(t: torch.Tensor) -> bool:
     """Whether t may be updated in place here: a tensor made under torch.inference_mode()
     may not be outside it (it is replaced instead, so one inference-mode call never leaves the
-    model unusable)."""
+    model unusable). Under torch.compile, which cannot trace these checks, in place."""
+    if torch.compiler.is_compiling():
+        return True
     return torch.is_inference_mode_enabled() or not t.is_inference()
 
 
