@@ -694,6 +694,11 @@ class GatedLoraLauncher:
         self.plans: dict[tuple, _Plan | None] = {}
         _LAUNCHERS.add(self)   # choose_path drops their plans
 
+    def __reduce__(self):
+        """A copy or a pickle keeps the adapters and plans afresh (plans hold compiled kernels
+        and buffers of this process)."""
+        return GatedLoraLauncher, (self.lora_a, self.lora_b, self.scaling)
+
     def __call__(self, ys: list[torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
                  seq_ids: bool) -> None:
         n_ys = len(ys)

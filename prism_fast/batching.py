@@ -19,57 +19,57 @@ Hook points, all on the instances the patched model creates (other models are un
 
 from __future__ import annotations
 
+import functools
+
 from prism_fast.flat_batch import SALT_SHIFT, FlatBatch, RouteBook, salted
 
 
 def install(model, root, routing, overrides) -> None:
-    """patch_model: init_continuous_batching / generate_batch of the model (and of the PEFT root)
-    hook the managers they create; overrides.remove() (unpatch_model) takes them off."""
+    """patch_model: init_continuous_batching / generate_batch of the transformers model hook the
+    managers they create (a PeftModel reaches them through its base model); overrides.remove()
+    (unpatch_model) takes them off. Partials of module-level functions, no closures: a deep
+    copy or a pickle of the model carries overrides bound to its own routing."""
     pending: dict[str, list | None] = {"routes": None}
     for obj in dict.fromkeys([model, root]):
-        if hasattr(obj, "init_continuous_batching"):
+        if hasattr(type(obj), "init_continuous_batching"):
             overrides.set(obj, "init_continuous_batching",
-                          _init_wrapper(obj.init_continuous_batching, routing, pending))
-            overrides.set(obj, "generate_batch", _generate_batch_wrapper(obj.generate_batch, pending))
+                          functools.partial(_init_continuous_batching, obj, routing, pending))
+            overrides.set(obj, "generate_batch", functools.partial(_generate_batch, obj, pending))
 
 
-def _generate_batch_wrapper(original, pending: dict):
-    def generate_batch(inputs, *args, prism_routes=None, **kwargs):
-        """generate_batch(…, prism_routes=[r, …]): one route per input (-1 = base)."""
-        if prism_routes is not None and len(prism_routes) != len(inputs):
-            raise ValueError(f"prism_routes: expected one route per input ({len(inputs)}), got "
-                             f"{len(prism_routes)}")
-        pending["routes"] = None if prism_routes is None else list(prism_routes)
-        try:
-            return original(inputs, *args, **kwargs)
-        finally:
-            pending["routes"] = None
-    return generate_batch
+def _generate_batch(model, pending: dict, inputs, *args, prism_routes=None, **kwargs):
+    """generate_batch(…, prism_routes=[r, …]): one route per input (-1 = base)."""
+    if prism_routes is not None and len(prism_routes) != len(inputs):
+        raise ValueError(f"prism_routes: expected one route per input ({len(inputs)}), got "
+                         f"{len(prism_routes)}")
+    pending["routes"] = None if prism_routes is None else list(prism_routes)
+    try:
+        return type(model).generate_batch(model, inputs, *args, **kwargs)
+    finally:
+        pending["routes"] = None
 
 
-def _init_wrapper(original, routing, pending: dict):
-    def init_continuous_batching(generation_config=None, continuous_batching_config=None,
-                                 workload_hints=None):
-        from transformers import ContinuousBatchingConfig
+def _init_continuous_batching(model, routing, pending: dict, generation_config=None,
+                              continuous_batching_config=None, workload_hints=None):
+    from transformers import ContinuousBatchingConfig
 
-        if routing.fixed is not None:
-            raise ValueError("routes: set_routes fixes routes per row of a static batch; under "
-                             "continuous batching give one per request (prism_route= in "
-                             "add_request, prism_routes= in generate_batch); call "
-                             "set_routes(model, None) first")
-        cfg = continuous_batching_config
-        if cfg is None and generation_config is not None:
-            cfg = getattr(generation_config, "continuous_batching_config", None)
-        cfg = ContinuousBatchingConfig() if cfg is None else cfg
-        if cfg.use_async_batching:
-            raise ValueError("continuous_batching_config: use_async_batching=True is not supported "
-                             "by prism_fast yet (routes are read between steps); use False")
-        cfg.use_async_batching = False
-        manager = original(generation_config, cfg, workload_hints)
-        if getattr(manager, "prism_routes", None) is None:
-            _hook_manager(manager, routing, pending)
-        return manager
-    return init_continuous_batching
+    if routing.fixed is not None:
+        raise ValueError("routes: set_routes fixes routes per row of a static batch; under "
+                         "continuous batching give one per request (prism_route= in "
+                         "add_request, prism_routes= in generate_batch); call "
+                         "set_routes(model, None) first")
+    cfg = continuous_batching_config
+    if cfg is None and generation_config is not None:
+        cfg = getattr(generation_config, "continuous_batching_config", None)
+    cfg = ContinuousBatchingConfig() if cfg is None else cfg
+    if cfg.use_async_batching:
+        raise ValueError("continuous_batching_config: use_async_batching=True is not supported "
+                         "by prism_fast yet (routes are read between steps); use False")
+    cfg.use_async_batching = False
+    manager = type(model).init_continuous_batching(model, generation_config, cfg, workload_hints)
+    if getattr(manager, "prism_routes", None) is None:
+        _hook_manager(manager, routing, pending)
+    return manager
 
 
 def _hook_manager(manager, routing, pending: dict) -> None:

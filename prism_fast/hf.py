@@ -5,6 +5,7 @@ unpatch_model)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
 import torch
@@ -118,79 +119,99 @@ def override_methods(model, root, routing: Routing, swaps: list) -> Overrides:
     forward            takes prism_routes= for this call only (a pre-hook removes it);
     PeftModel extras   disable_adapter() and disable/enable_adapter_layers() switch every row
                        to the base model; save_pretrained() saves PEFT's own modules (swapped
-                       back for the call); adapter_names=… is refused: use routes."""
+                       back for the call); adapter_names=… is refused: use routes.
+    Every override and hook is a partial of a module-level function or a bound method (no
+    closure), so copy.deepcopy gives a copy whose overrides act on its own routing and modules,
+    and pickle / torch.save can store a patched model."""
     out = Overrides()
     for obj in dict.fromkeys([model, root]):
-        out.set(obj, "generate", _generate_wrapper(obj.generate, routing))
-    saved: list = []
-
+        out.set(obj, "generate", functools.partial(_generate, routing, obj))
     peft = is_peft_model(model)
-
-    def take_routes(module, args, kwargs):
-        saved.append(routing.call)      # first: `restore` runs even when this hook raises
-        if peft:
-            _refuse_adapter_names(kwargs)
-        routes = kwargs.pop(ROUTES_KWARG, None)
-        if routes is not None:
-            routing.call = routing.check_routes(routes)
-        return args, kwargs
-
-    def restore(*_):
-        routing.call = saved.pop()
-
-    out.hooks.append(model.register_forward_pre_hook(take_routes, with_kwargs=True))
-    out.hooks.append(model.register_forward_hook(restore, always_call=True))
+    kwarg = _RoutesKwarg(routing, peft)
+    out.hooks.append(model.register_forward_pre_hook(kwarg.take, with_kwargs=True))
+    out.hooks.append(model.register_forward_hook(kwarg.restore, always_call=True))
     if not peft:
         return out
-
-    @contextlib.contextmanager
-    def disable_adapter():
-        previous, routing.disabled = routing.disabled, True
-        try:
-            yield
-        finally:
-            routing.disabled = previous
-
-    save = model.save_pretrained
-
-    def save_pretrained(*args, **kwargs):
-        for parent, attr, original, _ in swaps:
-            setattr(parent, attr, original)
-        try:
-            return save(*args, **kwargs)
-        finally:
-            for parent, attr, _, ours in swaps:
-                setattr(parent, attr, ours)
-
-    out.set(model, "disable_adapter", disable_adapter)
-    out.set(model, "disable_adapter_layers", lambda: setattr(routing, "disabled", True))
-    out.set(model, "enable_adapter_layers", lambda: setattr(routing, "disabled", False))
-    out.set(model, "save_pretrained", save_pretrained)
+    out.set(model, "disable_adapter", functools.partial(_disable_adapter, routing))
+    out.set(model, "disable_adapter_layers", functools.partial(setattr, routing, "disabled", True))
+    out.set(model, "enable_adapter_layers", functools.partial(setattr, routing, "disabled", False))
+    out.set(model, "save_pretrained", functools.partial(_save_pretrained, model, swaps))
     return out
 
 
-def _generate_wrapper(original, routing: Routing):
-    def generate(*args, **kwargs):
-        _refuse_adapter_names(kwargs)
-        call = routing.call
-        if kwargs.get(ROUTES_KWARG) is not None:
-            routing.call = routing.check_routes(kwargs[ROUTES_KWARG])
-        kwargs.pop(ROUTES_KWARG, None)
-        routing.in_generate += 1
-        if routing.in_generate == 1:
-            routing.decided_in_generate = False
-            mask = kwargs.get("attention_mask")
-            routing.generate_mask = mask if isinstance(mask, torch.Tensor) \
-                and mask.dim() == 2 else None
-        try:
-            return original(*args, **kwargs)
-        finally:
-            routing.in_generate -= 1
-            routing.call = call
-            if not routing.in_generate:
-                routing.generate_mask = None
+class _RoutesKwarg:
+    """The forward hooks that take prism_routes= for one forward call."""
 
-    return generate
+    def __init__(self, routing: Routing, peft: bool):
+        self.routing, self.peft, self.saved = routing, peft, []
+
+    def take(self, module, args, kwargs):
+        self.saved.append(self.routing.call)   # first: `restore` runs even when this hook raises
+        if self.peft:
+            _refuse_adapter_names(kwargs)
+        routes = kwargs.pop(ROUTES_KWARG, None)
+        if routes is not None:
+            self.routing.call = self.routing.check_routes(routes)
+        return args, kwargs
+
+    def restore(self, *_):
+        self.routing.call = self.saved.pop()
+
+
+@contextlib.contextmanager
+def _disable_adapter(routing: Routing):
+    previous, routing.disabled = routing.disabled, True
+    try:
+        yield
+    finally:
+        routing.disabled = previous
+
+
+def _save_pretrained(model, swaps: list, *args, **kwargs):
+    for parent, attr, original, _ in swaps:
+        setattr(parent, attr, original)
+    try:
+        return type(model).save_pretrained(model, *args, **kwargs)
+    finally:
+        for parent, attr, _, ours in swaps:
+            setattr(parent, attr, ours)
+
+
+def _generate(routing: Routing, obj, *args, **kwargs):
+    _refuse_adapter_names(kwargs)
+    call = routing.call
+    if kwargs.get(ROUTES_KWARG) is not None:
+        routing.call = routing.check_routes(kwargs[ROUTES_KWARG])
+    kwargs.pop(ROUTES_KWARG, None)
+    prompts = None if routing.in_generate else _prompt_count(args, kwargs)
+    if prompts == 0:
+        routing.call = call
+        raise ValueError("input_ids: expected at least one prompt, got a batch of 0 rows")
+    routing.in_generate += 1
+    if routing.in_generate == 1:
+        routing.decided_in_generate = False
+        routing.prompts = prompts
+        mask = kwargs.get("attention_mask")
+        routing.generate_mask = mask if isinstance(mask, torch.Tensor) \
+            and mask.dim() == 2 else None
+    try:
+        return type(obj).generate(obj, *args, **kwargs)
+    finally:
+        routing.in_generate -= 1
+        routing.call = call
+        if not routing.in_generate:
+            routing.generate_mask, routing.prompts = None, None
+
+
+def _prompt_count(args: tuple, kwargs: dict) -> int | None:
+    """The batch given to generate() (before beams / return sequences repeat it): the first
+    of inputs / input_ids / inputs_embeds / attention_mask given; None if none is a tensor
+    (generate then starts one sequence from the BOS token)."""
+    given = [args[0] if args else None] + [kwargs.get(k) for k in
+                                           ("inputs", "input_ids", "inputs_embeds",
+                                            "attention_mask")]
+    return next((t.shape[0] for t in given if isinstance(t, torch.Tensor) and t.dim() >= 1),
+                None)
 
 
 def _refuse_adapter_names(kwargs: dict) -> None:

@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from prism_fast.adapter_config import check_numbers, is_target, match_pattern, targets_module
 
 PRISM_ADAPTER_SUBDIR = "persona_expert"
 GATE_FILE = "gate.pt"
@@ -60,16 +63,35 @@ class PrismAdapter:
 # ---- files ------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path.name}: expected a file at {path}, found none")
+def _check_readable(path: Path) -> None:
+    """A file that exists but cannot be read is named as such (PEFT and safetensors report it
+    as "No such file"; Path.is_file() as missing where its folder cannot be searched)."""
     try:
-        return json.loads(path.read_text())
+        with open(path, "rb"):
+            pass
+    except PermissionError as e:
+        raise PermissionError(f"{path.name}: {path} exists but cannot be read (permission "
+                              f"denied)") from e
+    except OSError as e:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.name}: expected a file at {path}, found none") from e
+        raise
+
+
+def _read_json(path: Path) -> dict:
+    _check_readable(path)
+    try:
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path.name}: expected valid JSON in {path}, got: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name}: expected a JSON object in {path}, got a JSON "
+                         f"{type(data).__name__}")
+    return data
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    _check_readable(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -113,31 +135,26 @@ def load_gate(gate: str | Path | dict) -> dict[str, torch.Tensor]:
 # ---- PEFT adapters ----------------------------------------------------------------------------
 
 
-def _match_pattern(patterns: dict, module: str, default):
-    """PEFT's rank/alpha pattern lookup (peft.utils.other.get_pattern_key): a key matches a
-    module path suffix. Used where peft is not installed."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def _read_adapter(path: Path, raw: dict, weights_file: Path,
-                  use_peft: bool) -> tuple[dict, dict[str, torch.Tensor], object]:
-    """(adapter config, adapter weights, pattern lookup) of a PEFT directory whose files exist.
+                  use_peft: bool) -> tuple[dict, dict[str, torch.Tensor], object, object]:
+    """(adapter config, adapter weights, pattern lookup, whether PEFT targets a module) of a
+    PEFT directory whose files exist.
 
     With peft installed, PEFT reads them itself (LoraConfig.from_pretrained fills in its own
     defaults, load_peft_weights its own file formats), so its format cannot drift from ours;
     without it, the config is the JSON already read (`raw`) and `weights_file` is read here."""
     if use_peft:
         from peft import LoraConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
         from peft.utils import load_peft_weights
         from peft.utils.other import get_pattern_key
 
         try:
-            config = LoraConfig.from_pretrained(str(path)).to_dict()
+            lora_config = LoraConfig.from_pretrained(str(path))
         except (TypeError, ValueError) as e:
             raise ValueError(f"adapter_config.json: PEFT could not read {path}: {e}") from e
+        config = lora_config.to_dict()
+        _check_readable(weights_file)
         try:
             weights = load_peft_weights(str(path), device="cpu")
         except Exception as e:  # safetensors and torch raise many types for a corrupt file
@@ -148,8 +165,13 @@ def _read_adapter(path: Path, raw: dict, weights_file: Path,
             key = get_pattern_key(patterns.keys(), module)
             return patterns.get(key, default)
 
-        return config, weights, lookup
-    return raw, _load_tensors(weights_file), _match_pattern
+        def targeted(module: str) -> bool:
+            return is_target(config, module,
+                              lambda: check_target_module_exists(lora_config, module))
+
+        return config, weights, lookup, targeted
+    return raw, _load_tensors(weights_file), match_pattern, \
+        lambda module: is_target(raw, module, lambda: targets_module(raw, module))
 
 
 def _peft_installed() -> bool:
@@ -176,8 +198,8 @@ def load_peft_dir(path: str | Path, name: str | None = None,
     if weights_file is None:
         raise FileNotFoundError(f"adapter: expected adapter_model.safetensors in {path}, found "
                                 f"none")
-    config, weights, lookup = _read_adapter(path, raw, weights_file,
-                                            _peft_installed() if use_peft is None else use_peft)
+    config, weights, lookup, targeted = _read_adapter(
+        path, raw, weights_file, _peft_installed() if use_peft is None else use_peft)
     for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
         if config.get(flag):
             raise ValueError(f"adapter: {flag}=True in {path} is not supported by the gated LoRA "
@@ -191,6 +213,8 @@ def load_peft_dir(path: str | Path, name: str | None = None,
                          f"full modules, which a per-row gate cannot route; not supported")
     r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    check_numbers(path, "r", [r0, *rank_pattern.values()], int)
+    check_numbers(path, "lora_alpha", [alpha0, *alpha_pattern.values()], (int, float))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
@@ -198,8 +222,16 @@ def load_peft_dir(path: str | Path, name: str | None = None,
             raise ValueError(f"adapter: unexpected tensor {key!r} in {path} (expected only "
                              f"lora_A / lora_B weights)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+    # PEFT loads only the modules its config targets and ignores other keys of the file.
+    ignored = sorted(m for m in pairs if not targeted(m))
+    if ignored:
+        warnings.warn(f"adapter: {path} holds LoRA weights for modules its adapter_config.json "
+                      f"does not target; ignored, as PEFT does: {', '.join(ignored)}",
+                      stacklevel=3)
     modules = {}
     for module, ab in pairs.items():
+        if module in ignored:
+            continue
         if set(ab) != {"A", "B"}:
             raise ValueError(f"adapter: {module} in {path} has lora_{''.join(ab)} without its "
                              f"pair")
@@ -232,14 +264,20 @@ def load_prism(path: str | Path | list) -> PrismAdapter:
     if isinstance(path, (list, tuple)):
         if not path:
             raise ValueError("adapter: expected at least one adapter directory, got an empty list")
+        odd = next((i for i, p in enumerate(path) if not isinstance(p, (str, Path))), None)
+        if odd is not None:
+            raise TypeError(f"adapter[{odd}]: expected a directory path (str or Path), got "
+                            f"{type(path[odd]).__name__}")
         loaded = [load_prism(p) for p in path]
         if len(loaded) == 1:
             return loaded[0]
         return PrismAdapter(personas=[p for a in loaded for p in a.personas],
                             gated_sources=[str(p) for p, a in zip(path, loaded) if a.gate])
     if not isinstance(path, (str, Path)):
+        hint = " (for several personas pass a list of directories, persona i = adapter i, " \
+            "e.g. list(adapters.values()))" if isinstance(path, dict) else ""
         raise TypeError(f"adapter: expected a directory path, a list of them, or a PrismAdapter, "
-                        f"got {type(path).__name__}")
+                        f"got {type(path).__name__}{hint}")
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"adapter: expected a PRISM output or PEFT adapter directory at "

@@ -22,6 +22,7 @@ from prism_fast.kernels.gated_lora import (
     gated_lora_linear_triton,
     ids_per_sequence,
 )
+from prism_fast.kernels.gated_lora import _interpreted as interpreted
 from prism_fast.kernels.prism_gate import check_prism_gate_args, prism_gate_triton
 from prism_fast.kernels.topk_distill import (
     check_topk_distill_args,
@@ -41,9 +42,11 @@ def use_triton(backend: str, device: torch.device) -> bool:
         return False
     if backend == "auto":
         return device.type == "cuda"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not interpreted():
+        late = " (it is set now, but was not when triton and prism_fast were imported: the " \
+            "kernels were compiled for a GPU)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
         raise ValueError(f"backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                         f"triton is imported to run on CPU; got tensors on {device}")
+                         f"triton is imported to run on CPU{late}; got tensors on {device}")
     return True
 
 

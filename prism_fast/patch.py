@@ -15,6 +15,7 @@ import torch.nn as nn
 from prism_fast import batching, sharding
 from prism_fast.hf import (
     LAYER_PATH,
+    ROUTES_KWARG,
     Overrides,
     decoder_and_root,
     groups_of,
@@ -117,6 +118,7 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
             parent = root.get_submodule(parent_path)
             swaps.append((parent, attr, getattr(parent, attr), module))
             setattr(parent, attr, module)
+    _allow_routes_kwarg(model)   # the refusal an earlier unpatch_model left
     overrides = override_methods(model, root, routing, swaps)
     overrides.hooks += install_hooks(routing, decoder, layers[0])
     batching.install(model, root, routing, overrides)
@@ -133,13 +135,30 @@ def _patch_of(model) -> _Patch:
 
 
 def unpatch_model(model):
-    """Restore the original modules (the same objects) and remove the hooks."""
+    """Restore the original modules (the same objects) and remove the hooks, except one: a
+    forward pre-hook that refuses prism_routes= (the model's forward would otherwise take it
+    into its **kwargs and silently run the base model); patch_model removes it again."""
     patch = _patch_of(model)
     for parent, attr, original, _ in reversed(patch.swaps):
         setattr(parent, attr, original)
     patch.overrides.remove()
     del model.__dict__["_prism_patch"]
+    model.register_forward_pre_hook(_refuse_routes_kwarg, with_kwargs=True)
     return model
+
+
+def _refuse_routes_kwarg(module, args, kwargs) -> None:
+    if kwargs.get(ROUTES_KWARG) is not None:
+        raise ValueError(f"{ROUTES_KWARG}: this model was unpatched (prism_fast.unpatch_model); "
+                         f"it runs the base model and cannot take routes. Patch it again with "
+                         f"prism_fast.patch_model to route")
+
+
+def _allow_routes_kwarg(model) -> None:
+    hooks = getattr(model, "_forward_pre_hooks", {})
+    for key in [k for k, hook in hooks.items() if hook is _refuse_routes_kwarg]:
+        del hooks[key]
+        model._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def set_routes(model, routes: torch.Tensor | list[int] | None) -> None:

@@ -17,6 +17,7 @@ hook)─► DECODE; decode forwards leave it at DECODE.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ class Routing:
     seq_len: int = 1                               # T of the current forward
     token_ids: torch.Tensor | None = None          # routes repeated over T, built on demand
     in_generate: int = 0                           # depth of patched generate() calls
+    prompts: int | None = None                     # the batch given to generate(), if known
     decided_in_generate: bool = False              # this generate() already had its prefill
     disabled: bool = False                         # PEFT's disable_adapter(): the base model
     flat: object | None = None                     # continuous batching: this forward's per-token
@@ -60,7 +62,7 @@ class Routing:
     def assign(self, routes: torch.Tensor) -> None:
         """Write routes in place when the batch size allows, so captured graphs see them."""
         if self.routes is not None and self.routes.shape == routes.shape \
-                and self.routes.device == routes.device:
+                and self.routes.device == routes.device and writable(self.routes):
             self.routes.copy_(routes)
         else:
             self.routes = routes.to(torch.int32).clone()
@@ -109,6 +111,9 @@ class Routing:
                 or routes.dtype == torch.bool or routes.dim() != 1 or routes.numel() == 0:
             raise ValueError(f"routes: expected an integer tensor of shape (B,) with B ≥ 1, got "
                              f"{routes.dtype} of shape {tuple(routes.shape)}")
+        if routes.device.type == "meta":
+            raise ValueError("routes: expected ids with values (on the CPU or the model's "
+                             "device), got a tensor on the meta device, which holds none")
         known_closed = None
         if routes.device.type == "cpu":
             lo, hi = int(routes.min()), int(routes.max())
@@ -121,7 +126,7 @@ class Routing:
 
     def fix(self, routes, known_closed: bool | None) -> None:
         """set_routes: the sticky routes, also for the decode steps in flight."""
-        if self.fixed is not None and self.fixed.shape == routes.shape:
+        if self.fixed is not None and self.fixed.shape == routes.shape and writable(self.fixed):
             self.fixed.copy_(routes)     # in place: a captured prefill reads the new values
         else:
             self.fixed = routes
@@ -164,11 +169,15 @@ class Routing:
 
     def _assign_fixed(self, fixed: torch.Tensor, b: int, device) -> None:
         n = fixed.shape[0]
-        # generate() repeats each prompt for beams / num_return_sequences, contiguously.
-        if b != n and not (self.in_generate and b % n == 0):
+        # generate() repeats each prompt for beams / num_return_sequences, contiguously: one
+        # route per prompt given to it, repeated for the rows of that prompt.
+        prompts = (self.prompts or n) if self.in_generate else b
+        if n != prompts or b % n:
             source = "set_routes" if self.call is None else "prism_routes"
-            raise ValueError(f"routes: {source} gave {n} routes but the batch has {b} rows "
-                             f"(expected {b}, or one per prompt inside generate)")
+            given = f"generate() was given {prompts} prompts" if self.in_generate \
+                else f"the batch has {b} rows"
+            raise ValueError(f"routes: {source} gave {n} routes but {given} (expected one "
+                             f"route per prompt)")
         self.assign(fixed.to(device).repeat_interleave(b // n))
 
     def _padding_mask(self, mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
@@ -206,6 +215,15 @@ class Routing:
             self.all_closed = self.known_closed
         else:
             self.all_closed = not bool((self.routes >= 0).any())
+
+
+def writable(t: torch.Tensor) -> bool:
+    """Whether t may be updated in place here: a tensor made under torch.inference_mode()
+    may not be outside it (it is replaced instead, so one inference-mode call never leaves the
+    model unusable). Under torch.compile, which cannot trace these checks, in place."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_inference_mode_enabled() or not t.is_inference()
 
 
 def capturing() -> bool:
@@ -246,25 +264,60 @@ def is_prefill(cache, t: int) -> bool:
 
 
 def install_hooks(routing: Routing, decoder, layer0) -> list:
-    """The three hooks; their handles, for unpatch_model."""
+    """The three hooks; their handles, for unpatch_model. Partials of module-level functions
+    (no closures): a deep copy or a pickle of the model carries hooks bound to its own routing."""
+    return [decoder.register_forward_pre_hook(functools.partial(_before_decoder, routing),
+                                              with_kwargs=True),
+            layer0.register_forward_hook(functools.partial(_after_layer0, routing)),
+            decoder.register_forward_hook(functools.partial(_after_decoder, routing),
+                                          with_kwargs=True)]
 
-    def before_decoder(module, args, kwargs):
-        if routing.flat is not None:     # continuous batching: batching.py set this forward up
-            return
-        x = kwargs.get("input_ids")
-        if x is None:
-            x = kwargs.get("inputs_embeds")
-        if x is None and args:
-            x = args[0]
-        t = x.shape[1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        routing.begin(x.shape[0], t, x.device, is_prefill(cache, t),
-                      kwargs.get("attention_mask"))
 
-    def after_layer0(module, args, output):
-        hidden = output if isinstance(output, torch.Tensor) else output[0]
-        (routing if routing.flat is None else routing.flat).run_gate(hidden)
+def _before_decoder(routing: Routing, module, args, kwargs) -> None:
+    if routing.flat is not None:     # continuous batching: batching.py set this forward up
+        return
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args:
+        x = args[0]
+    if x.shape[0] == 0:   # transformers' attention fails on it with an unrelated reshape error
+        raise ValueError("input_ids: expected at least one row, got a batch of 0 rows")
+    t = x.shape[1]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    routing.begin(x.shape[0], t, x.device, is_prefill(cache, t), kwargs.get("attention_mask"))
 
-    return [decoder.register_forward_pre_hook(before_decoder, with_kwargs=True),
-            layer0.register_forward_hook(after_layer0),
-            decoder.register_forward_hook(lambda *a: routing.end(), with_kwargs=True)]
+
+def _after_layer0(routing: Routing, module, args, output) -> None:
+    hidden = output if isinstance(output, torch.Tensor) else output[0]
+    (routing if routing.flat is None else routing.flat).run_gate(hidden)
+
+
+def _after_decoder(routing: Routing, module, args, kwargs, output):
+    routing.end()
+    if not (module.training and torch.is_grad_enabled()):
+        return None
+    # Training mode with grad on: a backward through this output is refused with the reason
+    # (else autograd's "element 0 … does not require grad", or base-only gradients).
+    h = output[0]
+    h = _ServesOnly.apply(h, torch.ones((), device=h.device, requires_grad=True))
+    if isinstance(output, tuple):
+        return (h, *output[1:])
+    output.last_hidden_state = h
+    return output
+
+
+class _ServesOnly(torch.autograd.Function):
+    """Identity forward; a backward raises: a patched model serves, it does not train."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "model: a prism_fast-patched model serves; it cannot train (its LoRA weights are "
+            "stacked copies that take no gradient). To train the LoRA, train the PeftModel "
+            "unpatched (prism_fast.unpatch_model) or use python -m prism_fast.train, then "
+            "patch again; to serve, call model.eval() or run under torch.no_grad()")
