@@ -58,7 +58,6 @@ QUERIES = [
 PATHS = {
     "official": GenConfig("official"),
     "sorted-32": GenConfig("sorted", batch_size=32),
-    "sorted-64": GenConfig("sorted", batch_size=64),
     "cb": GenConfig("cb", cb_max_batch_tokens=1024, cb_num_blocks=512, cb_block_size=32),
 }
 

@@ -53,13 +53,13 @@ def route_check(model, tok, adapter_dir, heldout: list[str], cfg: BootstrapConfi
     static = BootstrapConfig(**{**cfg.__dict__, "gen": GenConfig("sorted", cfg.gen.batch_size)})
     sets = {"heldout": heldout, "general": GENERAL_PROMPTS}
     prompts = heldout + GENERAL_PROMPTS
-    base, _ = answer(model, tok, prompts, None, static, "route check: base answers", progress,
-                     temperature=0.0)
+    (base,), _ = answer(model, tok, prompts, [None], static, "route check: base answers",
+                        progress, temperature=0.0)
     prism_fast.patch_model(model, adapter_dir)
     try:
         rates = {k: open_rate(model, tok, v) for k, v in sets.items()}
-        routed, _ = answer(model, tok, prompts, None, static, "route check: routed answers",
-                           progress, temperature=0.0)
+        (routed,), _ = answer(model, tok, prompts, [None], static,
+                              "route check: routed answers", progress, temperature=0.0)
     finally:
         prism_fast.unpatch_model(model)
     verdicts, _ = judge(model, tok, prompts, base, routed, static, progress)
