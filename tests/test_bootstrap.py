@@ -252,11 +252,16 @@ def test_command_runs_end_to_end_on_smollm2(tmp_path):
            "--queries", "6", "--heldout", "2", "--query-tokens", "40", "--answer-tokens", "24",
            "--train-epochs", "1", "--train-gate-epochs", "5", "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    summary = json.loads((out / "summary.json").read_text()) if r.returncode == 0 else None
+    data = out / "data"
+    kept = json.loads((data / "per_persona" / "bicycle_mechanic" / "queries.json").read_text())
+    retain = json.loads((data / "retain_set.json").read_text())
+    distill = json.loads((data / "distill_set.json").read_text())
+    assert len(distill) + len(retain) == len(kept) > 0
     if r.returncode != 0:
-        # Few short answers: the expert may win no pair in both orders; that must be said.
-        assert "nothing to train" in r.stderr, r.stderr[-3000:]
-        assert (out / "data" / "generation_stats.json").is_file()
+        # SmolLM2-135M mostly echoes the instruction ("Output A, B, ...": a TIE by the official
+        # parser), so the expert rarely wins both orders; with no distill sample the command must
+        # stop with that reason after writing Stages 1-2.
+        assert not distill and "nothing to train" in r.stderr, r.stderr[-3000:]
         return
-    assert summary["stage1"]["requested"] == 6
+    assert json.loads((out / "summary.json").read_text())["stage1"]["requested"] == 6
     assert (out / "adapter" / "gate.pt").is_file() and (out / "route_check.json").is_file()

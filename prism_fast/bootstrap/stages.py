@@ -93,7 +93,8 @@ def judge(model, tok, queries: list[str], first: list[str], second: list[str],
                                                                                       has_system)]
     texts, st = _generate_texts(model, tok, chats, cfg.judge_tokens, 0.0, cfg, "judge (both orders)",
                                 progress)
-    return [O.pairwise(texts[2 * i], texts[2 * i + 1]) for i in range(len(queries))], st
+    verdicts = [O.pairwise(texts[2 * i], texts[2 * i + 1]) for i in range(len(queries))]
+    return verdicts, {**st, "replies": [texts[2 * i:2 * i + 2] for i in range(len(queries))]}
 
 
 def stage2(model, tok, persona: str, data: Path, cfg: BootstrapConfig, progress: bool) -> dict:
@@ -114,6 +115,7 @@ def stage2(model, tok, persona: str, data: Path, cfg: BootstrapConfig, progress:
                                                 cfg.persona_name: r["expert"]},
                "persona_source": cfg.persona_name, "pairwise": r["pairwise"]} for r in records]
     write_json(folder / "graded_answers.json", graded)
+    write_json(folder / "judge_replies.json", st_j["replies"])    # ours: the unparsed replies
     write_json(folder / "distill.json", result.distill)
     write_json(folder / "retain.json", result.retain)
     write_json(folder / "stats.json", result.stats)
