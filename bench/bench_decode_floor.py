@@ -64,6 +64,14 @@ def byte_floor(base, patched) -> dict:
                 floor=1 + adapter_bytes / weight_bytes)
 
 
+def prepared_bytes(patched) -> int:
+    """The torch path's fp32 copies held beside the stacked adapters (torch_path.Prepared)."""
+    from prism_fast.layer import GatedLoraLinear
+
+    groups = {id(m.group): m.group for m in patched.modules() if isinstance(m, GatedLoraLinear)}
+    return sum(g._prepared.extra_bytes for g in groups.values() if g._prepared is not None)
+
+
 def load(compiled: bool):
     """(base model, patched PEFT model): two copies of SmolLM2 fp32, rank-16 LoRA on the seven
     projections of layers 1…29, patched with the torch backend, routes set per provider."""
@@ -83,7 +91,8 @@ def load(compiled: bool):
     return base, peft_model
 
 
-def runner(model, case: Case, ids: torch.Tensor, steps: int) -> Callable[[], list[float]]:
+def runner(model, case: Case, ids: torch.Tensor, steps: int, cache_kw: str
+           ) -> Callable[[], list[float]]:
     """One round of a provider on a case: seconds per forward."""
     from transformers import DynamicCache
 
@@ -96,14 +105,14 @@ def runner(model, case: Case, ids: torch.Tensor, steps: int) -> Callable[[], lis
             return [time.perf_counter() - t]
         return prefill
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
     tok = ids[:, -1:]                                                     # [B, 1]
 
     def decode() -> list[float]:
         times = []
         for _ in range(steps):
             t = time.perf_counter()
-            model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=tok, **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
             times.append(time.perf_counter() - t)
             rewind(cache, case.tokens)
         return times
@@ -113,7 +122,9 @@ def runner(model, case: Case, ids: torch.Tensor, steps: int) -> Callable[[], lis
 def measure(base, patched, rounds: int, steps: int, log) -> list[dict]:
     """Interleaved rounds: per round, every case and provider once. Rows with medians."""
     import prism_fast
+    from bench.bench_e2e import Forward
 
+    cache_kw = Forward(base).cache_kw          # the same architecture: the same keyword
     gen = torch.Generator().manual_seed(0)
     vocab = base.config.vocab_size
     rows = []
@@ -126,7 +137,7 @@ def measure(base, patched, rounds: int, steps: int, log) -> list[dict]:
             with torch.no_grad():
                 if p != "base":
                     prism_fast.set_routes(patched, [routes[p]] * case.batch)
-                runs[case, p] = (p, runner(model, case, ids, steps))
+                runs[case, p] = (p, runner(model, case, ids, steps, cache_kw))
     samples: dict[tuple[Case, str], list[float]] = {k: [] for k in runs}
     per_round: dict[tuple[Case, str], list[float]] = {k: [] for k in runs}
     for r in range(rounds + 1):                       # round 0 warms up and is dropped
@@ -173,7 +184,9 @@ def report(meta: dict, rows: list[dict]) -> str:
              f"Commit {meta['commit']}.\n",
              f"Byte floor: {f['adapter_bytes'] / 1e6:.1f} MB of adapter ({f['groups']} groups) "
              f"over {f['weight_bytes'] / 1e6:.1f} MB of weights read per forward = "
-             f"**{f['floor']:.4f}×** (the same at every B: the adapter is read once per batch).\n",
+             f"**{f['floor']:.4f}×** (the same at every B: the adapter is read once per batch). "
+             f"Extra memory of the torch path's prepared fp32 operands (scaled Bᵀ): "
+             f"{meta['prepared_bytes'] / 1e6:.1f} MB.\n",
              "| case | B | T | base ms | open ms | open × base | floor | overhead × floor | goal "
              "| closed × base | goal | per-round open × base |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -221,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["floor"] = byte_floor(base, patched)
     rows = measure(base, patched, args.rounds, args.steps, log)
     meta["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    meta["prepared_bytes"] = prepared_bytes(patched)
     add_ratios(rows, meta["floor"]["floor"])
     stem = "decode-floor-compiled" if args.compile else "decode-floor"
     text = report(meta, rows)
