@@ -32,6 +32,7 @@ class Group:
         self.pending: list[torch.Tensor | None] = []
         # The lean eager launch path over the stacked tensors (plans resolved once per layout).
         self.launcher = ops.GatedLoraLauncher(lora_a, lora_b, scaling)
+        self._prepared: ops.Prepared | None = None   # the torch path's, on its first eager call
 
     def slice_args(self, s: int):
         r, lo, hi = self.rank, self.offsets[s], self.offsets[s + 1]
@@ -48,13 +49,20 @@ class Group:
         else:
             slots = list(range(len(members)))
             lora_a, lora_b, scaling = self.lora_a, self.lora_b, self.scaling
-            launcher = self.launcher
+            launcher = self.launcher if triton else self.prepared()
         weights, biases = self.operands(slots)
         ys = self.finish(slots, ops.gated_lora_group(x, weights, biases, lora_a, lora_b, scaling,
                                                      ids, triton, launcher))
         if len(slots) > 1:
             self.pending_x, self.pending = x, [None, *ys[1:]]
         return ys[0]
+
+    def prepared(self) -> ops.Prepared | None:
+        """The torch path's fp32 operands of the whole group, built on its first eager call
+        (never while torch.compile traces: the compiled path does not use them)."""
+        if self._prepared is None and not torch.compiler.is_compiling():
+            self._prepared = ops.Prepared(self.lora_a, self.lora_b, self.scaling, self.offsets)
+        return self._prepared
 
     def take(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
         """Slot `slot`'s output computed with slot 0's call on this same x, if there is one."""

@@ -29,7 +29,7 @@ from prism_fast.kernels.topk_distill import (
     topk_distill_backward,
     topk_distill_forward,
 )
-from prism_fast.torch_path import gated_lora_linear_torch
+from prism_fast.torch_path import Prepared, gated_lora_linear_torch
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -53,14 +53,14 @@ def use_triton(backend: str, device: torch.device) -> bool:
 def gated_lora_group(x: torch.Tensor, weights: list[torch.Tensor],
                      biases: list[torch.Tensor | None], lora_a: torch.Tensor,
                      lora_b: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
-                     triton: bool, launcher: GatedLoraLauncher | None = None
+                     triton: bool, launcher: GatedLoraLauncher | Prepared | None = None
                      ) -> list[torch.Tensor]:
     """S projections reading the same x: ys[s] = F.linear(x, W_s, b_s) + gated LoRA of slice s.
 
     x [..., K]; weights S × [N_s, K]; lora_a [L, S·R, K]; lora_b [L, ΣN_s, R]; scaling [S, L]
     or [L] (S = 1); ids [B] (x = [B, T, K]) or x.shape[:-1]. Arguments are assumed checked.
-    `launcher`: the group's GatedLoraLauncher over these lora_a, lora_b, scaling ([S, L] fp32),
-    the lean eager path of a patched layer.
+    `launcher`: a patched layer's lean eager path over these lora_a, lora_b, scaling ([S, L]
+    fp32): its GatedLoraLauncher (triton) or its torch_path.Prepared operands (torch).
     """
     if triton:
         if torch.compiler.is_compiling():
@@ -72,7 +72,7 @@ def gated_lora_group(x: torch.Tensor, weights: list[torch.Tensor],
             return ys
         return gated_lora_linear_triton(x, weights, biases, lora_a, lora_b, scaling, ids)
     # The fast PyTorch path (prism_fast/torch_path.py), checked against the reference in tests.
-    return gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)
+    return gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids, launcher)
 
 
 def gate_routes(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from prism_fast import reference
-from prism_fast.torch_path import gated_lora_linear_torch
+from prism_fast.torch_path import Prepared, gated_lora_linear_torch, slice_offsets
 from tests.helpers import float64_ref, make_ids, make_lora, stack_slices
 from tests.tolerances import REL_TOL, rel_err
 
@@ -138,3 +138,52 @@ def test_closed_batch_does_no_lora_work(monkeypatch):
     ys = gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, torch.tensor([-1, -1]))
     assert not calls
     assert all(torch.equal(y, F.linear(x, w)) for y, w in zip(ys, weights))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prepared_group_follows_routes_written_in_place(dtype):
+    """A patched layer's Prepared keeps its host-side grouping of the ids until the ids tensor
+    changes: in place (copy_, as set_routes does) or another tensor; every answer matches."""
+    k = 24
+    weights, biases, lora_a, lora_b, scaling, parts = multi_slice_case([16, 8, 8], k, 2, 4, dtype,
+                                                                       bias=True)
+    prepared = Prepared(lora_a, lora_b, scaling, slice_offsets(weights))
+    ids = torch.tensor([0, 0, 0])
+    for routes in ([0, 0, 0], [1, 1, 1], [1, -1, 0], [-1, -1, -1], [0, 0, 0]):
+        ids.copy_(torch.tensor(routes))
+        x = torch.randn(3, 2, k, dtype=dtype)
+        ys = gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids, prepared)
+        for y, e, w, b in zip(ys, per_slice(x, weights, biases, parts, ids, float64_ref), weights,
+                              biases):
+            assert y.shape == (3, 2, w.shape[0]) and y.dtype == dtype
+            closed = ids < 0
+            assert torch.equal(y[closed], F.linear(x, w, b)[closed])
+            assert rel_err(y[~closed], e[~closed]) <= REL_TOL[dtype] or not (~closed).any()
+    with torch.inference_mode():          # inference tensors have no version: no caching
+        ids = torch.tensor([1, 1, 1])
+        x = torch.randn(3, 2, k, dtype=dtype)
+        y = prepared(x, weights, biases, ids)[0]
+    assert rel_err(y, per_slice(x, weights, biases, parts, ids, float64_ref)[0]) <= REL_TOL[dtype]
+
+
+def test_prepared_extra_bytes_are_the_scaled_b_only_for_fp32():
+    k = 20
+    for dtype, expected in ((torch.float32, "b"), (torch.bfloat16, "ab")):
+        weights, _, lora_a, lora_b, scaling, _ = multi_slice_case([9, 5], k, 2, 4, dtype, False)
+        prepared = Prepared(lora_a, lora_b, scaling, slice_offsets(weights))
+        want = lora_b.numel() * 4 + (lora_a.numel() * 4 if "a" in expected else 0)
+        assert prepared.extra_bytes == want
+
+
+def test_uniform_route_on_2d_and_strided_input():
+    """All rows on one adapter (no gather): per-token ids on [M, K] and strided [B, T, K]."""
+    k = 13
+    weights, biases, lora_a, lora_b, scaling, parts = multi_slice_case([7, 3, 3], k, 2, 2,
+                                                                       torch.float32, bias=True)
+    x2 = torch.randn(5, k)
+    x3 = torch.randn(k, 6, 2).permute(2, 1, 0)                           # [2, 6, 13], strided
+    for x, ids in ((x2, torch.full((5,), 1)), (x3, torch.tensor([0, 0]))):
+        ys = gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)
+        for y, e in zip(ys, per_slice(x, weights, biases, parts, ids, float64_ref)):
+            assert y.shape == e.shape
+            assert rel_err(y, e) <= REL_TOL[torch.float32]
