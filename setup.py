@@ -15,12 +15,15 @@ setup(
     packages=["prism_fast", "prism_fast.kernels"],
     package_dir={"prism_fast": "prism_fast", "prism_fast.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
+    # Minimums are the versions CI tests (.ci/run's second environment: the GPU machine's
+    # triton, transformers and peft); torch 2.11 is the GPU machine's (bench/gpu_check.sh),
+    # CI tests the CPU build of 2.13.
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
-        "hf": ["transformers>=4.46", "peft>=0.13", "safetensors"],
+        "hf": ["transformers>=5.17", "peft>=0.21", "safetensors"],
         "dev": [
-            "transformers>=4.46",
-            "peft>=0.13",
+            "transformers>=5.17",
+            "peft>=0.21",
             "safetensors",
             "accelerate",
             # Hugging Face's `kernels`: transformers ≥ 5.25 requires it; listed so that the

@@ -18,11 +18,11 @@ N_LAYERS = 3
 VOCAB = 97
 
 
-def _config(arch: str, n_layers: int = N_LAYERS):
+def _config(arch: str, n_layers: int = N_LAYERS, vocab: int = VOCAB):
     import transformers as tf
 
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=n_layers,
-                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
                   max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if arch == "llama":
         return tf.LlamaConfig(**common), ALL7
@@ -45,11 +45,13 @@ def _config(arch: str, n_layers: int = N_LAYERS):
 ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3", "qwen2_moe"]
 
 
-def base_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, n_layers: int = N_LAYERS):
+def base_model(arch: str = "llama", dtype=torch.float32, seed: int = 0, n_layers: int = N_LAYERS,
+               vocab: int = VOCAB):
+    """A tiny random model; `vocab` ≥ VOCAB (prompts' ids are below VOCAB)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config, _ = _config(arch, n_layers)
+    config, _ = _config(arch, n_layers, vocab)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     # Stronger biases than the zero init, so Qwen2's q/k/v biases are exercised.
     for name, p in model.named_parameters():

@@ -20,6 +20,7 @@ import torch
 
 import prism_fast
 from tests import models as M
+from tests.interpreter_fixes import fix_interpreter
 from tests.tolerances import MODEL_REL_TOL, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -29,6 +30,9 @@ ARCHS = ["llama", "qwen2", "mistral"]
 B, T = 8, 10
 MIXES = {"mixed": [0, -1, 0, -1, -1, 0, 0, -1], "open": [0] * B, "closed": [-1] * B}
 GEN = dict(max_new_tokens=5)
+# lm_head's rows divide over the 2 ranks: transformers 5.17 refuses to gather an uneven colwise
+# output (M.VOCAB = 97 rows); ≥ M.VOCAB, so the prompts' ids stay in range.
+TP_VOCAB = 128
 
 
 def _free_port() -> int:
@@ -80,6 +84,7 @@ def _worker(rank: int, world: int, port: int, cases: Path, dist_backend: str) ->
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    fix_interpreter()   # a spawned process does not load conftest (the Triton backend's checks)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group(dist_backend, rank=rank, world_size=world,
@@ -115,7 +120,7 @@ def _make_cases(root: Path) -> dict:
 
     expected = {}
     for arch in ARCHS:
-        base = M.base_model(arch)
+        base = M.base_model(arch, vocab=TP_VOCAB)
         ids, mask = M.prompts(B, T, "left", seed=5)
         gate = M.balance_gate(base, M.random_gate(64), ids, mask)
         M.save_prism_dir(M.peft_model(M.clone(base), arch), gate, root / arch / "prism")
@@ -137,7 +142,7 @@ def _make_cases(root: Path) -> dict:
 
     odd = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=64, intermediate_size=95,
                                              num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=2, vocab_size=M.VOCAB))
+                                             num_key_value_heads=2, vocab_size=TP_VOCAB))
     odd.save_pretrained(root / "uneven" / "model")
     pm = get_peft_model(M.clone(odd), LoraConfig(r=4, target_modules=["down_proj"],
                                                  layers_to_transform=[1]))
@@ -233,7 +238,7 @@ def test_readme_tp_example_runs_under_torchrun(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     printed = run.stdout.strip().splitlines()[-1]
-    base = M.base_model()
+    base = M.base_model(vocab=TP_VOCAB)
     model = prism_fast.patch_model(base, prism_dir)
     ids = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]])
     with torch.no_grad():
@@ -242,7 +247,7 @@ def test_readme_tp_example_runs_under_torchrun(tmp_path):
 
 
 def _readme_case(tmp_path: Path):
-    base = M.base_model()
+    base = M.base_model(vocab=TP_VOCAB)
     M.save_prism_dir(M.peft_model(M.clone(base)), M.random_gate(64), tmp_path / "prism")
     base.save_pretrained(tmp_path / "model")
     return tmp_path / "model", tmp_path / "prism"
