@@ -21,6 +21,8 @@ setup(
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
         "hf": ["transformers>=5.17", "peft>=0.21", "safetensors"],
+        # python -m prism_fast.serve: an OpenAI-compatible server over continuous batching
+        "serve": ["transformers>=5.17", "peft>=0.21", "safetensors", "fastapi", "uvicorn"],
         "dev": [
             "transformers>=5.17",
             "peft>=0.21",
@@ -29,6 +31,10 @@ setup(
             # Hugging Face's `kernels`: transformers ≥ 5.25 requires it; listed so that the
             # tests always run beside it (tests/test_layering.py checks it is not shadowed).
             "kernels",
+            "fastapi",       # the server (prism_fast.serve) and its tests
+            "uvicorn",
+            "openai",        # the server's tests use the official client
+            "httpx",
             "gguf",          # the real model of the benchmark and the `real` tests (GGUF file)
             "tqdm",
             "pytest",
