@@ -8,6 +8,11 @@ token, decode speed, the latency of a 128-token answer, prompt tokens, KV-cache 
 memory, at batch 1 and 8. On a CPU it runs the real SmolLM2-135M-Instruct (fp32, torch backend);
 on a GPU also a Llama-3-8B-shaped model with random weights (bf16, Triton kernels).
 
+`--serving` runs the serving benchmark instead (bench/bench_serving.py; its own options follow,
+e.g. `python -m bench --serving --quick`, `--engine-sweep`): base, static `generate`, prompted
+(recomputed / the engine's prefix sharing) and PRISM open / half / closed under transformers'
+continuous batching, and the measured decode crossover of PRISM against a cached prompt.
+
 `--sweep` runs the kernel sweep instead: each projection and a whole decoder layer (base
 F.linear, prism_fast, PEFT-style torch, the reference op), the gate, and end-to-end prefill /
 decode of a random Llama-shaped model (or --e2e-model smollm2-135m). On CPU the sweep uses small
@@ -109,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
         epilog=presets_help())
+    p.add_argument("--serving", action="store_true",
+                   help="run the serving benchmark (continuous batching, crossover) instead; "
+                        "see python -m bench.bench_serving --help for its options")
     p.add_argument("--sweep", action="store_true",
                    help="run the kernel sweep (layers, gate, end to end) instead of the "
                         "context-folding benchmark")
@@ -233,6 +241,12 @@ def _device(choice: str) -> torch.device:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--serving" in given:     # its own parser: every other option is the serving benchmark's
+        from bench import bench_serving
+
+        given.remove("--serving")
+        return bench_serving.main(given)
     args = parse_args(argv)
     if args.sweep:
         return sweep(args, argv)

@@ -1,12 +1,13 @@
 """Serving under continuous batching: PRISM against prompting with the context it replaces.
 
-    python -m bench.bench_serving [--requests 16] [--contexts 200,1024] [--rate 0] [--out DIR]
+    python -m bench --serving [--quick] [--engine-sweep]     (or python -m bench.bench_serving)
 
 A stream of N chat requests (questions of bench/contexts.py, answers of varied lengths, greedy,
 EOS off so that every case generates the same tokens count) goes through transformers' own
 engine (`init_continuous_batching`, paged KV cache) in each case:
 
   base             the unpatched model, no context
+  static_generate  the same stream through left-padded `generate` in batches of 8 (no engine)
   prompted         the context (C tokens) as every request's system message, prefix sharing off:
                    every prompt recomputed
   prompted_shared  the same, with the engine's prefix sharing on: the context's blocks computed
@@ -16,15 +17,18 @@ engine (`init_continuous_batching`, paged KV cache) in each case:
   prism_closed     every route closed (the base model's computation)
 
 Per case: throughput (generated tokens / wall time from the first request's arrival to the last
-answer), time to first token (arrival → first token) and per-token latency (gaps between a
-request's tokens) at p50 / p99, prompt tokens taken from shared blocks (prefix sharing). On CPU:
-SmolLM2-135M-Instruct fp32, torch backend. CPU numbers are CPU numbers, never GPU results.
-Results: bench/results/cpu/serving-cpu-<date>.{json,md}, written atomically; no result, no file.
+answer), time to first token and per-token latency at p50 / p99, prompt tokens taken from shared
+blocks, peak KV blocks held. Then the decode crossover (bench/serving_crossover.py): PRISM open
+against the cached prompt at C = 200 / 1k / 4k, B = 1 and 8, with the byte floor. --engine-sweep
+adds a sweep of the engine's settings on the base model. On CPU: SmolLM2-135M-Instruct fp32,
+torch backend; CPU numbers are CPU numbers, never GPU results. Results:
+<out>/serving-cpu-<date>.{json,md,png}, written atomically; no result, no file.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -36,88 +40,21 @@ from pathlib import Path
 
 import torch
 
+from bench import serving_crossover, serving_report
+from bench.serving_engine import ATTNS, Engine, engine_sweep, run_case, static_generate, sweep_grid
+
 RESULTS = Path(__file__).resolve().parent / "results"
-CASES = ("base", "prompted", "prompted_shared", "prism_open", "prism_half", "prism_closed")
+CASES = ("base", "static_generate", "prompted", "prompted_shared", "prism_open", "prism_half",
+         "prism_closed")
 ANSWERS = (16, 48, 32, 24)          # max new tokens, cycled over the stream
+# (requests, stream contexts, crossover contexts, decode tokens, serial requests at B = 1)
+DEFAULT = dict(requests=16, contexts=[200, 1024], cross=list(serving_crossover.CPU_CONTEXTS),
+               decode_tokens=32, serial=3)
+QUICK = dict(requests=4, contexts=[200], cross=[200], decode_tokens=6, serial=1)
 
 
-def engine_config(shared: bool, n: int, longest: int):
-    from transformers import ContinuousBatchingConfig
-
-    # CPU: 256 query tokens per step, 32-token pages, room for every request at once.
-    pages = n * (longest // 32 + 2) + 8
-    return ContinuousBatchingConfig(page_size=32, num_blocks=pages, max_batch_tokens=256,
-                                    max_requests_per_batch=min(n, 64),
-                                    allow_block_sharing=shared, use_async_batching=False)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
-def run_case(model, prompts: list[list[int]], routes, shared: bool, rate: float) -> dict:
-    """Serve the stream once; the metrics of the case."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=max(ANSWERS))
-    longest = max(map(len, prompts)) + max(ANSWERS)
-    manager = model.init_continuous_batching(
-        generation_config=config,
-        continuous_batching_config=engine_config(shared, len(prompts), longest))
-    shared_tokens = count_shared(manager)
-    manager.start()
-    outputs, start = {}, time.perf_counter()
-    try:
-        for i, prompt in enumerate(prompts):
-            if rate > 0:       # arrivals at a fixed rate; 0 = all at once
-                time.sleep(max(0.0, start + i / rate - time.perf_counter()))
-            kw = {} if routes is None else {"prism_route": routes[i]}
-            manager.add_request(prompt, request_id=f"r{i}", record_timestamps=True,
-                                max_new_tokens=ANSWERS[i % len(ANSWERS)], **kw)
-        while len(outputs) < len(prompts):
-            out = manager.get_result(timeout=600)
-            if out is None:
-                raise RuntimeError("the engine returned no result within 600 s")
-            if out.error is not None:
-                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
-            outputs[out.request_id] = out
-        wall = time.perf_counter() - start
-    finally:
-        manager.stop(block=True, timeout=60)
-    ttft = [o.timestamps[0] - o.created_time for o in outputs.values()]
-    gaps = [b - a for o in outputs.values() for a, b in zip(o.timestamps, o.timestamps[1:])]
-    tokens = sum(len(o.generated_tokens) for o in outputs.values())
-    return {"requests": len(prompts), "tokens": tokens, "wall_s": wall,
-            "throughput_tok_s": tokens / wall,
-            "ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
-            "tpot_p50_ms": 1e3 * percentile(gaps, 0.5), "tpot_p99_ms": 1e3 * percentile(gaps, 0.99),
-            "prompt_tokens": sum(map(len, prompts)), "shared_prompt_tokens": shared_tokens[0]}
-
-
-def count_shared(manager) -> list[int]:
-    """[prompt tokens the engine took from cached blocks], counted as its scheduler asks."""
-    count, create = [0], manager._create_batch_processor
-
-    def create_counting():
-        processor = create()
-        search = processor.cache.search_prefix_match
-
-        def search_counting(request_id, prompt_ids):
-            n = search(request_id, prompt_ids)
-            count[0] += n
-            return n
-        processor.cache.search_prefix_match = search_counting
-        return processor
-
-    manager._create_batch_processor = create_counting
-    return count
-
-
-def build(n: int):
-    """(base model, patched PEFT model, tokenizer), SmolLM2-135M fp32 on CPU."""
+def build():
+    """(base model, patched PEFT model, tokenizer, byte floor), SmolLM2-135M fp32 on CPU."""
     import prism_fast
     from bench.bench_e2e import add_peft_adapter
     from bench.models import load_smollm2
@@ -127,7 +64,8 @@ def build(n: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prism = add_peft_adapter(prism, prism.config.num_hidden_layers)
-    return base, prism_fast.patch_model(prism, backend="torch"), tokenizer
+    floor = serving_crossover.byte_floor(prism)     # before patching repacks the adapter
+    return base, prism_fast.patch_model(prism, backend="torch"), tokenizer, floor
 
 
 def encode(tokenizer, question: str, context: str | None) -> list[int]:
@@ -137,83 +75,125 @@ def encode(tokenizer, question: str, context: str | None) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def plan(args) -> list[tuple[str, int | None]]:
+def plan(cases: list[str], contexts: list[int]) -> list[tuple[str, int | None]]:
     """(case, context) pairs: cases without a context run once."""
     out = []
-    for case in args.cases:
-        if case.startswith("prompted"):
-            out += [(case, c) for c in args.contexts]
-        else:
-            out.append((case, None))
+    for case in cases:
+        out += [(case, c) for c in contexts] if case.startswith("prompted") else [(case, None)]
     return out
 
 
-def markdown(meta: dict, rows: list[dict]) -> str:
-    head = ["case", "C", "tok/s", "× base", "TTFT p50 ms", "TTFT p99 ms", "tok p50 ms",
-            "tok p99 ms", "prompt tok", "shared tok"]
-    base = next((r["throughput_tok_s"] for r in rows if r["case"] == "base"), None)
-    lines = [f"# Serving under continuous batching ({meta['device']})", "",
-             f"{meta['model']}, {meta['requests']} requests, answers {meta['answers']} tokens "
-             f"(cycled), arrival rate {meta['rate'] or 'all at once'}, {meta['date']}.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["case"], str(r["context"] or "–"), f"{r['throughput_tok_s']:.1f}",
-                 f"{r['throughput_tok_s'] / base:.2f}" if base else "–",
-                 *(f"{r[k]:.0f}" for k in ("ttft_p50_ms", "ttft_p99_ms")),
-                 *(f"{r[k]:.1f}" for k in ("tpot_p50_ms", "tpot_p99_ms")),
-                 str(r["prompt_tokens"]), str(r["shared_prompt_tokens"] or 0)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_serving", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--contexts", default="200,1024",
-                        type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: burst)")
-    parser.add_argument("--cases", default=",".join(CASES), type=lambda s: s.split(","))
-    parser.add_argument("--out", type=Path, default=RESULTS / "cpu")
-    args = parser.parse_args(argv)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_serving", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run (≤ 2 min on an idle 2-core CPU): {QUICK}")
+    p.add_argument("--requests", type=int, help=f"stream length (default {DEFAULT['requests']})")
+    p.add_argument("--contexts", type=ints, help="stream contexts C (default 200,1024)")
+    p.add_argument("--crossover-contexts", type=ints, dest="cross",
+                   help="crossover contexts C (default 200,1024,4096)")
+    p.add_argument("--no-crossover", action="store_true")
+    p.add_argument("--engine-sweep", action="store_true",
+                   help="also sweep the engine's settings (attention, tokens per step, page)")
+    p.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: burst)")
+    p.add_argument("--cases", default=",".join(CASES), type=lambda s: s.split(","))
+    p.add_argument("--max-batch-tokens", type=int, default=Engine.max_batch_tokens)
+    p.add_argument("--page-size", type=int, default=Engine.page_size)
+    p.add_argument("--attn", default=Engine.attn, help=f"one of {', '.join(ATTNS)}")
+    p.add_argument("--out", type=Path, default=RESULTS / "cpu")
+    args = p.parse_args(argv)
+    for k, v in (QUICK if args.quick else DEFAULT).items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
     bad = [c for c in args.cases if c not in CASES]
-    if bad or args.requests < 1 or any(c < 1 for c in args.contexts):
-        parser.error(f"--cases: expected names among {', '.join(CASES)}; --requests and "
-                     f"--contexts: positive; got cases {args.cases}, requests {args.requests}, "
-                     f"contexts {args.contexts}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if bad or args.attn not in ATTNS:
+        p.error(f"--cases: expected names among {', '.join(CASES)}, got {bad}; --attn: expected "
+                f"one of {', '.join(ATTNS)}, got {args.attn!r}")
+    numbers = {"--requests": [args.requests], "--contexts": args.contexts,
+               "--crossover-contexts": args.cross, "--max-batch-tokens": [args.max_batch_tokens],
+               "--page-size": [args.page_size]}
+    for flag, values in numbers.items():
+        if not values or any(v < 1 for v in values):
+            p.error(f"{flag}: expected positive integers, got {values}")
+    if args.cross != sorted(args.cross):
+        p.error(f"--crossover-contexts: expected increasing values, got {args.cross}")
+    return args
+
+
+def stream(args, base, prism, tokenizer, engine: Engine, log) -> list[dict]:
     from bench.contexts import QUESTIONS, context_text
 
-    base, prism, tokenizer = build(args.requests)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
+    answers = [ANSWERS[i % len(ANSWERS)] for i in range(args.requests)]
     rows = []
-    for case, context in plan(args):
+    for case, context in plan(args.cases, args.contexts):
         text = context_text(tokenizer, context) if context else None
         prompts = [encode(tokenizer, q, text) for q in questions]
         routes = {"prism_open": [0] * len(prompts), "prism_closed": [-1] * len(prompts),
                   "prism_half": [i % 2 - 1 for i in range(len(prompts))]}.get(case)
-        model = prism if case.startswith("prism") else base
-        print(f"[serving] {case} C={context} …", file=sys.stderr, flush=True)
-        row = run_case(model, prompts, routes, shared=case != "prompted", rate=args.rate)
+        log(f"[serving] {case} C={context} …")
+        if case == "static_generate":
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+                else tokenizer.eos_token_id
+            row = static_generate(base, prompts, answers, pad)
+        else:
+            model = prism if case.startswith("prism") else base
+            row = run_case(model, prompts, answers, routes, case != "prompted", args.rate, engine)
         rows.append({"case": case, "context": context, **row})
-    if not rows:
-        print("[serving] no result: nothing written", file=sys.stderr)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started, load = time.monotonic(), os.getloadavg()[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    from bench.contexts import QUESTIONS, context_text
+
+    def log(msg: str) -> None:
+        print(f"{msg} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    engine = Engine(args.max_batch_tokens, args.page_size, args.attn)
+    base, prism, tokenizer, floor = build()
+    rows = stream(args, base, prism, tokenizer, engine, log)
+    cross = sweep = None
+    if not args.no_crossover:
+        n = 1 + args.serial + 8
+
+        def prompts_for(c):
+            text = context_text(tokenizer, c) if c else None
+            return [encode(tokenizer, QUESTIONS[i % len(QUESTIONS)], text) for i in range(n)]
+        cross = serving_crossover.run_crossover(base, prism, floor, prompts_for, args.cross,
+                                                args.decode_tokens, args.serial, engine, log)
+    if args.engine_sweep:
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
+        sweep = engine_sweep(base, [encode(tokenizer, q, None) for q in questions],
+                             [ANSWERS[i % len(ANSWERS)] for i in range(args.requests)],
+                             sweep_grid(args.quick), log)
+    if not rows and not cross:
+        log("[serving] no result: nothing written")
         return 1
     date = datetime.date.today().strftime("%Y%m%d")
     meta = {"device": f"CPU ({platform.processor() or platform.machine()}, "
                       f"{torch.get_num_threads()} threads)", "model": "SmolLM2-135M-Instruct fp32",
             "requests": args.requests, "answers": list(ANSWERS), "rate": args.rate, "date": date,
-            "engine": "transformers continuous batching, page 32, 256 tokens per step, sdpa"}
+            "engine": engine.label(), "engine_settings": dataclasses.asdict(engine),
+            "command": " ".join(["python -m bench.bench_serving",
+                                 *(argv if argv is not None else sys.argv[1:])]),
+            "quick": args.quick, "elapsed_s": time.monotonic() - started,
+            "load_average": [round(load, 2), round(os.getloadavg()[0], 2)]}
     stem = args.out / f"serving-cpu-{date}"
-    write_atomic(stem.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
-    write_atomic(stem.with_suffix(".md"), markdown(meta, rows))
-    print(markdown(meta, rows))
+    result = {"meta": meta, "rows": rows, "crossover": cross, "engine_sweep": sweep,
+              "gpu_rows": serving_crossover.GPU_ROWS}
+    serving_report.write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1))
+    text = serving_report.markdown(meta, rows, cross, sweep or [])
+    serving_report.write_atomic(stem.with_suffix(".md"), text)
+    if cross and not serving_report.plot(cross, stem.with_suffix(".png")):
+        log("[serving] plot skipped: matplotlib is not installed")
+    print(text)
     return 0
 
 
