@@ -43,10 +43,31 @@ def smollm2_available() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def special_ids() -> dict[str, int]:
+    """The GGUF file's own special token ids (bos 1, eos 2, pad 2)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(smollm2_dir() / GGUF_FILE)).fields
+    out = {}
+    for name in ("bos", "eos", "padding"):
+        field = fields.get(f"tokenizer.ggml.{name}_token_id")
+        if field is not None:
+            out[name] = int(field.parts[field.data[0]][0])
+    return out
+
+
+@functools.lru_cache(maxsize=1)
 def load_smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
+    # transformers 5.17's GGUF conversion takes <|im_start|> (id 1) for eos and sets no pad
+    # token; 5.25 reads the file's ids (eos = pad = <|im_end|>, id 2). Use the file's on both.
+    ids = special_ids()
+    for attr, key in (("eos_token", "eos"), ("pad_token", "padding")):
+        if key in ids and getattr(tokenizer, f"{attr}_id") != ids[key]:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(ids[key]))
+    return tokenizer
 
 
 @functools.lru_cache(maxsize=2)
@@ -55,6 +76,10 @@ def _load_smollm2_weights(dtype: torch.dtype):
 
     # Dequantising the Q4_1 file takes ≈ 16 s on the project's 2-core CPU: done once per dtype.
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE, dtype=dtype)
+    ids = special_ids()        # the file's own ids, whatever the transformers version read
+    for cfg in (model.config, model.generation_config):
+        cfg.bos_token_id, cfg.eos_token_id = ids.get("bos"), ids.get("eos")
+        cfg.pad_token_id = ids.get("padding")
     return model.eval()
 
 
