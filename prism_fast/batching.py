@@ -23,6 +23,30 @@ import functools
 
 from prism_fast.flat_batch import SALT_SHIFT, FlatBatch, RouteBook, salted
 
+# The engine internals batching.py hooks (ContinuousBatchingConfig(page_size=…), the batch
+# processor's model_runner / update_batch, the cache's prefix search) are those of
+# transformers 5.25; 5.17 names and arranges them otherwise. Tested on 5.25 only.
+MIN_TRANSFORMERS = (5, 25)
+
+
+def engine_supported() -> bool:
+    """Whether the installed transformers has the continuous-batching engine prism_fast hooks."""
+    import transformers
+
+    parts = transformers.__version__.split(".")[:2]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts) >= MIN_TRANSFORMERS
+
+
+def check_engine() -> None:
+    """A clear error where the engine is older than the one prism_fast hooks."""
+    if not engine_supported():
+        import transformers
+
+        raise RuntimeError(
+            f"continuous batching: prism_fast needs transformers >= "
+            f"{'.'.join(map(str, MIN_TRANSFORMERS))} (the engine internals it hooks), found "
+            f"{transformers.__version__}; upgrade transformers, or use model.generate")
+
 
 def install(model, root, routing, overrides) -> None:
     """patch_model: init_continuous_batching / generate_batch of the transformers model hook the
@@ -51,6 +75,7 @@ def _generate_batch(model, pending: dict, inputs, *args, prism_routes=None, **kw
 
 def _init_continuous_batching(model, routing, pending: dict, generation_config=None,
                               continuous_batching_config=None, workload_hints=None):
+    check_engine()
     from transformers import ContinuousBatchingConfig
 
     if routing.fixed is not None:

@@ -225,6 +225,10 @@ def main(argv=None) -> None:
     import uvicorn
     from transformers import ContinuousBatchingConfig
 
+    from prism_fast.batching import check_engine
+
+    check_engine()
+
     sizes = {k: v for k, v in (("max_batch_tokens", args.max_batch_tokens),
                                ("num_blocks", args.num_blocks),
                                ("page_size", args.page_size)) if v is not None}

@@ -307,3 +307,12 @@ def test_a_dict_where_a_list_of_adapters_is_expected(prism_dir):
     with pytest.raises(TypeError, match=r"adapter\[1\]: expected a directory path .str or Path., "
                                         r"got dict"):
         prism_fast.load_prism([path, {"a": str(path)}])
+
+
+@pytest.mark.skipif(__import__("prism_fast.batching").batching.engine_supported(),
+                    reason="transformers >= 5.25: its engine is supported (tests/test_batching.py)")
+def test_older_engine_is_refused_clearly(served):
+    """transformers < 5.25: continuous batching of a patched model names the version it needs."""
+    model = served[0]
+    with pytest.raises(RuntimeError, match=r"transformers >= 5\.25.*found"):
+        model.generate_batch([[3, 4, 5]])

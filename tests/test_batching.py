@@ -12,10 +12,17 @@ import pytest
 import torch
 
 import prism_fast
+from prism_fast.batching import engine_supported
 from prism_fast.flat_batch import salted
 from tests import models as M
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+# The engine prism_fast hooks is transformers 5.25's; older ones get a clear error (tested in
+# test_older_engine_is_refused_clearly), not these tests.
+_ENGINE = pytest.mark.skipif(not engine_supported(),
+                             reason="continuous batching needs transformers >= 5.25")
+
+pytestmark = [_ENGINE,
+              pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")]
 NEW = 6
 
 

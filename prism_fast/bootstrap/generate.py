@@ -97,6 +97,10 @@ def _static(model, tokenizer, prompts, cfg, order, batch_size, bar):
 def _continuous(model, prompts, cfg, g: GenConfig, eos_ids, bar):
     from transformers import ContinuousBatchingConfig
 
+    from prism_fast.batching import check_engine
+
+    check_engine()
+
     cb = ContinuousBatchingConfig(max_batch_tokens=g.cb_max_batch_tokens,
                                   num_blocks=g.cb_num_blocks, page_size=g.cb_block_size,
                                   **g.extra)
