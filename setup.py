@@ -21,8 +21,9 @@ setup(
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
         "hf": ["transformers>=5.17", "peft>=0.21", "safetensors"],
-        # python -m prism_fast.serve: an OpenAI-compatible server over continuous batching
-        "serve": ["transformers>=5.17", "peft>=0.21", "safetensors", "fastapi", "uvicorn"],
+        # python -m prism_fast.serve: an OpenAI-compatible server over continuous batching,
+        # whose engine prism_fast hooks from transformers 5.25 on (prism_fast/batching.py)
+        "serve": ["transformers>=5.25", "peft>=0.21", "safetensors", "fastapi", "uvicorn"],
         "dev": [
             "transformers>=5.17",
             "peft>=0.21",
