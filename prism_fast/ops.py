@@ -42,7 +42,10 @@ def use_triton(backend: str, device: torch.device) -> bool:
         return False
     if backend == "auto":
         return device.type == "cuda"
-    if device.type != "cuda" and not interpreted():
+    # Both: kernels built for the interpreter, and TRITON_INTERPRET=1 still set (triton reads
+    # it again when it launches).
+    if device.type != "cuda" and not (interpreted()
+                                      and os.environ.get("TRITON_INTERPRET") == "1"):
         late = " (it is set now, but was not when triton and prism_fast were imported: the " \
             "kernels were compiled for a GPU)" if os.environ.get("TRITON_INTERPRET") == "1" else ""
         raise ValueError(f"backend: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
