@@ -120,7 +120,20 @@ def test_deepcopy_is_independent(served):
     assert torch.equal(M.forward(model, ids, mask), closed)
 
 
+def _unpicklable_upstream() -> str | None:
+    """Why an unpatched model of this transformers + kernels cannot be pickled, if it cannot
+    (transformers 5.17 with kernels 0.16 attach local function modules to the layers)."""
+    try:
+        pickle.dumps(M.base_model())
+    except Exception as e:  # noqa: BLE001 - any failure here is upstream's, not ours
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def test_pickle_and_torch_save_of_a_patched_model(served):
+    why = _unpicklable_upstream()
+    if why is not None:
+        pytest.skip(f"the unpatched model cannot be pickled with this transformers: {why}")
     model, _, _ = served
     ids, mask = M.prompts(2, 8)
     prism_fast.set_routes(model, [0, -1])
