@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prism_fast import ops
+from prism_fast import fused_base, ops
 from prism_fast.loading import Persona
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ class Group:
         # The lean eager launch path over the stacked tensors (plans resolved once per layout).
         self.launcher = ops.GatedLoraLauncher(lora_a, lora_b, scaling)
         self._prepared: ops.Prepared | None = None   # the torch path's, on its first eager call
+        self.fused: fused_base.FusedBase | None = None   # fuse_base(): torch path, fp32 CPU
 
     def slice_args(self, s: int):
         r, lo, hi = self.rank, self.offsets[s], self.offsets[s + 1]
@@ -62,7 +63,23 @@ class Group:
         (never while torch.compile traces: the compiled path does not use them)."""
         if self._prepared is None and not torch.compiler.is_compiling():
             self._prepared = ops.Prepared(self.lora_a, self.lora_b, self.scaling, self.offsets)
+            self._prepared.fused = self.fused
         return self._prepared
+
+    def fuse_base(self) -> None:
+        """Move the members' weights and adapter 0's A into one buffer, so that an all-open
+        call is one GEMM (fused_base.py); a no-op where the tensors do not qualify."""
+        pairs = [m.weight_bias() for m in self.members]
+        self.fused = fused_base.fuse([w for w, _ in pairs], [b for _, b in pairs], self.lora_a,
+                                     self.rank)
+
+    def unfuse(self) -> None:
+        """The members' parameters on storage of their own again (unpatch_model)."""
+        if self.fused is not None:
+            self.fused.release()
+            self.fused = None
+            if self._prepared is not None:
+                self._prepared.fused = None
 
     def take(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
         """Slot `slot`'s output computed with slot 0's call on this same x, if there is one."""

@@ -118,6 +118,8 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
             parent = root.get_submodule(parent_path)
             swaps.append((parent, attr, getattr(parent, attr), module))
             setattr(parent, attr, module)
+        if plan is None and not routing.triton:
+            group.fuse_base()
     _allow_routes_kwarg(model)   # the refusal an earlier unpatch_model left
     overrides = override_methods(model, root, routing, swaps)
     overrides.hooks += install_hooks(routing, decoder, layers[0])
@@ -139,8 +141,9 @@ def unpatch_model(model):
     forward pre-hook that refuses prism_routes= (the model's forward would otherwise take it
     into its **kwargs and silently run the base model); patch_model removes it again."""
     patch = _patch_of(model)
-    for parent, attr, original, _ in reversed(patch.swaps):
+    for parent, attr, original, ours in reversed(patch.swaps):
         setattr(parent, attr, original)
+        ours.group.unfuse()
     patch.overrides.remove()
     del model.__dict__["_prism_patch"]
     model.register_forward_pre_hook(_refuse_routes_kwarg, with_kwargs=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prism_fast.fused_base import FusedBase
 from prism_fast.kernels.gated_lora import ids_per_sequence
 from prism_fast.reference import per_token_ids
 
@@ -126,6 +127,7 @@ class Prepared:
         self._ids: torch.Tensor | None = None
         self._version = -1
         self._plan: list[tuple[int, torch.Tensor | None]] = []
+        self.fused: FusedBase | None = None     # set by the patched layer's Group (fp32 CPU)
 
     def plan(self, ids: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
         """_groups(ids), computed once per routes version where caching is on."""
@@ -144,6 +146,9 @@ class Prepared:
                  biases: list[torch.Tensor | None], ids: torch.Tensor) -> list[torch.Tensor]:
         plan = self.plan(ids)
         if len(plan) == 1 and plan[0][1] is None:
+            fused = self.fused
+            if plan[0][0] == 0 and fused is not None and fused.valid():
+                return fused(x, self.b_t[0])          # base + shrink in one GEMM
             return self._uniform(x, weights, biases, plan[0][0])
         ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]             # S × [..., N_s]
         if plan:
