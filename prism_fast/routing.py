@@ -14,8 +14,8 @@ after layer 0) or PREFILL (routes fixed or default) ─(layer-0 hook)─► PREF
 hook)─► DECODE; decode forwards leave it at DECODE.
 
 Routing owns every transition of its state: the hooks (routing_hooks.py) call begin / run_gate
-/ end, hf.py's overrides enter / leave generate, push / pop a call's routes and disable the
-adapters, patch.py's set_routes fixes or clears routes, batching.py runs flat forwards.
+/ end; the overrides (overrides.py) enter / leave generate, push / pop a call's routes and
+disable the adapters; set_routes fixes or clears routes; batching.py runs flat forwards.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from __future__ import annotations
 import contextlib
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
 from prism_fast import ops
+from prism_fast.targets import Given, check_routes
 from prism_fast.torch_path import tracing
 
 
@@ -36,12 +36,6 @@ class Phase(enum.Enum):
     GATE = "prefill, gate pending after layer 0"
     PREFILL = "prefill, routes decided"
     DECODE = "after a prefill"
-
-
-class Given(NamedTuple):
-    """Routes a caller gave (set_routes, prism_routes=), checked."""
-    ids: torch.Tensor            # [B] int32, a copy on the routes' device
-    closed: bool | None          # every id −1, if the host knows (CPU ids); None: on the device
 
 
 @dataclass
@@ -81,12 +75,10 @@ class Routing:
 
     def skip_lora(self) -> bool:
         """No LoRA launch for this forward: adapters disabled, or every route known closed on
-        the host. Under torch.compile the flag is read while tracing, so Dynamo guards on it:
-        one graph per value, the all-closed one (a decode step after an all-closed prefill, or
-        after set_routes with closed CPU ids) without any LoRA op, so that CUDA graphs of it
-        (mode="reduce-overhead") are the base model's; set_routes flips the flag and the other
-        graph runs (compiled once per value). A raw CUDA-graph capture cannot be guarded: it
-        keeps its launches (closed tiles exit early), so that it stays valid if routes open."""
+        the host. Dynamo guards on `closed`: the all-closed graph holds no LoRA op (its CUDA
+        graphs are the base model's), set_routes flips it and the other graph runs. A raw
+        CUDA-graph capture cannot be guarded: it keeps its launches (closed tiles exit early),
+        so that it stays valid if routes open."""
         return self.disabled or (self.closed is True and not capturing())
 
     def ids_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,37 +102,9 @@ class Routing:
 
     # ---- routes a caller gives ---------------------------------------------------------
 
-    def check_routes(self, routes) -> Given:
-        """routes (tensor or list) → ([B] int32 copy on the routes' device, all closed if known).
-
-        Ids given on the CPU are range-checked here; ids already on the GPU are not (that would
-        need a device sync): the kernels treat an id outside −1…L−1 as a closed gate.
-        """
-        if isinstance(routes, (list, tuple)):
-            routes = torch.tensor(routes)
-        if not isinstance(routes, torch.Tensor):
-            raise TypeError(f"routes: expected an integer tensor of shape (B,), got "
-                            f"{type(routes).__name__}")
-        if routes.dtype.is_floating_point or routes.dtype.is_complex \
-                or routes.dtype == torch.bool or routes.dim() != 1 or routes.numel() == 0:
-            raise ValueError(f"routes: expected an integer tensor of shape (B,) with B ≥ 1, got "
-                             f"{routes.dtype} of shape {tuple(routes.shape)}")
-        if routes.device.type == "meta":
-            raise ValueError("routes: expected ids with values (on the CPU or the model's "
-                             "device), got a tensor on the meta device, which holds none")
-        closed = None
-        if routes.device.type == "cpu":
-            lo, hi = int(routes.min()), int(routes.max())
-            if lo < -1 or hi >= self.n_adapters:
-                raise ValueError(f"routes: expected values in -1…{self.n_adapters - 1}, got "
-                                 f"values in {lo}…{hi}")
-            closed = hi < 0
-        # Never the caller's tensor.
-        return Given(routes.to(device=self.device, dtype=torch.int32, copy=True), closed)
-
     def fix_routes(self, routes) -> None:
         """set_routes: the sticky routes, also for the decode steps in flight."""
-        given = self.check_routes(routes)
+        given = check_routes(routes, self.n_adapters, self.device)
         if self.fixed is not None and self.fixed.ids.shape == given.ids.shape \
                 and writable(self.fixed.ids):
             self.fixed.ids.copy_(given.ids)  # in place: a captured prefill reads the new values
@@ -159,7 +123,7 @@ class Routing:
         enclosing call's are saved before the check, so pop_call balances even if it raises."""
         self.callers.append(self.call)
         if routes is not None:
-            self.call = self.check_routes(routes)
+            self.call = check_routes(routes, self.n_adapters, self.device)
 
     def pop_call(self) -> None:
         self.call = self.callers.pop()
@@ -169,7 +133,7 @@ class Routing:
         prefill is one; later full forwards, use_cache=False, are not) and its 2-D mask."""
         outer = self.generation is None
         if routes is not None:
-            routes = self.check_routes(routes)
+            routes = check_routes(routes, self.n_adapters, self.device)
         if outer and prompts == 0:
             raise ValueError("input_ids: expected at least one prompt, got a batch of 0 rows")
         self.callers.append(self.call)
@@ -187,11 +151,10 @@ class Routing:
             self.generation = None
         self.pop_call()
 
-    def disable(self) -> None:
-        """PEFT's disable_adapter_layers(): every row runs the base model."""
+    def disable(self) -> None:       # PEFT's disable_adapter_layers(): the base model
         self.disabled = True
 
-    def enable(self) -> None:
+    def enable(self) -> None:        # PEFT's enable_adapter_layers()
         self.disabled = False
 
     @contextlib.contextmanager
