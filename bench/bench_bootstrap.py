@@ -125,7 +125,7 @@ def full_run(model, tok, queries: int, answer_tokens: int, g: GenConfig) -> dict
     """The whole bootstrap, small settings, in a temporary folder: its summary."""
     import copy
 
-    from prism_fast.train import TrainConfig
+    from prism_fast.training import TrainConfig
 
     cfg = BootstrapConfig(persona_name="bicycle_mechanic", queries=queries, heldout=8,
                           answer_tokens=answer_tokens, gen=g)

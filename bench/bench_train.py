@@ -41,7 +41,7 @@ from bench.common import CPU_LABEL, MODELS, peak_memory, sync
 from bench.models import load_model
 from prism_fast.ops import topk_distill_loss
 from prism_fast.reference import official_stage_b_loss
-from prism_fast.train import (
+from prism_fast.training import (
     TEACHER_TOPK,
     TrainConfig,
     add_lora,

@@ -23,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from prism_fast.train import BinaryGate
+from prism_fast.training import BinaryGate
 
 CPU_LABEL = "CPU: not a GPU result"
 QUANTILES = [0.5, 0.2, 0.8]  # median, p20, p80: the order do_bench returns them in

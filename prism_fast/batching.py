@@ -184,12 +184,8 @@ def _hook_processor(processor, routing, book: RouteBook) -> None:
     def compute_batch(model, batch_data):
         io = runner.inputs_and_outputs
         flat.prepare(io.requests_in_batch, io.num_q_tokens, book)
-        saved = routing.all_closed
-        routing.flat, routing.all_closed = flat, flat.all_closed
-        try:
+        with routing.flat_forward(flat):
             return compute(model, batch_data)
-        finally:
-            routing.flat, routing.all_closed = None, saved
 
     def update_batch():
         book.flush()

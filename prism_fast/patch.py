@@ -1,8 +1,10 @@
 """patch_model: single-pass PRISM routing inside a Hugging Face decoder (see routing.py).
 
-This file composes the pieces: checks (targets.py), stacked adapters and patched projections
-(layer.py), the routing state and its hooks (routing.py), the Hugging Face / PEFT overrides
-(hf.py). unpatch_model undoes exactly what patch_model did.
+This file composes the pieces: patch_model resolves the personas (loading.py, peft_loading.py),
+checks them against the model (targets.py), groups the projections that share an input (hf.py)
+and swaps them for patched ones (layer.py), with the routing state (routing.py), its hooks
+(routing_hooks.py) and the Hugging Face / PEFT overrides (overrides.py). unpatch_model undoes
+exactly what patch_model did.
 """
 
 from __future__ import annotations
@@ -13,21 +15,15 @@ import torch
 import torch.nn as nn
 
 from prism_fast import batching, sharding
-from prism_fast.hf import (
-    LAYER_PATH,
-    ROUTES_KWARG,
-    Overrides,
-    decoder_and_root,
-    groups_of,
-    is_peft_model,
-    override_methods,
-    personas_from_peft_model,
-)
+from prism_fast.hf import LAYER_PATH, decoder_and_root, groups_of, is_peft_model
 from prism_fast.kernels._checks import FLOATS
 from prism_fast.layer import GatedLoraLinear, Group, stack
-from prism_fast.loading import PrismAdapter, load_gate, load_prism
+from prism_fast.loading import Persona, PrismAdapter, load_gate, load_prism
 from prism_fast.ops import use_triton
-from prism_fast.routing import Routing, install_hooks
+from prism_fast.overrides import ROUTES_KWARG, Overrides, override_methods
+from prism_fast.peft_loading import personas_from_peft_model
+from prism_fast.routing import Routing
+from prism_fast.routing_hooks import install_hooks
 from prism_fast.targets import check_gate, check_targets
 
 __all__ = ["GatedLoraLinear", "get_routes", "patch_model", "set_routes", "unpatch_model"]
@@ -58,6 +54,26 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     if getattr(model, "_prism_patch", None) is not None:
         raise ValueError("model: already patched by prism_fast; call unpatch_model(model) first")
     root, decoder, layers = decoder_and_root(model)
+    personas, wrapped, gate_state = _resolve(model, adapter, gate)
+    model_type = getattr(getattr(root, "config", None), "model_type", "default")
+    targets, routing = _check(root, layers, personas, wrapped, gate_state, model_type, backend,
+                              adapter_dtype)
+    groups = _group(targets, model_type)
+    plan = sharding.tp_plan(root, targets, peft=bool(wrapped))
+    if plan is not None:
+        sharding.check_groups(plan, groups)
+    # Everything is checked: from here on, nothing can fail half-way.
+    swaps = _swap(root, groups, targets, personas, routing, adapter_dtype, plan)
+    _allow_routes_kwarg(model)   # the refusal an earlier unpatch_model left
+    overrides = override_methods(model, root, routing, swaps)
+    overrides.hooks += install_hooks(routing, decoder, layers[0])
+    batching.install(model, root, routing, overrides)
+    model.__dict__["_prism_patch"] = _Patch(routing, swaps, overrides)
+    return model
+
+
+def _resolve(model, adapter, gate) -> tuple[list[Persona], dict[str, nn.Module], dict | None]:
+    """(personas, PEFT's LoRA-wrapped modules by path (empty unless a PeftModel), gate state)."""
     wrapped: dict[str, nn.Module] = {}
     if is_peft_model(model):
         if adapter is not None:
@@ -78,7 +94,12 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
                              f"persona_expert/ subdirectories and use set_routes")
     if gate is not None:
         gate_state = load_gate(gate)
-    model_type = getattr(getattr(root, "config", None), "model_type", "default")
+    return personas, wrapped, gate_state
+
+
+def _check(root, layers, personas: list[Persona], wrapped: dict, gate_state, model_type: str,
+           backend: str, adapter_dtype) -> tuple[dict[str, nn.Linear], Routing]:
+    """The targeted projections by path, checked, and the routing (with its checked gate)."""
     targets = check_targets(root, personas, wrapped, len(layers), model_type)
     first = next(iter(targets.values()))
     # The kernels take adapters in x's dtype or fp32 (PEFT's); refuse others before patching.
@@ -87,22 +108,27 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
         raise ValueError(f"adapter_dtype: expected None, torch.float32 or the layers' own dtype, "
                          f"got {adapter_dtype} for layers in {', '.join(sorted(odd))}")
     layer0_device = next(layers[0].parameters()).device
-    routing = Routing(n_adapters=len(personas), triton=use_triton(backend, first.weight.device),
-                      device=layer0_device, gate=None)
-    if gate_state is not None:
-        routing.gate = check_gate(gate_state, root, len(personas), targets, layer0_device,
-                                  first.weight.dtype)
+    triton = use_triton(backend, first.weight.device)
+    checked_gate = None if gate_state is None else check_gate(
+        gate_state, root, len(personas), targets, layer0_device, first.weight.dtype)
+    return targets, Routing(n_adapters=len(personas), triton=triton, device=layer0_device,
+                            gate=checked_gate)
+
+
+def _group(targets: dict[str, nn.Linear], model_type: str) -> list[list[str]]:
+    """The targets' paths in shared-input groups, layer by layer."""
     by_layer: dict[int, list[str]] = {}
     for path in targets:
         layer, rel = LAYER_PATH.match(path).groups()
         by_layer.setdefault(int(layer), []).append(rel)
-    groups = [[f"model.layers.{idx}.{r}" for r in rel_names]
-              for idx, rels in sorted(by_layer.items())
-              for rel_names in groups_of(model_type, rels)]
-    plan = sharding.tp_plan(root, targets, peft=bool(wrapped))
-    if plan is not None:
-        sharding.check_groups(plan, groups)
-    # Everything is checked: from here on, nothing can fail half-way.
+    return [[f"model.layers.{idx}.{r}" for r in rel_names]
+            for idx, rels in sorted(by_layer.items())
+            for rel_names in groups_of(model_type, rels)]
+
+
+def _swap(root, groups: list[list[str]], targets: dict[str, nn.Linear], personas: list[Persona],
+          routing: Routing, adapter_dtype, plan) -> list:
+    """Stack each group's adapters and swap its projections for gated ones; the swaps made."""
     swaps = []
     for full in groups:
         bases = [targets[p] for p in full]
@@ -120,12 +146,7 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
             setattr(parent, attr, module)
         if plan is None and not routing.triton:
             group.fuse_base()
-    _allow_routes_kwarg(model)   # the refusal an earlier unpatch_model left
-    overrides = override_methods(model, root, routing, swaps)
-    overrides.hooks += install_hooks(routing, decoder, layers[0])
-    batching.install(model, root, routing, overrides)
-    model.__dict__["_prism_patch"] = _Patch(routing, swaps, overrides)
-    return model
+    return swaps
 
 
 def _patch_of(model) -> _Patch:
@@ -175,9 +196,9 @@ def set_routes(model, routes: torch.Tensor | list[int] | None) -> None:
     """
     routing = _patch_of(model).routing
     if routes is None:
-        routing.fixed, routing.fixed_all_closed = None, None
-        return
-    routing.fix(*routing.check_routes(routes))
+        routing.clear_routes()
+    else:
+        routing.fix_routes(routes)
 
 
 def get_routes(model) -> torch.Tensor | None:

@@ -12,17 +12,22 @@ that tensor in the same forward. Decode steps reuse the routes of their prefill.
 A forward moves the phase NEW/DECODE ─(decoder pre-hook, prefill)─► GATE (a gate will run
 after layer 0) or PREFILL (routes fixed or default) ─(layer-0 hook)─► PREFILL ─(decoder
 hook)─► DECODE; decode forwards leave it at DECODE.
+
+Routing owns every transition of its state: the hooks (routing_hooks.py) call begin / run_gate
+/ end; the overrides (overrides.py) enter / leave generate, push / pop a call's routes and
+disable the adapters; set_routes fixes or clears routes; batching.py runs flat forwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from prism_fast import ops
+from prism_fast.targets import Given, check_routes
 from prism_fast.torch_path import tracing
 
 
@@ -31,6 +36,15 @@ class Phase(enum.Enum):
     GATE = "prefill, gate pending after layer 0"
     PREFILL = "prefill, routes decided"
     DECODE = "after a prefill"
+
+
+@dataclass
+class Generation:
+    """One patched generate() call; nested calls (generate inside generate) share it."""
+    prompts: int | None                  # the batch given to generate(), if known
+    mask: torch.Tensor | None            # the 2-D mask given to generate(), if any
+    depth: int = 1                       # patched generate() calls open
+    decided: bool = False                # its prefill ran (later full forwards are not one)
 
 
 @dataclass
@@ -43,39 +57,29 @@ class Routing:
     gate: tuple[torch.Tensor, ...] | None          # (w1, b1, w2, b2) in layer 0's dtype/device
     phase: Phase = Phase.NEW
     routes: torch.Tensor | None = None             # [B] int32, updated in place
-    fixed: torch.Tensor | None = None              # [B] from set_routes (sticky)
-    fixed_all_closed: bool | None = None           # known on the host when set_routes had CPU ids
-    call: tuple[torch.Tensor, bool | None] | None = None   # prism_routes= of the current call
-    all_closed: bool = False                       # every route closed: decode skips LoRA
-    known_closed: bool | None = None               # this prefill's all_closed, if host-known
+    # Whether every current route is closed, as the host knows it: True (decode skips LoRA),
+    # False, or None (on the device only; a prefill learns it when it ends).
+    closed: bool | None = None
+    fixed: Given | None = None                     # from set_routes (sticky)
+    call: Given | None = None                      # prism_routes= of the current call
+    callers: list = field(default_factory=list)    # the enclosing calls' `call`, for pop_call
+    generation: Generation | None = None           # the patched generate() running, if any
     attention_mask: torch.Tensor | None = None     # the prefill's 2-D mask, for the gate
-    generate_mask: torch.Tensor | None = None      # the 2-D mask given to generate(), if any
     seq_len: int = 1                               # T of the current forward
     token_ids: torch.Tensor | None = None          # routes repeated over T, built on demand
-    in_generate: int = 0                           # depth of patched generate() calls
-    prompts: int | None = None                     # the batch given to generate(), if known
-    decided_in_generate: bool = False              # this generate() already had its prefill
     disabled: bool = False                         # PEFT's disable_adapter(): the base model
     flat: object | None = None                     # continuous batching: this forward's per-token
                                                    # routes (flat_batch.FlatBatch), else None
 
-    def assign(self, routes: torch.Tensor) -> None:
-        """Write routes in place when the batch size allows, so captured graphs see them."""
-        if self.routes is not None and self.routes.shape == routes.shape \
-                and self.routes.device == routes.device and writable(self.routes):
-            self.routes.copy_(routes)
-        else:
-            self.routes = routes.to(torch.int32).clone()
+    # ---- what the patched projections read ---------------------------------------------
 
     def skip_lora(self) -> bool:
         """No LoRA launch for this forward: adapters disabled, or every route known closed on
-        the host. Under torch.compile the flag is read while tracing, so Dynamo guards on it:
-        one graph per value, the all-closed one (a decode step after an all-closed prefill, or
-        after set_routes with closed CPU ids) without any LoRA op, so that CUDA graphs of it
-        (mode="reduce-overhead") are the base model's; set_routes flips the flag and the other
-        graph runs (compiled once per value). A raw CUDA-graph capture cannot be guarded: it
-        keeps its launches (closed tiles exit early), so that it stays valid if routes open."""
-        return self.disabled or (self.all_closed and not capturing())
+        the host. Dynamo guards on `closed`: the all-closed graph holds no LoRA op (its CUDA
+        graphs are the base model's), set_routes flips it and the other graph runs. A raw
+        CUDA-graph capture cannot be guarded: it keeps its launches (closed tiles exit early),
+        so that it stays valid if routes open."""
+        return self.disabled or (self.closed is True and not capturing())
 
     def ids_for(self, x: torch.Tensor) -> torch.Tensor:
         """Routes [B] for x [B, T, K]; per-token ids [B·T] for x [B·T, K] (MoE blocks flatten)."""
@@ -96,96 +100,146 @@ class Routing:
                              f"last prefill, got {tuple(x.shape)}; a new batch needs a new prefill")
         return ids if ids.device == x.device else ids.to(x.device, non_blocking=True)
 
-    def check_routes(self, routes) -> tuple[torch.Tensor, bool | None]:
-        """routes (tensor or list) → ([B] int32 copy on the routes' device, all closed if known).
+    # ---- routes a caller gives ---------------------------------------------------------
 
-        Ids given on the CPU are range-checked here; ids already on the GPU are not (that would
-        need a device sync): the kernels treat an id outside −1…L−1 as a closed gate.
-        """
-        if isinstance(routes, (list, tuple)):
-            routes = torch.tensor(routes)
-        if not isinstance(routes, torch.Tensor):
-            raise TypeError(f"routes: expected an integer tensor of shape (B,), got "
-                            f"{type(routes).__name__}")
-        if routes.dtype.is_floating_point or routes.dtype.is_complex \
-                or routes.dtype == torch.bool or routes.dim() != 1 or routes.numel() == 0:
-            raise ValueError(f"routes: expected an integer tensor of shape (B,) with B ≥ 1, got "
-                             f"{routes.dtype} of shape {tuple(routes.shape)}")
-        if routes.device.type == "meta":
-            raise ValueError("routes: expected ids with values (on the CPU or the model's "
-                             "device), got a tensor on the meta device, which holds none")
-        known_closed = None
-        if routes.device.type == "cpu":
-            lo, hi = int(routes.min()), int(routes.max())
-            if lo < -1 or hi >= self.n_adapters:
-                raise ValueError(f"routes: expected values in -1…{self.n_adapters - 1}, got "
-                                 f"values in {lo}…{hi}")
-            known_closed = hi < 0
-        # Never the caller's tensor.
-        return routes.to(device=self.device, dtype=torch.int32, copy=True), known_closed
-
-    def fix(self, routes, known_closed: bool | None) -> None:
+    def fix_routes(self, routes) -> None:
         """set_routes: the sticky routes, also for the decode steps in flight."""
-        if self.fixed is not None and self.fixed.shape == routes.shape and writable(self.fixed):
-            self.fixed.copy_(routes)     # in place: a captured prefill reads the new values
-        else:
-            self.fixed = routes
-        self.fixed_all_closed = known_closed
-        if self.routes is not None and self.routes.shape == routes.shape:
-            self.assign(routes)          # in place: captured decode steps read the new values
-            self.all_closed = bool(known_closed)
+        given = check_routes(routes, self.n_adapters, self.device)
+        if self.fixed is not None and self.fixed.ids.shape == given.ids.shape \
+                and writable(self.fixed.ids):
+            self.fixed.ids.copy_(given.ids)  # in place: a captured prefill reads the new values
+            given = Given(self.fixed.ids, given.closed)
+        self.fixed = given
+        if self.routes is not None and self.routes.shape == given.ids.shape:
+            self.assign(given.ids)       # in place: captured decode steps read the new values
+            self.closed = given.closed
 
-    # ---- the three hooks' steps ----------------------------------------------------------
+    def clear_routes(self) -> None:
+        """set_routes(None): the gate (or adapter 0 without one) decides from the next prefill."""
+        self.fixed = None
+
+    def push_call(self, routes=None) -> None:
+        """Routes for one call (prism_routes=) over the enclosing ones; None keeps those. The
+        enclosing call's are saved before the check, so pop_call balances even if it raises."""
+        self.callers.append(self.call)
+        if routes is not None:
+            self.call = check_routes(routes, self.n_adapters, self.device)
+
+    def pop_call(self) -> None:
+        self.call = self.callers.pop()
+
+    def enter_generate(self, routes, prompts: int | None, mask) -> None:
+        """A patched generate() starts: its own routes (or None), the batch it was given (its
+        prefill is one; later full forwards, use_cache=False, are not) and its 2-D mask."""
+        outer = self.generation is None
+        if routes is not None:
+            routes = check_routes(routes, self.n_adapters, self.device)
+        if outer and prompts == 0:
+            raise ValueError("input_ids: expected at least one prompt, got a batch of 0 rows")
+        self.callers.append(self.call)
+        if routes is not None:
+            self.call = routes
+        if outer:
+            self.generation = Generation(prompts, mask if isinstance(mask, torch.Tensor)
+                                         and mask.dim() == 2 else None)
+        else:
+            self.generation.depth += 1
+
+    def leave_generate(self) -> None:
+        self.generation.depth -= 1
+        if not self.generation.depth:
+            self.generation = None
+        self.pop_call()
+
+    def disable(self) -> None:       # PEFT's disable_adapter_layers(): the base model
+        self.disabled = True
+
+    def enable(self) -> None:        # PEFT's enable_adapter_layers()
+        self.disabled = False
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """PEFT's `with model.disable_adapter():` every row runs the base model inside."""
+        previous, self.disabled = self.disabled, True
+        try:
+            yield
+        finally:
+            self.disabled = previous
+
+    @contextlib.contextmanager
+    def flat_forward(self, flat):
+        """One forward of the continuous-batching engine: per-token routes from `flat`."""
+        saved, self.flat, self.closed = self.closed, flat, flat.all_closed
+        try:
+            yield
+        finally:
+            self.flat, self.closed = None, saved
+
+    # ---- the three hooks' steps --------------------------------------------------------
+
+    def assign(self, routes: torch.Tensor) -> None:
+        """Write routes in place when the batch size allows, so captured graphs see them."""
+        if self.routes is not None and self.routes.shape == routes.shape \
+                and self.routes.device == routes.device and writable(self.routes):
+            self.routes.copy_(routes)
+        else:
+            self.routes = routes.to(torch.int32).clone()
 
     def begin(self, b: int, t: int, device, prefill: bool, mask: torch.Tensor | None) -> None:
         """Before the decoder: a prefill decides how its routes come (fixed, default or gate)."""
         self.seq_len, self.token_ids = t, None
-        if self.in_generate and self.decided_in_generate:
+        generation = self.generation
+        if generation is not None and generation.decided:
             return        # generate(use_cache=False) re-feeds the whole sequence: not a prefill
-        fixed, fixed_closed = self.call if self.call is not None \
-            else (self.fixed, self.fixed_all_closed)
+        given = self.call if self.call is not None else self.fixed
         if not prefill:
-            if self.call is not None and not self.in_generate:   # model(…, prism_routes=…)
-                self._assign_fixed(fixed, b, device)
-                self.all_closed = bool(fixed_closed) and not capturing()
+            if self.call is not None and generation is None:   # model(…, prism_routes=…)
+                self._assign_given(given.ids, b, device)
+                self._know(given.closed)
             return
-        self.decided_in_generate = bool(self.in_generate)
+        if generation is not None:
+            generation.decided = True
         # Whether this prefill's routes are all closed is known on the host (set_routes with
         # CPU ids, or no gate), or learned when it ends; until then it launches (closed tiles
         # exit early).
-        self.all_closed, self.known_closed = False, None
         self.phase = Phase.PREFILL
-        if fixed is not None:
-            self._assign_fixed(fixed, b, device)
-            self.known_closed = fixed_closed
-            self.all_closed = bool(self.known_closed) and not capturing()
+        if given is not None:
+            self._assign_given(given.ids, b, device)
+            self._know(given.closed)
         elif self.gate is None:
             self.assign(torch.full((b,), 0, dtype=torch.int32,    # SPEC: no gate → adapter 0
                                    device=device))
-            self.known_closed = False
+            self._know(False)
         else:
             self.phase = Phase.GATE
+            self.closed = None
             self.attention_mask = self._padding_mask(mask, b)
 
-    def _assign_fixed(self, fixed: torch.Tensor, b: int, device) -> None:
-        n = fixed.shape[0]
+    def _know(self, closed: bool | None) -> None:
+        """What the host knows of the routes' closedness; nothing under a raw CUDA-graph
+        capture, whose graph is replayed with whatever routes are written in place later."""
+        self.closed = None if capturing() else closed
+
+    def _assign_given(self, ids: torch.Tensor, b: int, device) -> None:
+        n = ids.shape[0]
         # generate() repeats each prompt for beams / num_return_sequences, contiguously: one
         # route per prompt given to it, repeated for the rows of that prompt.
-        prompts = (self.prompts or n) if self.in_generate else b
+        generation = self.generation
+        prompts = b if generation is None else (generation.prompts or n)
         if n != prompts or b % n:
             source = "set_routes" if self.call is None else "prism_routes"
-            given = f"generate() was given {prompts} prompts" if self.in_generate \
-                else f"the batch has {b} rows"
+            given = f"the batch has {b} rows" if generation is None \
+                else f"generate() was given {prompts} prompts"
             raise ValueError(f"routes: {source} gave {n} routes but {given} (expected one "
                              f"route per prompt)")
-        self.assign(fixed.to(device).repeat_interleave(b // n))
+        self.assign(ids.to(device).repeat_interleave(b // n))
 
     def _padding_mask(self, mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
         """The prefill's 2-D padding mask [B, T]. With a static cache, generate() hands the
         decoder a 4-D mask instead (prepare_inputs_for_generation); then the 2-D one given to
         generate() stands in, repeated for beams / num_return_sequences as generate repeats
         the prompts."""
-        given = self.generate_mask
+        given = None if self.generation is None else self.generation.mask
         if (mask is None or mask.dim() != 2) and given is not None and b % given.shape[0] == 0:
             return given.repeat_interleave(b // given.shape[0], dim=0)
         return mask
@@ -204,17 +258,14 @@ class Routing:
     def end(self) -> None:
         """SPEC §3: the one host sync a prefill may make, after all of its LoRA launches (never
         between the gate and them), to learn whether its decode steps can skip LoRA entirely.
-        Traced code never syncs: the flag is set only where the host knew it already (set_routes
-        with CPU ids), else it stays off and every step launches (closed tiles exit early)."""
+        Traced code never syncs: what the host knew already (set_routes with CPU ids) still
+        counts (a guard), else it stays unknown and every step launches (closed tiles exit
+        early)."""
         if self.phase not in (Phase.GATE, Phase.PREFILL):
             return
         self.phase = Phase.DECODE
-        if tracing():   # no sync; what the host knows already still counts (a guard)
-            self.all_closed = bool(self.known_closed) and not capturing()
-        elif self.known_closed is not None:
-            self.all_closed = self.known_closed
-        else:
-            self.all_closed = not bool((self.routes >= 0).any())
+        if self.closed is None and not tracing():
+            self.closed = not bool((self.routes >= 0).any())
 
 
 def writable(t: torch.Tensor) -> bool:
@@ -227,11 +278,9 @@ def writable(t: torch.Tensor) -> bool:
 
 
 def capturing() -> bool:
-    """A raw CUDA-graph capture (torch.cuda.graph), whose graph no guard protects; under
-    torch.compile, whose guards re-check host flags, False."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """A raw CUDA-graph capture (torch.cuda.graph), whose graph no guard protects: tracing,
+    but not under torch.compile, whose guards re-check host flags."""
+    return tracing() and not torch.compiler.is_compiling()
 
 
 def last_token(mask: torch.Tensor | None, b: int, t: int, device) -> torch.Tensor:
@@ -240,84 +289,3 @@ def last_token(mask: torch.Tensor | None, b: int, t: int, device) -> torch.Tenso
         return torch.full((b,), t - 1, dtype=torch.long, device=device)
     m = mask[:, -t:].to(device=device, dtype=torch.int32)
     return t - 1 - m.flip(1).argmax(dim=1)
-
-
-def is_prefill(cache, t: int) -> bool:
-    """A forward with no cache or an empty one. Dynamic caches report their length as an int;
-    static ones as a device tensor, which is read (one sync) only for multi-token inputs in
-    eager mode, so a decode step never syncs. Under torch.compile / graph capture, where that
-    read would break the graph, a multi-token input into a static cache counts as a prefill.
-    (A one-token prompt into a reused static cache is taken for a decode step: give it a fresh
-    cache or call set_routes.)"""
-    if cache is None:
-        return True
-    if not hasattr(cache, "get_seq_length"):
-        raise ValueError(f"cache: a {type(cache).__name__} (continuous batching) reached a patched "
-                         f"model outside the engine prism_fast hooks; create the manager with "
-                         f"model.init_continuous_batching() or use model.generate_batch()")
-    n = cache.get_seq_length()
-    if isinstance(n, int):
-        return n == 0
-    if t == 1:
-        return False
-    return True if tracing() else int(n) == 0
-
-
-def install_hooks(routing: Routing, decoder, layer0) -> list:
-    """The three hooks; their handles, for unpatch_model. Partials of module-level functions
-    (no closures): a deep copy or a pickle of the model carries hooks bound to its own routing."""
-    return [decoder.register_forward_pre_hook(functools.partial(_before_decoder, routing),
-                                              with_kwargs=True),
-            layer0.register_forward_hook(functools.partial(_after_layer0, routing)),
-            decoder.register_forward_hook(functools.partial(_after_decoder, routing),
-                                          with_kwargs=True)]
-
-
-def _before_decoder(routing: Routing, module, args, kwargs) -> None:
-    if routing.flat is not None:     # continuous batching: batching.py set this forward up
-        return
-    x = kwargs.get("input_ids")
-    if x is None:
-        x = kwargs.get("inputs_embeds")
-    if x is None and args:
-        x = args[0]
-    if x.shape[0] == 0:   # transformers' attention fails on it with an unrelated reshape error
-        raise ValueError("input_ids: expected at least one row, got a batch of 0 rows")
-    t = x.shape[1]
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    routing.begin(x.shape[0], t, x.device, is_prefill(cache, t), kwargs.get("attention_mask"))
-
-
-def _after_layer0(routing: Routing, module, args, output) -> None:
-    hidden = output if isinstance(output, torch.Tensor) else output[0]
-    (routing if routing.flat is None else routing.flat).run_gate(hidden)
-
-
-def _after_decoder(routing: Routing, module, args, kwargs, output):
-    routing.end()
-    if not (module.training and torch.is_grad_enabled()):
-        return None
-    # Training mode with grad on: a backward through this output is refused with the reason
-    # (else autograd's "element 0 … does not require grad", or base-only gradients).
-    h = output[0]
-    h = _ServesOnly.apply(h, torch.ones((), device=h.device, requires_grad=True))
-    if isinstance(output, tuple):
-        return (h, *output[1:])
-    output.last_hidden_state = h
-    return output
-
-
-class _ServesOnly(torch.autograd.Function):
-    """Identity forward; a backward raises: a patched model serves, it does not train."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        return h.view_as(h)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError(
-            "model: a prism_fast-patched model serves; it cannot train (its LoRA weights are "
-            "stacked copies that take no gradient). To train the LoRA, train the PeftModel "
-            "unpatched (prism_fast.unpatch_model) or use python -m prism_fast.train, then "
-            "patch again; to serve, call model.eval() or run under torch.no_grad()")

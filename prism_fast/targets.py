@@ -1,7 +1,10 @@
-"""Checks of an adapter and a gate against the model they are patched onto (SPEC §5): every
-error names the argument, what was expected and what was given, before anything is swapped."""
+"""Checks of an adapter and a gate against the model they are patched onto (SPEC §5), and of
+routes given to a patched model: every error names the argument, what was expected and what was
+given, before anything is swapped or routed."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -89,3 +92,36 @@ def check_gate(state: dict, root, n_adapters: int, targets: dict, device, dtype)
     return tuple(t.detach().to(device=device, dtype=dtype) for t in (w1, b1, w2, b2))
 
 
+class Given(NamedTuple):
+    """Routes a caller gave (set_routes, prism_routes=), checked."""
+    ids: torch.Tensor            # [B] int32, a copy on the routes' device
+    closed: bool | None          # every id −1, if the host knows (CPU ids); None: on the device
+
+
+def check_routes(routes, n_adapters: int, device) -> Given:
+    """routes (tensor or list) → ([B] int32 copy on the routes' device, all closed if known).
+
+    Ids given on the CPU are range-checked here; ids already on the GPU are not (that would
+    need a device sync): the kernels treat an id outside −1…L−1 as a closed gate.
+    """
+    if isinstance(routes, (list, tuple)):
+        routes = torch.tensor(routes)
+    if not isinstance(routes, torch.Tensor):
+        raise TypeError(f"routes: expected an integer tensor of shape (B,), got "
+                        f"{type(routes).__name__}")
+    if routes.dtype.is_floating_point or routes.dtype.is_complex \
+            or routes.dtype == torch.bool or routes.dim() != 1 or routes.numel() == 0:
+        raise ValueError(f"routes: expected an integer tensor of shape (B,) with B ≥ 1, got "
+                         f"{routes.dtype} of shape {tuple(routes.shape)}")
+    if routes.device.type == "meta":
+        raise ValueError("routes: expected ids with values (on the CPU or the model's "
+                         "device), got a tensor on the meta device, which holds none")
+    closed = None
+    if routes.device.type == "cpu":
+        lo, hi = int(routes.min()), int(routes.max())
+        if lo < -1 or hi >= n_adapters:
+            raise ValueError(f"routes: expected values in -1…{n_adapters - 1}, got "
+                             f"values in {lo}…{hi}")
+        closed = hi < 0
+    # Never the caller's tensor.
+    return Given(routes.to(device=device, dtype=torch.int32, copy=True), closed)

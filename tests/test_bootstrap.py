@@ -213,7 +213,7 @@ def test_greedy_tokens_equal_across_batching_paths(tiny):
 def test_pipeline_end_to_end_and_resume(tiny, tmp_path, monkeypatch):
     import copy
 
-    from prism_fast.train import TrainConfig
+    from prism_fast.training import TrainConfig
 
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     # A random model's judge says nothing useful: alternate the verdicts so both sets fill.

@@ -63,8 +63,8 @@ def test_unpatch_is_exact(arch):
 def test_parameter_names_kept_and_base_weights_not_copied():
     """The patched model has the same parameter names, holding the very same Parameters; a
     load_prism() result is accepted as the adapter."""
-    from prism_fast.hf import personas_from_peft_model
     from prism_fast.loading import PrismAdapter
+    from prism_fast.peft_loading import personas_from_peft_model
 
     base = M.base_model()
     adapter = PrismAdapter(personas=personas_from_peft_model(M.peft_model(M.clone(base)))[0])

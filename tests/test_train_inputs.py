@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from prism_fast import load_prism
-from prism_fast import train as T
+from prism_fast import training as T
 from prism_fast.reference import official_stage_b_loss
 from tests.models import ARCHS, VOCAB, base_model
 

@@ -76,7 +76,7 @@ def bootstrap(model, tokenizer, persona: str, out_dir, cfg: BootstrapConfig | No
     """
     import copy
 
-    from prism_fast.train import TrainConfig
+    from prism_fast.training import TrainConfig
 
     cfg, out = cfg or BootstrapConfig(), Path(out_dir)
     persona = persona.strip() if isinstance(persona, str) else persona  # official load_text strips

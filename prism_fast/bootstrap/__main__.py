@@ -34,7 +34,7 @@ def load(model: str, dtype: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    from prism_fast.train import TrainConfig
+    from prism_fast.training import TrainConfig
 
     p = argparse.ArgumentParser(prog="python -m prism_fast.bootstrap",
                                 description="PRISM Stages 1-2 and training from a persona file.")
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from prism_fast.train import TrainConfig
+    from prism_fast.training import TrainConfig
 
     a = parser().parse_args(argv)
     persona_path = Path(a.persona)

@@ -136,7 +136,7 @@ def stage2(model, tok, persona: str, data: Path, cfg: BootstrapConfig, progress:
 
 def stage3(model, tok, data: Path, out: Path, train_cfg, progress: bool) -> dict:
     """prism_fast.train into a temporary folder, renamed to `out/adapter` when complete."""
-    from prism_fast.train import train
+    from prism_fast.training import train
 
     final = out / "adapter"
     if (final / "gated_lora_config.json").is_file():

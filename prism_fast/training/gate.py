@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from prism_fast.hf import decoder_and_root
-from prism_fast.train_data import collate
+from prism_fast.training.data import collate
 
 
 class _Stop(Exception):
