@@ -46,6 +46,17 @@ def test_kernels_is_installed_under_prism_fast_not_top_level():
         "kernels/__init__.py would shadow Hugging Face's `kernels` when the checkout is on sys.path"
 
 
+def test_setup_installs_every_package_of_prism_fast():
+    # A subpackage missing from setup.py's list is absent from a wheel: its imports fail only
+    # after a real install, never in the checkout.
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed = next(ast.literal_eval(k.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Call) for k in node.keywords if k.arg == "packages")
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in (ROOT / "prism_fast").rglob("__init__.py")}
+    assert found <= set(listed), f"setup.py packages miss {sorted(found - set(listed))}"
+
+
 # Run from the repository root, where the README runs pytest and `python -m bench`: the checkout
 # is on sys.path there, ahead of site-packages.
 _FROM_ROOT = """
