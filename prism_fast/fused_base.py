@@ -49,6 +49,7 @@ class FusedBase:
             if any(b is not None for b in biases):
                 parts = [torch.zeros(n) if b is None else b.data for b, n in zip(biases, sizes)]
                 self.bias = torch.cat(parts + [torch.zeros(lora_a0.shape[0])])  # [ΣN + S·R]
+        self.weights, self.biases, self.lora_a0 = list(weights), list(biases), lora_a0
         self.params = list(weights) + [b for b in biases if b is not None]
         self.offsets = []                  # element offset of each parameter in its buffer
         lo = 0
@@ -64,6 +65,11 @@ class FusedBase:
             lo += n
         self.sizes = sizes + [lora_a0.shape[0]]        # the split of out's last dim
         self.rank = rank
+
+    def __reduce__(self):
+        # copy.deepcopy and pickle: Parameter copies get storage of their own, so the copy
+        # is fused anew over the copied parameters (the memo hands over the model's copies).
+        return FusedBase, (self.weights, self.biases, self.lora_a0, self.rank)
 
     def valid(self) -> bool:
         """Every parameter still a view of its buffer at its place (not re-pointed since)."""
@@ -93,7 +99,7 @@ class FusedBase:
                                                       None if self.bias is None else
                                                       self.bias.untyped_storage().data_ptr()):
                     p.data = p.data.clone()
-        self.params = []
+        self.params, self.weights, self.biases = [], [], []
 
 
 def fuse(weights: list[nn.Parameter], biases: list[nn.Parameter | None],
