@@ -256,15 +256,15 @@ def group_inputs(shape: Shape, m: int, device: torch.device, scale: float = 1.0)
 
 
 def path_launcher(shape: Shape, m: int, path: str, device: torch.device, scale: float = 1.0
-                  ) -> tuple[Callable[[], None], tuple]:
-    """(run, operands): `run()` adds one group's LoRA term by `path` through the launcher a
-    patched layer uses (GatedLoraLauncher, with the path's config forced), into operands' ys."""
+                  ) -> tuple[gl.GatedLoraLauncher, tuple]:
+    """(launcher, operands): the launcher a patched layer uses (GatedLoraLauncher) over one
+    group's operands (`group_inputs`), with `path`'s config forced; `launcher(ys, x, ids,
+    False)` adds the LoRA term by that path."""
     props = torch.cuda.get_device_properties(device)
     k, ns, r = shape[0], shape[1], shape[2]
     cfg = gl.config_for(m, k, ns, r, props.name, props.multi_processor_count, path=path)
-    x, a, b, scaling, ids, ys = operands = group_inputs(shape, m, device, scale)
-    launcher = gl.GatedLoraLauncher(a, b, scaling, config=cfg)
-    return (lambda: launcher(ys, x, ids, False)), operands
+    operands = group_inputs(shape, m, device, scale)
+    return gl.GatedLoraLauncher(operands[1], operands[2], operands[3], config=cfg), operands
 
 
 def graph_time_us(run: Callable[[], None], device: torch.device) -> float:
@@ -300,8 +300,8 @@ def _graph_timer(device: torch.device) -> Timer:
 
     def timer(shape: Shape, m: int, path: str) -> float | None:
         try:
-            run, _ = path_launcher(shape, m, path, device)
-            return graph_time_us(run, device)
+            launcher, (x, _, _, _, ids, ys) = path_launcher(shape, m, path, device)
+            return graph_time_us(lambda: launcher(ys, x, ids, False), device)
         except Exception:   # a config the compiler or the device refuses: not a candidate
             return None
 
