@@ -49,13 +49,14 @@ class _Plan:
     counters, whether x or the ids need a copy to be read densely, and every stage's compiled
     kernel by (current device, pointer alignment), bound for a direct launch."""
 
-    __slots__ = ("stages", "u_shape", "ctr", "decode", "copy_x", "copy_ids", "direct")
+    __slots__ = ("stages", "u_shape", "ctr", "decode", "copy_x", "copy_ids", "aligned", "direct")
 
     def __init__(self, stages: list[_StagePlan], u_shape: tuple | None,
                  ctr: torch.Tensor | None):
         self.stages, self.u_shape, self.ctr = stages, u_shape, ctr
         self.decode = False
         self.copy_x = self.copy_ids = False
+        self.aligned = 0   # the alignment bit of COOP's counters (_aligned)
         self.direct: dict = {}
 
 
@@ -126,11 +127,6 @@ def _counters(n: int, device: torch.device) -> torch.Tensor:
     return ctr
 
 
-def _hooked(hook) -> bool:
-    """A launch hook that does something: a HookChain with calls, or any other callable."""
-    return hook is not None and bool(getattr(hook, "calls", True))
-
-
 def _aligned(t: torch.Tensor, slot: int) -> int:
     """The bit of pointer `slot` (0…9, the kernel's order) in an alignment mask: whether Triton
     would specialise it as 16-byte aligned."""
@@ -151,7 +147,10 @@ def _launch(plan: _Plan, ptrs: tuple, aligned: int) -> None:
     nothing, while a None hook it skips), pre-run hooks."""
     if _direct:
         get_device, get_stream, runtime = _direct
-        if not _hooked(runtime.launch_enter_hook) and not _hooked(runtime.launch_exit_hook) \
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        # A hook that does something: a HookChain with calls, or any other callable.
+        if (enter is None or not getattr(enter, "calls", True)) \
+                and (leave is None or not getattr(leave, "calls", True)) \
                 and not _gated_lora_kernel.pre_run_hooks:
             device = get_device()
             launches = plan.direct.get((device, aligned))
@@ -190,32 +189,35 @@ def _frozen(value):
 class GatedLoraLauncher:
     """The launcher of one projection group: `launcher(ys, x, ids, seq_ids)` adds the LoRA term
     into the base outputs `ys` in place. lora_a [L, S·R, K], lora_b [L, ΣN_s, R], scaling
-    [S, L] fp32 contiguous; ys S × [..., N_s] viewable as [M, N_s] (F.linear's outputs); x
-    [..., K]; ids [B] (seq_ids, x = [B, T, K]) or x.shape[:-1]. Arguments are assumed checked.
-    `config` (pick_config's format) forces a path and block sizes (tests, tuners).
+    [S, L] fp32 contiguous; ys S × [..., N_s] viewable as [M, N_s]; x [..., K]; ids [B]
+    (seq_ids, x = [B, T, K]) or x.shape[:-1]. Arguments are assumed checked. `config`
+    (pick_config's format) forces a path and block sizes (tests, tuners).
 
-    The fixed tensors' layout and alignment are read once; a call costs its key, the plan
-    lookup, u and the launches. With `keep_u` (a patched layer's launcher), decode-sized plans
-    (M ≤ 64) keep their fp32 buffer u (≤ 200 KB) instead of allocating it per call: calls run
-    in stream order, so one call's expand has read u before the next call's shrink writes it
-    (one stream at a time per patched layer, as a model's forward runs)."""
+    A `group` launcher (a patched layer's, the default) is called with its group's F.linear
+    outputs every time: contiguous ys of the same widths (its first call's), which its plan
+    key therefore leaves out (every line of a call counts on the host: bench/bench_host.py),
+    and its decode-sized plans (M ≤ 64) keep their fp32 buffer u (≤ 200 KB) instead of
+    allocating it per call: calls run in stream order, so one call's expand has read u before
+    the next call's shrink writes it (one stream at a time per patched layer, as a model's
+    forward runs). Otherwise (`add_gated_lora_`) ys may be any viewable layout, keyed per
+    call, and u is allocated per call."""
 
-    __slots__ = ("lora_a", "lora_b", "scaling", "config", "keep_u", "fixed", "aligned", "kept",
+    __slots__ = ("lora_a", "lora_b", "scaling", "config", "group", "fixed", "aligned", "kept",
                  "__weakref__")
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
-                 config: dict | None = None, keep_u: bool = True):
+                 config: dict | None = None, group: bool = True):
         self.lora_a, self.lora_b, self.scaling = lora_a, lora_b, scaling
-        self.config, self.keep_u = config, keep_u
+        self.config, self.group = config, group
         self.fixed = (lora_a.device, lora_a.shape, lora_a.stride(), lora_a.dtype, lora_b.shape,
                       lora_b.stride(), lora_b.dtype, scaling.dtype, _frozen(config))
         self.aligned = _aligned(lora_a, 1) | _aligned(lora_b, 2) | _aligned(scaling, 3)
-        self.kept: dict[tuple, torch.Tensor] = {}   # u by shape, with keep_u
+        self.kept: dict[tuple, torch.Tensor] = {}   # u by shape, for a group
 
     def __reduce__(self):
         """A copy or a pickle keeps the adapters, not the buffers of this process."""
         return GatedLoraLauncher, (self.lora_a, self.lora_b, self.scaling, self.config,
-                                   self.keep_u)
+                                   self.group)
 
     def __call__(self, ys: list[torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
                  seq_ids: bool) -> None:
@@ -223,9 +225,15 @@ class GatedLoraLauncher:
         y0 = ys[0]
         y1 = ys[1] if n_ys > 1 else y0
         y2 = ys[2] if n_ys > 2 else y0
-        key = (self.fixed, x.shape, x.stride(), x.dtype, ids.shape, ids.stride(), ids.dtype,
-               seq_ids, n_ys, y0.shape, y0.stride(), y1.shape, y1.stride(), y2.shape,
-               y2.stride())
+        if self.group:
+            if len(self.fixed) == 9:   # a group's first call: its widths join its fixed layout
+                self.fixed = (*self.fixed, tuple(y.shape[-1] for y in ys))
+            key = (self.fixed, x.shape, x.stride(), x.dtype, ids.shape, ids.stride(),
+                   ids.dtype, seq_ids, n_ys)
+        else:
+            key = (self.fixed, x.shape, x.stride(), x.dtype, ids.shape, ids.stride(),
+                   ids.dtype, seq_ids, n_ys, y0.shape, y0.stride(), y1.shape, y1.stride(),
+                   y2.shape, y2.stride())
         plan = _PLANS.get(key)
         if plan is None:
             if len(_PLANS) >= MAX_PLANS:
@@ -239,15 +247,19 @@ class GatedLoraLauncher:
             ids = ids.reshape(-1).contiguous()    # the kernel indexes ids densely
         scaling = u = self.scaling   # u: a placeholder pointer where no stage reads it
         if plan.u_shape is not None:
-            u = self.kept.get(plan.u_shape) if plan.decode and self.keep_u else None
+            u = self.kept.get(plan.u_shape) if plan.decode and self.group else None
             if u is None:
                 u = torch.empty(plan.u_shape, dtype=torch.float32, device=x.device)  # [SK, M, SR]
-                if plan.decode and self.keep_u:
+                if plan.decode and self.group:
                     self.kept[plan.u_shape] = u
-        ctr = plan.ctr if plan.ctr is not None else scaling
-        aligned = (self.aligned | _aligned(x, 0) | _aligned(ids, 4) | _aligned(u, 5)
-                   | _aligned(y0, 6) | _aligned(y1, 7) | _aligned(y2, 8) | _aligned(ctr, 9))
-        _launch(plan, (x, self.lora_a, self.lora_b, scaling, ids, u, y0, y1, y2, ctr), aligned)
+        # One bit per pointer (x, a, b, scaling, ids, u, y0, y1, y2, ctr → bits 9…0): whether
+        # Triton specialises it as 16-byte aligned; a, b, scaling's and ctr's are fixed.
+        aligned = (self.aligned | plan.aligned | (x.data_ptr() & 15 == 0) << 9
+                   | (ids.data_ptr() & 15 == 0) << 5 | (u.data_ptr() & 15 == 0) << 4
+                   | (y0.data_ptr() & 15 == 0) << 3 | (y1.data_ptr() & 15 == 0) << 2
+                   | (y2.data_ptr() & 15 == 0) << 1)
+        _launch(plan, (x, self.lora_a, self.lora_b, scaling, ids, u, y0, y1, y2,
+                       plan.ctr if plan.ctr is not None else scaling), aligned)
 
     def _plan(self, ys: list[torch.Tensor], x: torch.Tensor, ids: torch.Tensor,
               seq_ids: bool) -> _Plan:
@@ -266,6 +278,8 @@ class GatedLoraLauncher:
         plan.decode = m <= FUSED_MAX_ROWS
         plan.copy_x = x2.data_ptr() != x.data_ptr()
         plan.copy_ids = ids2.data_ptr() != ids.data_ptr()
+        # Without counters ctr's slot holds scaling, whose own bit already tells its alignment.
+        plan.aligned = _aligned(plan.ctr, 9) if plan.ctr is not None else 0
         return plan
 
 
@@ -274,4 +288,4 @@ def add_gated_lora_(ys: list[torch.Tensor], x: torch.Tensor, lora_a: torch.Tenso
                     seq_ids: bool, config: dict | None = None) -> None:
     """Add the gated LoRA term into the base outputs `ys` (each [..., N_s]) in place, through
     a launcher made for this call (see GatedLoraLauncher; u is allocated per call)."""
-    GatedLoraLauncher(lora_a, lora_b, scaling, config, keep_u=False)(ys, x, adapter_ids, seq_ids)
+    GatedLoraLauncher(lora_a, lora_b, scaling, config, group=False)(ys, x, adapter_ids, seq_ids)
