@@ -14,6 +14,9 @@ setup(
     # package is installed into site-packages.
     packages=["prism_fast", "prism_fast.kernels", "prism_fast.training", "prism_fast.bootstrap"],
     package_dir={"prism_fast": "prism_fast", "prism_fast.kernels": "kernels"},
+    # The per-GPU tuned tables of the gated-LoRA kernels (kernels/configs/<GPU>.json, written by
+    # bench/tune_gated_lora.py) ship with the package: the kernels' config reads them there.
+    package_data={"prism_fast.kernels": ["configs/*.json"]},
     python_requires=">=3.10",
     # Minimums are the versions CI tests (.ci/run's second environment: the GPU machine's
     # triton, transformers and peft); torch 2.11 is the GPU machine's (bench/gpu_check.sh),

@@ -143,11 +143,11 @@ def _decode_step(model, ids: torch.Tensor, cache, n_past: int) -> float:
 def measure(layers: int, batch: int, rounds: int, triton_path: bool) -> dict:
     """Median host µs of one decode step, base and patched, interleaved; per launch group."""
     import prism_fast
-    from prism_fast.kernels import gated_lora as gl
+    from prism_fast.kernels import gated_lora_launch
 
     compiled = install_noop_triton()
-    if triton_path:   # every launch through JITFunction.run, as before the launch plans
-        gl._interpreted = lambda: True
+    if triton_path:   # every launch through JITFunction.run: the direct launch switched off
+        gated_lora_launch.DIRECT_LAUNCH = False
     from transformers import DynamicCache
 
     base, patched = _models(layers, torch.float32)
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--triton-path", action="store_true",
-                        help="launch through JITFunction.run every time (the path before plans)")
+                        help="launch through JITFunction.run every time (no direct launch)")
     parser.add_argument("--check-keys", action="store_true",
                         help="check the launch cache's specialisation keying and exit")
     args = parser.parse_args(argv)

@@ -8,10 +8,12 @@ decode size M ∈ {1, 8, 32, 64} and each mode (CUDA graph, eager), times:
   split   base + the LoRA term by SHRINK then EXPAND (the default)
   fused   base + FUSED (one launch; every program recomputes its slice's shrink)
   coop    base + COOP (one launch, grid barrier; experimental), where its grid fits
-bf16, r = 16, one adapter, every row open. The LoRA calls go through GatedLoraLauncher, the
-path a patched model's layer takes in eager mode. Medians of triton.testing's do_bench /
-do_bench_cudagraph; ratios to base in the same process. Writes decode_paths.json and prints
-its table (markdown); `--md` also writes decode_paths.md. GPU only
+bf16, r = 16, one adapter, every row open. The paths are prism_fast.tune's candidates, launched
+as it launches them (prism_fast.tuning.path_launcher: GatedLoraLauncher with the path's config
+forced, the launcher a patched model's layer takes in eager mode); no global is switched.
+Medians of triton.testing's do_bench / do_bench_cudagraph; ratios to base in the same process.
+Writes decode_paths.json and prints its table (markdown); `--md` also writes decode_paths.md.
+GPU only
 (written against torch 2.11 / Triton 3.6; unrun on a GPU so far).
 """
 
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import MODELS, Budget, TimerConfig, measure
+from prism_fast import tuning
 from prism_fast.kernels import gated_lora as gl
 
 MS = (1, 8, 32, 64)
@@ -34,15 +37,13 @@ RANK = 16
 NAMES = ("qkv", "o", "gate_up", "down")
 
 
-def group_fns(k: int, ns: list[int], m: int, device: torch.device, dtype: torch.dtype):
-    """(base fn, lora fn, check fn) for one group: lora fn = base + the launcher's LoRA term."""
-    x = torch.randn(m, k, device=device, dtype=dtype)                             # [M, K]
-    ws = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for n in ns]
-    a = torch.randn(1, len(ns) * RANK, k, device=device, dtype=dtype) / k**0.5    # [1, S·R, K]
-    b = torch.randn(1, sum(ns), RANK, device=device, dtype=dtype) * 0.05          # [1, ΣN, R]
-    scaling = torch.full((len(ns), 1), 2.0, device=device)                         # [S, 1]
-    ids = torch.zeros(m, dtype=torch.int32, device=device)                         # all open
-    launcher = gl.GatedLoraLauncher(a, b, scaling)
+def group_fns(k: int, ns: list[int], m: int, path: str, device: torch.device):
+    """(base fn, lora fn, check fn) for one group: lora fn = base + the LoRA term by `path`,
+    launched as prism_fast.tune times it (its path_launcher: GatedLoraLauncher, the path's
+    config forced, the launcher a patched model's layer takes in eager mode)."""
+    shape = (k, tuple(ns), RANK, "bfloat16", "bfloat16")
+    launcher, (x, a, b, scaling, ids, _) = tuning.path_launcher(shape, m, path, device, 2.0)
+    ws = [torch.randn(n, k, device=device, dtype=x.dtype) / k**0.5 for n in ns]
 
     def base():
         return [F.linear(x, w) for w in ws]
@@ -65,7 +66,7 @@ def group_fns(k: int, ns: list[int], m: int, device: torch.device, dtype: torch.
 
 
 def run(model: str, out: Path, budget: Budget, cfg: TimerConfig) -> list[dict]:
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     rows: list[dict] = []
     shape = MODELS[model]
@@ -74,16 +75,17 @@ def run(model: str, out: Path, budget: Budget, cfg: TimerConfig) -> list[dict]:
             for m in MS:
                 if budget.expired():
                     return rows
-                base, lora, check = group_fns(k, ns, m, device, dtype)
-                row = {"mode": mode, "group": name, "K": k, "N": ns, "M": m,
-                       "base_us": measure(base, device, mode, cfg).median_us}
+                # prism_fast.tune's candidates: COOP is none where its grid cannot be resident
+                paths = tuning.candidates((k, tuple(ns), RANK, "bfloat16", "bfloat16"), m,
+                                          props.name, props.multi_processor_count)
+                row = {"mode": mode, "group": name, "K": k, "N": ns, "M": m}
                 for path in gl.PATHS:
-                    cfg_p = gl.config_for(m, k, tuple(ns), RANK, props.name,
-                                          props.multi_processor_count, path=path)
-                    if path == "coop" and gl.STAGE_COOP not in cfg_p["stages"]:
+                    if path not in paths:
                         row[path] = None        # its grid cannot be co-resident here
                         continue
-                    gl.choose_path(k, tuple(ns), RANK, m, path)
+                    base, lora, check = group_fns(k, ns, m, path, device)
+                    if "base_us" not in row:
+                        row["base_us"] = measure(base, device, mode, cfg).median_us
                     try:
                         err = check()
                         if not err <= 2e-2:
@@ -92,8 +94,6 @@ def run(model: str, out: Path, budget: Budget, cfg: TimerConfig) -> list[dict]:
                     except Exception as e:   # report, keep going: one path must not sink all
                         row[path] = None
                         row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:200]
-                    finally:
-                        gl.choose_path(k, tuple(ns), RANK, m, None)
                 rows.append(row)
                 write(rows, out, props.name)
     return rows

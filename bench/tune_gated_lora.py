@@ -2,19 +2,22 @@
 
     python -m bench.tune_gated_lora [--out FILE] [--time-budget S]
 
-Writes the per-GPU table that `pick_config` reads (kernels/configs/<device name, spaces → _>.json)
+Writes the per-GPU table that `pick_config` reads (kernels/configs/<device name, spaces, / → _>.json)
 in its format: keys "<entry>:<next power of 2 of M>", where "fused", "shrink" and "expand" hold
 block sizes merged over the heuristic defaults (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps)
 and "split_k" an integer. The decode path is split (shrink + expand) unless an A slice, K·R,
 is at most "fused_max_a_elems" (default 0: never fused, as the H200 evidence in
-shared/EVIDENCE.md favours), tuned first over the decode sizes M ≤ 64. prism_fast.tune(model)
-makes the same choice per projection group at run time, for the model's own shapes.
+shared/EVIDENCE.md favours), tuned first over the decode sizes M ≤ 64. The table's format and
+who reads it: kernels/gated_lora_config.py. prism_fast.tune(model) writes per-group path
+choices in the same format to the user cache, which take precedence over this table's; both
+time a path the same way (prism_fast.tuning's group_inputs, launcher and CUDA-graph timer).
 
 One table entry serves every shape, so each candidate is scored by its summed time over one
 Llama-3-8B decoder layer's op calls (q/k/v, o, gate/up, down; r = 16, L = 1, bf16, every row
 open) that take the stage, checked against the reference, and kept only where it beats the
-current choice by more than 3 %. Entries of an existing table are kept unless beaten. The
-fused stage keeps its heuristic BLOCK_R: it must cover the R columns of a slice of u.
+current choice by more than prism_fast.tuning.MIN_GAIN (3 %). Entries of an existing table are
+kept unless beaten. The fused stage keeps its heuristic BLOCK_R: it must cover the R columns of
+a slice of u.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from pathlib import Path
 
 import torch
 
+from prism_fast import tuning
+
 SHAPES = [(4096, [4096, 1024, 1024]), (4096, [4096]), (4096, [14336, 14336]), (14336, [4096])]
 RANK = 16
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-MIN_GAIN = 0.03
+MIN_GAIN = tuning.MIN_GAIN   # the same rule as prism_fast.tune's
 STAGE_OF = {"fused": 0, "shrink": 1, "split_k": 1, "expand": 2}  # entry → the stage it tunes
 
 
@@ -73,12 +78,9 @@ class Problem:
         dev, dt = torch.device("cuda"), torch.bfloat16
         self.m, self.k, self.ns = m, k, tuple(ns)
         s = len(ns)
-        self.x = torch.randn(m, k, device=dev, dtype=dt)                          # [M, K]
-        self.a = torch.randn(1, s * RANK, k, device=dev, dtype=dt) / k**0.5       # [1, S·R, K]
-        self.b = torch.randn(1, sum(ns), RANK, device=dev, dtype=dt) * 0.01       # [1, ΣN, R]
-        self.scaling = torch.full((s, 1), 2.0, device=dev)                         # [S, 1]
-        self.ids = torch.zeros(m, dtype=torch.int32, device=dev)                   # all open
-        self.ys = [torch.zeros(m, n, device=dev, dtype=dt) for n in ns]
+        # x [M, K], a [1, S·R, K], b [1, ΣN, R], scaling [S, 1], ids [M] all open, ys zeros
+        self.x, self.a, self.b, self.scaling, self.ids, self.ys = tuning.group_inputs(
+            (k, self.ns, RANK, "bfloat16", "bfloat16"), m, dev, scale=2.0)
         offsets = [sum(ns[:i]) for i in range(s)]
         # With W = 0 the reference output is the LoRA term alone.
         self.ref = [reference.gated_lora_linear(
@@ -95,24 +97,25 @@ class Problem:
         return gl.config_for(self.m, self.k, self.ns, RANK, props.name,
                              props.multi_processor_count, table=table)
 
-    def run(self, config: dict) -> None:
-        from prism_fast.kernels.gated_lora import add_gated_lora_
-
-        add_gated_lora_(self.ys, self.x, self.a, self.b, self.scaling, self.ids, False, config)
-
     def time_us(self, config: dict) -> float | None:
-        """CUDA-graph median of one call, or None if the result is wrong or will not compile."""
-        import triton.testing
+        """CUDA-graph median of one call (prism_fast.tune's timer), through the launcher a
+        patched layer uses with `config` forced; None if the result is wrong or will not
+        compile."""
+        from prism_fast.kernels.gated_lora import GatedLoraLauncher
+
+        launcher = GatedLoraLauncher(self.a, self.b, self.scaling, config=config)
+
+        def run() -> None:
+            launcher(self.ys, self.x, self.ids, False)
 
         try:
             for y in self.ys:
                 y.zero_()
-            self.run(config)
+            run()
             for y, r in zip(self.ys, self.ref):
                 if not torch.linalg.norm((y - r).float()) <= 1e-2 * torch.linalg.norm(r.float()):
                     return None
-            return triton.testing.do_bench_cudagraph(lambda: self.run(config), rep=10,
-                                                     return_mode="median") * 1e3
+            return tuning.graph_time_us(run, self.x.device)
         except Exception:  # a config the compiler refuses (shared memory, registers): no candidate
             return None
 
@@ -143,7 +146,7 @@ def tune_fused_limit(problems: list, table: dict, deadline: float) -> bool:
     """Set table["fused_max_a_elems"] to the K·R limit whose summed time over `problems` (decode
     sizes, every shape) is best, if it beats the current limit by more than MIN_GAIN. Each
     problem needs .config_for(table) and .time_us(config). Returns whether the table changed."""
-    from prism_fast.kernels.gated_lora import FUSED_MAX_A_ELEMS
+    from prism_fast.kernels.gated_lora_config import FUSED_MAX_A_ELEMS
 
     def total(limit: int | None) -> float | None:
         if limit is None:

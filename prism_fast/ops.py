@@ -21,8 +21,8 @@ from prism_fast.kernels.gated_lora import (
     check_gated_lora_args,
     gated_lora_linear_triton,
     ids_per_sequence,
+    interpreted,
 )
-from prism_fast.kernels.gated_lora import _interpreted as interpreted
 from prism_fast.kernels.prism_gate import check_prism_gate_args, prism_gate_triton
 from prism_fast.kernels.topk_distill import (
     check_topk_distill_args,

@@ -7,13 +7,17 @@ For each projection group of the patched model (Llama: q/k/v, o, gate/up, down) 
 size M ∈ {1, 8, 32, 64}, times the candidate paths of kernels/gated_lora.py, SPLIT (the
 default), FUSED and COOP (experimental), under CUDA graphs (what a graphed decode pays), plus the
 split path at one prefill size for the record, and keeps a path other than SPLIT only where it
-measured more than 3 % faster. The choice is stored per (GPU name, group shapes, rank, dtype,
-Triton version) in a user cache directory, `$PRISM_FAST_CACHE_DIR`, else
-`$XDG_CACHE_HOME/prism_fast`, else `~/.cache/prism_fast`, and reused from there on the next run
-without timing anything. Nothing is timed on the hot path (only here, when called), and nothing
-at all on a CPU (Triton's interpreter says nothing about a GPU's speed). Explicit rather than
-inside `patch_model`: it costs seconds of compilation the first time, which the caller decides
-to spend.
+measured more than 3 % faster. The choices are a tuned table of the GPU
+(kernels/gated_lora_config.py, its one format: "key" names the GPU, the group shapes, ranks,
+dtypes and the Triton version; "choices" the paths), written to a user cache directory,
+`$PRISM_FAST_CACHE_DIR`, else `$XDG_CACHE_HOME/prism_fast`, else `~/.cache/prism_fast`. The
+kernels' config reads the tables there for its GPU (the one place that decides the path), and
+the next `tune` of the same model reuses its file without timing anything. Nothing is timed
+on the hot path (only here, when called), and nothing at all on a CPU (Triton's interpreter
+says nothing about a GPU's speed). Explicit rather than inside `patch_model`: it costs seconds
+of compilation the first time, which the caller decides to spend. The benchmarks that time the
+paths (bench/tune_gated_lora.py, bench/gpu_decode_paths.py) launch them with this module's
+`path_launcher` / `group_inputs` and `candidates`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 
 from prism_fast.kernels import gated_lora as gl
+from prism_fast.kernels import gated_lora_config as configs
 
 DECODE_MS = (1, 8, 32, 64)
 PREFILL_M = 512
@@ -44,13 +49,9 @@ Timer = Callable[[Shape, int, str], "float | None"]
 
 
 def cache_dir() -> Path:
-    """Where tuned choices live: $PRISM_FAST_CACHE_DIR, $XDG_CACHE_HOME/prism_fast or
-    ~/.cache/prism_fast."""
-    env = os.environ.get("PRISM_FAST_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "prism_fast"
+    """Where tuned tables live: $PRISM_FAST_CACHE_DIR, $XDG_CACHE_HOME/prism_fast or
+    ~/.cache/prism_fast (where the kernels' config reads them)."""
+    return configs.user_cache_dir()
 
 
 def group_shapes(model) -> list[Shape]:
@@ -82,8 +83,7 @@ def cache_key(device_name: str, shapes: list[Shape]) -> dict:
 
 def cache_file(key: dict, directory: Path | None = None) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    name = key["gpu"].replace(" ", "_").replace("/", "_")
-    return (directory or cache_dir()) / f"tune-{name}-{digest}.json"
+    return (directory or cache_dir()) / f"tune-{configs.file_stem(key['gpu'])}-{digest}.json"
 
 
 def candidates(shape: Shape, m: int, device_name: str, sms: int) -> list[str]:
@@ -111,15 +111,14 @@ def select(times: dict[str, float | None]) -> str:
     return best
 
 
-def apply(choices: dict[str, str]) -> None:
-    """Make the kernels use the stored choices ({"K|N0,N1|R|M": path})."""
-    for key, path in choices.items():
-        k, ns, r, m = key.split("|")
-        gl.choose_path(int(k), tuple(int(n) for n in ns.split(",")), int(r), int(m), path)
+def apply(choices: dict[str, str], device: torch.device) -> None:
+    """Make the kernels use these choices ({"K|N0,N1|R|M": path}) on `device` in this process
+    (the table in the user cache serves the next ones)."""
+    configs.use_choices(configs.device_key(device)[0], choices)
 
 
 def choice_key(shape: Shape, m: int) -> str:
-    return f"{shape[0]}|{','.join(map(str, shape[1]))}|{shape[2]}|{m}"
+    return configs.choice_key(shape[0], shape[1], shape[2], m)
 
 
 def tune(model, *, budget_s: float = BUDGET_S, directory: Path | None = None,
@@ -153,7 +152,7 @@ def tune(model, *, budget_s: float = BUDGET_S, directory: Path | None = None,
     path = cache_file(key, directory)
     stored = _read(path, key)
     if stored is not None:
-        apply(stored)
+        apply(stored, device)
         return stored
     work = [(shape, m, candidates(shape, m, device_name, sms))
             for shape in shapes for m in DECODE_MS]
@@ -191,7 +190,7 @@ def tune(model, *, budget_s: float = BUDGET_S, directory: Path | None = None,
         print(f"\rprism_fast.tune: {done}/{total} timings in {time.monotonic() - start:.1f} s"
               + (" (budget spent: defaults kept for the rest, nothing cached)" if cut else
                  f"; cached in {path}"), file=sys.stderr, flush=True)
-    apply(choices)
+    apply(choices, device)
     if not cut:
         try:
             _write(path, key, choices, prefill)
@@ -218,16 +217,10 @@ def _read(path: Path, key: dict) -> dict[str, str] | None:
     if not isinstance(choices, dict):
         return _ignore(path, "no 'choices' object")
     for k, v in choices.items():
-        if v not in gl.PATHS or not _valid_choice_key(k):
-            return _ignore(path, f"bad choice {k!r}: {v!r} (expected \"K|N0,N1,…|R|M\": one "
-                                 f"of {', '.join(gl.PATHS)})")
+        bad = configs.bad_choice(k, v)
+        if bad:
+            return _ignore(path, bad)
     return choices
-
-
-def _valid_choice_key(key: object) -> bool:
-    parts = key.split("|") if isinstance(key, str) else []
-    return len(parts) == 4 and all(p.isdigit() for p in (parts[0], parts[2], parts[3])) and \
-        all(n.isdigit() for n in parts[1].split(","))
 
 
 def _ignore(path: Path, why: str) -> None:
@@ -237,7 +230,8 @@ def _ignore(path: Path, why: str) -> None:
 
 
 def _write(path: Path, key: dict, choices: dict[str, str], prefill: dict) -> None:
-    """Atomic write (a concurrent reader sees the old file or the new one, never half)."""
+    """The tuned table, written atomically (a concurrent reader sees the old file or the new
+    one, never half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"key": key, "choices": choices, "prefill_split_us": prefill},
@@ -245,48 +239,69 @@ def _write(path: Path, key: dict, choices: dict[str, str], prefill: dict) -> Non
     os.replace(tmp, path)
 
 
-def _graph_timer(device: torch.device) -> Timer:
-    """µs per call of one group's LoRA launches under a CUDA graph (GRAPH_REPS calls per
-    graph, median of 3 replays), every row open; None if the path fails to compile or run.
-    GPU only; written against torch 2.11 / Triton 3.6, unrun on a GPU so far."""
+def group_inputs(shape: Shape, m: int, device: torch.device, scale: float = 1.0) -> tuple:
+    """One group's LoRA operands at M rows, every row open: (x [M, K], lora_a [1, S·R, K],
+    lora_b [1, ΣN, R], scaling [S, 1], ids [M], ys S × [M, N_s] zeros). What prism_fast.tune
+    and the benchmarks that time paths (bench/tune_gated_lora.py, bench/gpu_decode_paths.py)
+    launch."""
+    k, ns, r, adt, xdt = shape
+    a_dtype, x_dtype = getattr(torch, adt), getattr(torch, xdt)
+    x = torch.randn(m, k, device=device, dtype=x_dtype)
+    a = torch.randn(1, len(ns) * r, k, device=device, dtype=a_dtype) / k**0.5
+    b = torch.randn(1, sum(ns), r, device=device, dtype=a_dtype) * 0.01
+    scaling = torch.full((len(ns), 1), scale, device=device)
+    ids = torch.zeros(m, dtype=torch.int32, device=device)
+    ys = [torch.zeros(m, n, device=device, dtype=x_dtype) for n in ns]
+    return x, a, b, scaling, ids, ys
+
+
+def path_launcher(shape: Shape, m: int, path: str, device: torch.device, scale: float = 1.0
+                  ) -> tuple[gl.GatedLoraLauncher, tuple]:
+    """(launcher, operands): the launcher a patched layer uses (GatedLoraLauncher) over one
+    group's operands (`group_inputs`), with `path`'s config forced; `launcher(ys, x, ids,
+    False)` adds the LoRA term by that path."""
     props = torch.cuda.get_device_properties(device)
+    k, ns, r = shape[0], shape[1], shape[2]
+    cfg = gl.config_for(m, k, ns, r, props.name, props.multi_processor_count, path=path)
+    operands = group_inputs(shape, m, device, scale)
+    return gl.GatedLoraLauncher(operands[1], operands[2], operands[3], config=cfg), operands
+
+
+def graph_time_us(run: Callable[[], None], device: torch.device) -> float:
+    """µs per call of `run` under a CUDA graph (GRAPH_REPS calls per graph, median of 3
+    replays), compiled and warmed up on a side stream outside the capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_REPS):
+            run()
+    graph.replay()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / GRAPH_REPS)
+    return statistics.median(times)
+
+
+def _graph_timer(device: torch.device) -> Timer:
+    """µs per call of one group's LoRA launches by one path under a CUDA graph, every row open;
+    None if the path fails to compile or run. GPU only; written against torch 2.11 / Triton
+    3.6, unrun on a GPU so far."""
 
     def timer(shape: Shape, m: int, path: str) -> float | None:
-        k, ns, r, adt, xdt = shape
-        a_dtype, x_dtype = getattr(torch, adt), getattr(torch, xdt)
-        x = torch.randn(m, k, device=device, dtype=x_dtype)                        # [M, K]
-        a = torch.randn(1, len(ns) * r, k, device=device, dtype=a_dtype) / k**0.5  # [1, S·R, K]
-        b = torch.randn(1, sum(ns), r, device=device, dtype=a_dtype) * 0.01        # [1, ΣN, R]
-        scaling = torch.ones(len(ns), 1, device=device)                            # [S, 1]
-        ids = torch.zeros(m, dtype=torch.int32, device=device)                     # all open
-        ys = [torch.zeros(m, n, device=device, dtype=x_dtype) for n in ns]
-        cfg = gl.config_for(m, k, ns, r, props.name, props.multi_processor_count, path=path)
-
-        def run() -> None:
-            gl.add_gated_lora_(ys, x, a, b, scaling, ids, False, cfg)
-
         try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):   # compile and warm up outside the capture
-                run()
-                run()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(GRAPH_REPS):
-                    run()
-            graph.replay()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(3):
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3 / GRAPH_REPS)
-            return statistics.median(times)
+            launcher, (x, _, _, _, ids, ys) = path_launcher(shape, m, path, device)
+            return graph_time_us(lambda: launcher(ys, x, ids, False), device)
         except Exception:   # a config the compiler or the device refuses: not a candidate
             return None
 

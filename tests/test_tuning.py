@@ -18,9 +18,9 @@ from tests import models as M
 def patched():
     model = prism_fast.patch_model(M.peft_model(M.base_model("llama"), rank=8), backend="torch")
     yield model
-    for shape in tuning.group_shapes(model):    # leave no chosen path to other tests
-        for m in tuning.DECODE_MS:
-            gl.choose_path(shape[0], shape[1], shape[2], m, None)
+    gl.use_choices("cpu", {tuning.choice_key(shape, m): None   # leave no chosen path to
+                           for shape in tuning.group_shapes(model)    # other tests
+                           for m in tuning.DECODE_MS})
 
 
 class FakeTimer:

@@ -404,7 +404,7 @@ def test_gpu_compiled(m, dtype):
 
 
 def test_pick_config_paths_and_tuned_table(monkeypatch):
-    from prism_fast.kernels import gated_lora
+    from prism_fast.kernels import gated_lora, gated_lora_config
 
     cpu = torch.device("cpu")
     gated_lora.pick_config.cache_clear()
@@ -421,7 +421,7 @@ def test_pick_config_paths_and_tuned_table(monkeypatch):
     assert fused["stages"] == [STAGE_FUSED] and fused[STAGE_FUSED]["BLOCK_R"] == 16
     # prefill never fuses
     assert gated_lora.pick_config(4096, 512, (512,), 16, cpu)["stages"][0] == STAGE_SHRINK
-    monkeypatch.setattr(gated_lora, "_tuned_table", lambda name: {
+    monkeypatch.setattr(gated_lora_config, "tuned_table", lambda name: {
         "path:1": "fused", "fused:1": {"BLOCK_N": 32}, "split_k:4096": 4})
     gated_lora.pick_config.cache_clear()
     try:

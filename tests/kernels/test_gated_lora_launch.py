@@ -71,7 +71,7 @@ def test_coop_runs_as_two_launches_under_the_interpreter():
 
 def test_decode_path_choice():
     """Split by default at every decode size; fused and coop only when asked for (table or
-    choose_path); coop falls back to split where its grid cannot be co-resident."""
+    use_choices); coop falls back to split where its grid cannot be co-resident."""
     llama = [(4096, (4096, 1024, 1024)), (4096, (4096,)), (4096, (14336, 14336)), (14336, (4096,))]
     for m in (1, 8, 32, 64):
         for k, ns in llama:
@@ -93,16 +93,16 @@ def test_decode_path_choice():
     assert cfg["stages"][0] == gl.STAGE_SHRINK
 
 
-def test_choose_path_reaches_pick_config():
+def test_use_choices_reaches_pick_config():
     cpu = torch.device("cpu")
     try:
-        gl.choose_path(512, (256,), 16, 8, "fused")
+        gl.use_choices("cpu", {"512|256|16|8": "fused"})
         assert gl.pick_config(5, 512, (256,), 16, cpu)["stages"] == [gl.STAGE_FUSED]
         assert gl.pick_config(9, 512, (256,), 16, cpu)["stages"][0] == gl.STAGE_SHRINK  # M 16
         with pytest.raises(ValueError, match="path: expected one of"):
-            gl.choose_path(512, (256,), 16, 8, "fast")
+            gl.use_choices("cpu", {"512|256|16|8": "fast"})
     finally:
-        gl.choose_path(512, (256,), 16, 8, None)
+        gl.use_choices("cpu", {"512|256|16|8": None})
     assert gl.pick_config(5, 512, (256,), 16, cpu)["stages"][0] == gl.STAGE_SHRINK
 
 
