@@ -63,6 +63,10 @@ class FusedBase:
                 b.data = self.bias[lo:lo + n]
                 self.offsets.append(lo)
             lo += n
+        # Where each parameter's data must start: the buffers are ours and never move.
+        size, n_w = self.g.element_size(), len(weights)
+        self.expected = [(self.g if i < n_w else self.bias).data_ptr() + off * size
+                         for i, off in enumerate(self.offsets)]
         self.sizes = sizes + [lora_a0.shape[0]]        # the split of out's last dim
         self.rank = rank
 
@@ -72,14 +76,10 @@ class FusedBase:
         return FusedBase, (self.weights, self.biases, self.lora_a0, self.rank)
 
     def valid(self) -> bool:
-        """Every parameter still a view of its buffer at its place (not re-pointed since)."""
-        n_w = len(self.sizes) - 1
-        g_ptr, size = self.g.data_ptr(), self.g.element_size()
-        for i, (p, off) in enumerate(zip(self.params, self.offsets)):
-            base = g_ptr if i < n_w else self.bias.data_ptr()
-            if p.data_ptr() != base + off * size or p.dtype != self.g.dtype:
-                return False
-        return True
+        """Every parameter still a view of its buffer at its place (not re-pointed since: a new
+        dtype or device also means new storage). S + biases pointer reads per call."""
+        return bool(self.params) and all(p.data_ptr() == e
+                                         for p, e in zip(self.params, self.expected))
 
     def __call__(self, x: torch.Tensor, b_t: list[torch.Tensor]) -> list[torch.Tensor]:
         """x [..., K] → S × y_s [..., N_s] (views of one buffer); b_t: scaled B_sᵀ [R, N_s]."""
@@ -99,7 +99,7 @@ class FusedBase:
                                                       None if self.bias is None else
                                                       self.bias.untyped_storage().data_ptr()):
                     p.data = p.data.clone()
-        self.params, self.weights, self.biases = [], [], []
+        self.params, self.weights, self.biases, self.expected = [], [], [], []
 
 
 def fuse(weights: list[nn.Parameter], biases: list[nn.Parameter | None],
