@@ -122,3 +122,19 @@ def test_fuse_refuses_tensors_a_view_would_change():
     assert fuse([w], [None], a, 8) is None
     shared = linear(32, 64)
     assert fuse([shared, shared], [None, None], torch.randn(1, 16, 64), 8) is None
+
+
+def test_save_pretrained_of_a_fused_model_saves_the_base_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = base_model()
+    expected = {n: p.detach().clone() for n, p in base.state_dict().items()}
+    pm = peft_model(clone(base))
+    prism_fast.patch_model(pm, backend="torch")
+    assert all(g.fused is not None for g in _groups(pm))
+    model = pm.base_model.model            # the fused LlamaForCausalLM under PEFT
+    model.save_pretrained(tmp_path)        # safetensors: the weights are disjoint views
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    state = loaded.state_dict()
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
