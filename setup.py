@@ -12,7 +12,7 @@ setup(
     description="Fused gated multi-LoRA Triton kernels for PRISM persona routing",
     # The benchmarks (bench/) run from the checkout as `python -m bench`: no top-level `bench`
     # package is installed into site-packages.
-    packages=["prism_fast", "prism_fast.kernels"],
+    packages=["prism_fast", "prism_fast.kernels", "prism_fast.testing"],
     package_dir={"prism_fast": "prism_fast", "prism_fast.kernels": "kernels"},
     python_requires=">=3.10",
     # Minimums are the versions CI tests (.ci/run's second environment: the GPU machine's

@@ -109,14 +109,14 @@ def _models(layers: int, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import prism_fast
+    from prism_fast.hf import LORA_TARGETS
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     base = LlamaForCausalLM(config).to(dtype).eval()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = LoraConfig(r=16, lora_alpha=32, layers_to_transform=list(range(1, layers)),
-                      target_modules=targets)
+                      target_modules=list(LORA_TARGETS))
     peft = get_peft_model(copy.deepcopy(base), lora, adapter_name="persona_expert")
     model = copy.deepcopy(base)
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from prism_fast import train_output
-from prism_fast.hf import decoder_and_root
+from prism_fast.hf import LORA_TARGETS, decoder_and_root
 from prism_fast.ops import topk_distill_loss
 
 # Re-exported: prism_fast.train is the trainer's one public module.
@@ -55,8 +55,6 @@ from prism_fast.train_data import (  # noqa: F401
     logit_cap,
 )
 from prism_fast.train_gate import BinaryGate, gate_features, stage_a, train_gate  # noqa: F401
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -118,7 +116,7 @@ def add_lora(model, cfg: TrainConfig):
 
     n_layers = model.config.num_hidden_layers
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        bias="none", task_type="CAUSAL_LM", target_modules=TARGETS,
+                        bias="none", task_type="CAUSAL_LM", target_modules=list(LORA_TARGETS),
                         layers_to_transform=list(range(1, n_layers)))
     return get_peft_model(model, config, adapter_name="persona_expert")
 
