@@ -2,8 +2,8 @@
 
 Without a GPU: the tiny shape in fp32 with the PyTorch providers (a harness check, not a speed
 result). With one: Llama-3-8B shapes in bf16 with every provider, and a 4-layer Llama-3-8B-shaped
-model for the end-to-end decode step. `pytest` alone never collects this folder (testpaths =
-tests in pyproject.toml).
+model for the end-to-end decode step. `pytest` alone never collects this file (testpaths =
+tests and bench/tests in pyproject.toml).
 """
 
 from __future__ import annotations
