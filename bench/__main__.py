@@ -258,7 +258,7 @@ def context(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.monotonic()
     device = _device(args.device)
     gpu = device.type == "cuda"
-    from bench.models import INSTALL_HINT, smollm2_available
+    from prism_fast.testing.smollm2 import INSTALL_HINT, smollm2_available
 
     if not smollm2_available():
         raise SystemExit(f"the context benchmark runs the real SmolLM2-135M-Instruct, which is not "

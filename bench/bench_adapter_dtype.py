@@ -42,7 +42,8 @@ def run(new_tokens: int = 128, b_std: float = 0.02, seed: int = 0) -> dict:
     from peft import LoraConfig, get_peft_model
 
     import prism_fast
-    from bench.models import load_smollm2
+    from prism_fast.hf import LORA_TARGETS
+    from prism_fast.testing.smollm2 import load_smollm2
 
     model, tok = load_smollm2(torch.bfloat16)
     tok.padding_side = "left"
@@ -50,8 +51,7 @@ def run(new_tokens: int = 128, b_std: float = 0.02, seed: int = 0) -> dict:
         tok.pad_token = tok.eos_token
     n_layers = model.config.num_hidden_layers
     lora = LoraConfig(r=16, lora_alpha=32, layers_to_transform=list(range(1, n_layers)),
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                      "up_proj", "down_proj"])
+                      target_modules=list(LORA_TARGETS))
     pm = get_peft_model(model, lora, adapter_name="persona_expert").eval()
     torch.manual_seed(seed)
     lora_numel = 0

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from bench.common import CPU_LABEL
-from bench.models import load_smollm2
 from prism_fast.bootstrap import BootstrapConfig, GenConfig, bootstrap
 from prism_fast.bootstrap import official as O
 from prism_fast.bootstrap.generate import encode_chats, generate
+from prism_fast.testing.smollm2 import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONA = (ROOT / "examples" / "personas" / "bicycle_mechanic.txt").read_text().strip()

@@ -24,10 +24,10 @@ Metrics per case (medians over interleaved rounds, so that all cases share the m
                         memory (RSS, sampled every 2 ms) above its level at the start of the case
 and the ratios prism / prompted (same B and C) and prism / base (same B).
 
-Models: on CPU, SmolLM2-135M-Instruct (real weights, bench/models.py) in fp32 with the torch
-backend; on a GPU, the same model and the Llama-3-8B shape (random weights, its tokens taken
-from SmolLM2's tokenizer) in bf16 with the Triton backend. The GPU path is written against the
-installed sources but has not been run yet.
+Models: on CPU, SmolLM2-135M-Instruct (real weights, prism_fast/testing/smollm2.py) in fp32
+with the torch backend; on a GPU, the same model and the Llama-3-8B shape (random weights, its
+tokens taken from SmolLM2's tokenizer) in bf16 with the Triton backend. The GPU path is written
+against the installed sources but has not been run yet.
 """
 
 from __future__ import annotations
@@ -113,8 +113,9 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 def load(plan: Plan, device: torch.device):
     """(base model, patched PEFT model, tokenizer, hidden size) for a plan."""
-    from bench.bench_e2e import add_peft_adapter, build_model
-    from bench.models import load_smollm2, load_smollm2_tokenizer
+    from bench.bench_e2e import add_peft_adapter
+    from bench.models import build_model
+    from prism_fast.testing.smollm2 import load_smollm2, load_smollm2_tokenizer
 
     if plan.model == "smollm2-135m":
         base, tokenizer = load_smollm2(plan.dtype, device)

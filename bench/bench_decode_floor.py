@@ -87,7 +87,7 @@ def load(compiled: bool):
     projections of layers 1…29, patched with the torch backend, routes set per provider."""
     import prism_fast
     from bench.bench_e2e import add_peft_adapter
-    from bench.models import load_smollm2
+    from prism_fast.testing.smollm2 import load_smollm2
 
     base, _ = load_smollm2(torch.float32, "cpu")
     other, _ = load_smollm2(torch.float32, "cpu")

@@ -43,7 +43,6 @@ from bench.common import (
     MODELS,
     QUANTILES,
     Budget,
-    ModelShape,
     TimerConfig,
     Timing,
     make_gate,
@@ -53,7 +52,6 @@ from bench.models import load_model
 
 ADAPTER = "persona_expert"
 PERSONA_TOKENS = 230
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROVIDERS = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",
              "prism_fast_half", "peft", "peft_adapter_names", "two_pass")
 GRAPHED = {"base", "prism_fast_open", "prism_fast_closed", "prism_fast_half"}
@@ -73,30 +71,13 @@ CPU_CASES = [E2ECase("decode", 1, 128), E2ECase("decode", 8, 128), E2ECase("pref
              E2ECase("prefill", 8, 64)]
 
 
-def build_model(shape: ModelShape, layers: int, dtype: torch.dtype, device: torch.device):
-    """Random-init LlamaForCausalLM with `shape`'s sizes, created directly on `device`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                         intermediate_size=shape.inter, num_hidden_layers=layers,
-                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)   # created in dtype: an fp32 8B model would need 32 GB first
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
-
-
 def add_peft_adapter(model, layers: int):
     """PRISM's LoRA: r = 16, α = 32, seven projections of layers 1…N−1, random A and B."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+    from prism_fast.hf import LORA_TARGETS
+
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS),
                         layers_to_transform=list(range(1, layers)), lora_dropout=0.0, bias="none",
                         init_lora_weights=False, task_type="CAUSAL_LM")  # False: B random, not 0
     with warnings.catch_warnings():  # PEFT calls a transformers 5 deprecated property: noise

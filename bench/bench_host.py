@@ -1,12 +1,13 @@
 """Host time of prism_fast's eager decode path, with the compiled launcher replaced by a no-op.
 
     python -m bench.bench_host [--layers 8] [--batch 1] [--rounds 2000] [--triton-path]
-    python -m bench.bench_host --check-keys     # the launch cache's specialisation keying
 
 Runs anywhere (no GPU needed): Triton compiles nothing and launches nothing. Its active driver
 is replaced by one that reports an sm_90 device and stream 0, the JIT function's `compile` by
 one that returns a stand-in compiled kernel, and that kernel's `run` (the C launcher that
-would call cuLaunchKernel) by a counter. Everything else is the real code, on CPU tensors:
+would call cuLaunchKernel) by a counter (prism_fast.testing.noop_triton, which the launch
+cache's keying test, tests/kernels/launch_keys.py, shares). Everything else is the real code,
+on CPU tensors:
 
 * counted: all of prism_fast's Python on the decode path (the patched projections, routing,
   `gated_lora_linear_triton`, the launch plan's key and lookup, the fp32 buffer allocation) and
@@ -38,66 +39,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
-
-class NoOpCompiled:
-    """Stands in for triton.compiler.CompiledKernel: the attributes Triton's launch path and
-    prism_fast's direct launch read, a specialisation record, and a launcher that only counts."""
-
-    def __init__(self, src, options: dict):
-        self.attrs = dict(src.attrs)            # Triton's specialisation (divisibility by 16, …)
-        names = src.fn.arg_names
-        self.constexprs = {names[k[0]]: v for k, v in src.constants.items()}
-        self.name = src.name
-        self.function = 0
-        self.packed_metadata = ()
-        self.metadata = None
-        self.launches = 0
-        self.last_args: tuple = ()
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook,
-            exit_hook, *args):
-        self.launches += 1      # no list of every call: it would keep buffers alive and
-        self.last_args = args   # grow the garbage collector's work, timed with the launch
-
-
-class _NoOpDriver:
-    """The parts of Triton's active driver its launch path calls: device, stream, target."""
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device=None) -> int:
-        return 0
-
-    def get_current_target(self) -> GPUTarget:
-        return GPUTarget("cuda", 90, 32)
-
-
-def install_noop_triton() -> list[NoOpCompiled]:
-    """Make the gated-LoRA kernel 'compile' into NoOpCompiled objects and launch into a counter;
-    returns the list of kernels compiled so far (filled as Triton compiles)."""
-    from triton.runtime import driver
-
-    from prism_fast.kernels import gated_lora as gl
-
-    driver.set_active(_NoOpDriver())
-    fn = gl._gated_lora_kernel
-    assert hasattr(fn, "device_caches"), "TRITON_INTERPRET must be unset before triton's import"
-    fn.device_caches[0]                      # creates the binder, which sets fn.compile
-    compiled: list[NoOpCompiled] = []
-
-    def compile_(src, target=None, options=None, **_):
-        kernel = NoOpCompiled(src, options or {})
-        compiled.append(kernel)
-        return kernel
-
-    fn.compile = compile_
-    return compiled
+from prism_fast.testing.noop_triton import install_noop_triton  # noqa: E402
 
 
 def _models(layers: int, dtype: torch.dtype):
@@ -109,14 +52,14 @@ def _models(layers: int, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import prism_fast
+    from prism_fast.hf import LORA_TARGETS
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     base = LlamaForCausalLM(config).to(dtype).eval()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = LoraConfig(r=16, lora_alpha=32, layers_to_transform=list(range(1, layers)),
-                      target_modules=targets)
+                      target_modules=list(LORA_TARGETS))
     peft = get_peft_model(copy.deepcopy(base), lora, adapter_name="persona_expert")
     model = copy.deepcopy(base)
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,82 +126,6 @@ def measure(layers: int, batch: int, rounds: int, triton_path: bool) -> dict:
                 compiled=len(compiled))
 
 
-def check_keys() -> None:
-    """The launch cache never reuses a compiled kernel for arguments Triton would specialise
-    differently: a 16-byte-misaligned x (a view one element in) gets its own compile, launched
-    with the misaligned tensor, and the aligned one keeps its own kernel."""
-    from prism_fast.kernels import gated_lora as gl
-
-    compiled = install_noop_triton()
-    k, n, r = 64, 48, 8
-    buf = torch.randn(3 * k + 1)
-    a = torch.randn(1, r, k)
-    b = torch.randn(1, n, r)
-    scaling = torch.ones(1, 1)
-    ids = torch.zeros(3, dtype=torch.int32)
-
-    def call(x):
-        y = torch.zeros(3, n)
-        gl.add_gated_lora_([y], x, a, b, scaling, ids, False)
-
-    def kernel_of(x) -> NoOpCompiled:
-        hits = [kn for kn in compiled if kn.launches and kn.last_args[0] is x
-                and kn.constexprs["STAGE"] == gl.STAGE_SHRINK]
-        assert len(hits) == 1, f"{len(hits)} kernels launched with this x"
-        return hits[0]
-
-    aligned = buf[:3 * k].view(3, k)
-    misaligned = buf[1:].view(3, k)
-    assert aligned.data_ptr() % 16 == 0 and misaligned.data_ptr() % 16 != 0
-    for x in (aligned, aligned, aligned):   # 1st: Triton's path (compiles); then direct
-        call(x)
-    n_shrink_expand = len(compiled)
-    k_aligned = kernel_of(aligned)
-    assert k_aligned.attrs, "the aligned x should carry a divisibility attribute"
-    direct = k_aligned.launches
-    assert direct == 3, f"expected 3 launches of the aligned shrink, got {direct}"
-    call(misaligned)
-    assert len(compiled) == 2 * n_shrink_expand, "a misaligned x must compile new kernels"
-    k_mis = kernel_of(misaligned)
-    assert k_mis is not k_aligned and k_mis.attrs != k_aligned.attrs
-    call(misaligned)
-    call(aligned)
-    assert kernel_of(misaligned) is k_mis and k_mis.launches == 2
-    assert kernel_of(aligned) is k_aligned and k_aligned.launches == 4
-    # A different M is another plan: its integer arguments (M, stride_uk) specialise anew.
-    y = torch.zeros(2, n)
-    gl.add_gated_lora_([y], buf[:2 * k].view(2, k), a, b, scaling, ids[:2], False)
-    assert len(compiled) == 3 * n_shrink_expand
-    # GatedLoraLauncher (a patched group's lean path) launches exactly what the generic path
-    # launches: the same kernels, the same pointers and integer arguments, and its own plan for
-    # a misaligned x. Two slices of per-sequence ids [B] with x [B, T, K], T = 1 (decode).
-    a2, b2 = torch.randn(1, 2 * r, k), torch.randn(1, 2 * n, r)
-    s2 = torch.ones(2, 1)
-    seq = torch.zeros(3, dtype=torch.int32)
-    launcher = gl.GatedLoraLauncher(a2, b2, s2)
-    for x in (buf[:3 * k].view(3, 1, k), buf[1:].view(3, 1, k)):
-        records = []
-        ys = [torch.zeros(3, 1, n), torch.zeros(3, 1, n)]
-        for run in (lambda ys, x=x: gl.add_gated_lora_(ys, x, a2, b2, s2, seq, True),
-                    lambda ys, x=x: launcher(ys, x, seq, True)):
-            before = {id(kn): kn.launches for kn in compiled}
-            run(ys)
-            run(ys)
-            used = [kn for kn in compiled if kn.launches > before.get(id(kn), 0)]
-            # pointers by address (u is a fresh buffer per call), then every other argument
-            records.append(sorted(
-                (kn.constexprs["STAGE"], id(kn), tuple(
-                    (a.data_ptr() if i != 5 else -1) if isinstance(a, torch.Tensor) else a
-                    for i, a in enumerate(kn.last_args))) for kn in used))
-            assert all(kn.launches - before.get(id(kn), 0) == 2 for kn in used)
-        generic, lean = records
-        assert [rec[0] for rec in generic] == [gl.STAGE_SHRINK, gl.STAGE_EXPAND]
-        assert [(st, args) for st, _, args in generic] == [(st, args) for st, _, args in lean]
-        assert [kid for _, kid, _ in generic] == [kid for _, kid, _ in lean], \
-            "the launcher must reuse the kernel Triton compiled for this specialisation"
-    print(f"launch cache keying: ok ({len(compiled)} compiled stand-ins)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_host",
                                      description=__doc__.split("\n\n")[0])
@@ -267,13 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--triton-path", action="store_true",
                         help="launch through JITFunction.run every time (no direct launch)")
-    parser.add_argument("--check-keys", action="store_true",
-                        help="check the launch cache's specialisation keying and exit")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    if args.check_keys:
-        check_keys()
-        return 0
     res = measure(args.layers, args.batch, args.rounds, args.triton_path)
     print(f"CPU host time (not a GPU result), triton {triton.__version__}, torch "
           f"{torch.__version__}: {res['path']}")

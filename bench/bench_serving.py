@@ -57,7 +57,7 @@ def build():
     """(base model, patched PEFT model, tokenizer, byte floor), SmolLM2-135M fp32 on CPU."""
     import prism_fast
     from bench.bench_e2e import add_peft_adapter
-    from bench.models import load_smollm2
+    from prism_fast.testing.smollm2 import load_smollm2
 
     base, tokenizer = load_smollm2(torch.float32)
     prism, _ = load_smollm2(torch.float32)

@@ -2,8 +2,8 @@
 
 Without a GPU: the tiny shape in fp32 with the PyTorch providers (a harness check, not a speed
 result). With one: Llama-3-8B shapes in bf16 with every provider, and a 4-layer Llama-3-8B-shaped
-model for the end-to-end decode step. `pytest` alone never collects this folder (testpaths =
-tests in pyproject.toml).
+model for the end-to-end decode step. `pytest` alone never collects this file (testpaths =
+tests and bench/tests in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from bench import bench_e2e, bench_gated_lora, bench_prism_gate
 from bench.common import DTYPES, MODELS, make_gate
+from bench.models import build_model
 
 pytest.importorskip("pytest_benchmark")
 
@@ -99,7 +100,7 @@ def models():
     pytest.importorskip("peft")
     layers = 4
     dtype = torch.bfloat16 if GPU else torch.float32
-    base = bench_e2e.build_model(MODELS[MODEL], layers, dtype, DEVICE)
+    base = build_model(MODELS[MODEL], layers, dtype, DEVICE)
     peft_model = bench_e2e.add_peft_adapter(copy.deepcopy(base), layers)
     gate = make_gate(MODELS[MODEL].hidden, dtype, DEVICE, always_open=True)
     return base, peft_model, gate.state_dict()
@@ -223,7 +224,7 @@ def test_serving_quick_report(tmp_path):
     import json
 
     from bench import __main__ as bench_main
-    from bench.models import smollm2_available
+    from prism_fast.testing.smollm2 import smollm2_available
 
     if not smollm2_available():
         pytest.skip("SmolLM2-135M-Instruct is not installed")

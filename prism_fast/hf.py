@@ -19,6 +19,9 @@ SHARED_INPUT: dict[str, tuple[tuple[str, ...], ...]] = {
     "phi3": (),  # qkv_proj and gate_up_proj are fused nn.Linear already: one slice each
     "qwen2_moe": (_ATTN, ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")),
 }
+# The seven projections of a Llama-style decoder layer that PRISM's LoRA adapts (paths end in
+# these names): one list for the trainer, the benchmarks and the tests.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 

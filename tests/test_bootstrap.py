@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.models import GGUF_FILE, smollm2_available, smollm2_dir
 from prism_fast.bootstrap import BootstrapConfig, GenConfig, bootstrap, check_args
 from prism_fast.bootstrap import official as O
 from prism_fast.bootstrap.generate import encode_chats, generate
+from prism_fast.testing.smollm2 import GGUF_FILE, smollm2_available, smollm2_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PERSONA_FILE = ROOT / "examples" / "personas" / "bicycle_mechanic.txt"

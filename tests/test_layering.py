@@ -101,3 +101,80 @@ def test_readme_commands_work_from_the_repository_root_beside_hf_kernels():
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")
+
+
+# Layers between the folders: tests/ stands alone (never imports bench/), the library imports
+# neither bench/ nor tests/, and no first-party modules import each other in a cycle. Every
+# import counts, also those inside functions: a lazy import is still a dependency.
+FIRST_PARTY = ("prism_fast", "kernels", "bench", "tests")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "kernels":          # installed and imported as prism_fast.kernels
+        parts.insert(0, "prism_fast")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _first_party_files() -> dict[str, Path]:
+    files = {}
+    for top in FIRST_PARTY:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if path.relative_to(ROOT).parts[:2] == ("prism_fast", "kernels"):
+                continue               # the link to kernels/, read there
+            files[_module_name(path)] = path
+    return files
+
+
+def _imported_names(name: str, path: Path) -> set[str]:
+    """Absolute dotted names `path` imports: `from a import b` gives a.b (a module or not)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:             # relative: up from this module's package
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def test_tests_never_import_bench_and_the_library_neither_bench_nor_tests():
+    for name, path in _first_party_files().items():
+        top = name.split(".")[0]
+        banned = {"tests": ("bench",), "prism_fast": ("bench", "tests")}.get(top, ())
+        for imported in _imported_names(name, path):
+            assert imported.split(".")[0] not in banned, \
+                f"{path.relative_to(ROOT)} imports {imported}"
+
+
+def test_no_import_cycle_among_first_party_modules():
+    files = _first_party_files()
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for imported in _imported_names(name, path):
+            while imported and imported not in files:   # `from a import f`: the module a
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                deps.add(imported)
+        graph[name] = deps
+    # Depth-first search: a module met again while still on the path closes a cycle.
+    state: dict[str, int] = {}          # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(graph[name]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [name, dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep, path + [name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])

@@ -1,7 +1,7 @@
-"""The real model end to end: SmolLM2-135M-Instruct (bench/models.py) with its tokenizer and chat
-template, a PEFT LoRA on the seven projections of layers 1…29 (random non-zero B) and a gate,
-patched by prism_fast (torch backend, as on every CPU), against PEFT itself and the official
-two-pass routing formula. fp32, left padding, prompts of different lengths.
+"""The real model end to end: SmolLM2-135M-Instruct (prism_fast/testing/smollm2.py) with its
+tokenizer and chat template, a PEFT LoRA on the seven projections of layers 1…29 (random
+non-zero B) and a gate, patched by prism_fast (torch backend, as on every CPU), against PEFT
+itself and the official two-pass routing formula. fp32, left padding, prompts of different lengths.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import prism_fast
-from bench.models import INSTALL_HINT, load_smollm2, smollm2_available
+from prism_fast.testing.smollm2 import INSTALL_HINT, load_smollm2, smollm2_available
 from tests import models as M
 from tests.tolerances import MODEL_REL_TOL, rel_err
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from bench.models import load_smollm2, smollm2_available
 from prism_fast import load_prism
 from prism_fast.reference import official_stage_b_loss
+from prism_fast.testing.smollm2 import load_smollm2, smollm2_available
 from prism_fast.training import (
     TrainConfig,
     add_lora,

@@ -8,12 +8,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from prism_fast.hf import decoder_and_root
+from prism_fast.hf import LORA_TARGETS, decoder_and_root
 from prism_fast.ops import topk_distill_loss
 from prism_fast.training.config import TrainConfig
 from prism_fast.training.data import collate, logit_cap
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = list(LORA_TARGETS)   # PEFT takes a list
 
 
 def add_lora(model, cfg: TrainConfig):

@@ -12,6 +12,7 @@ import itertools
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -21,9 +22,13 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bench.kernel_resources import gated_lora_pointers, signature
     from prism_fast.kernels.gated_lora import _gated_lora_kernel
     from prism_fast.kernels.prism_gate import _prism_gate_kernel
+    from prism_fast.testing.kernel_signatures import gated_lora_pointers, signature
+
+    # A fresh cache, so that every variant really runs through the code generator (as when the
+    # signatures came from bench/kernel_resources.py, whose import set one).
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="prism_sm90_")
 
     target = GPUTarget("cuda", 90, 32)
 

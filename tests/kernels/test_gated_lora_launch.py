@@ -1,7 +1,7 @@
 """gated_lora's launch side: the cooperative stage (its two-launch form under the interpreter,
 against the float64 reference), the path choice, the lean launcher, and the launch cache's
 keying on Triton's specialisation (in a subprocess: it needs Triton's compiled path, with the
-GPU launcher replaced by a no-op, see bench/bench_host.py)."""
+GPU launcher replaced by a no-op, see tests/kernels/launch_keys.py)."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def test_coop_one_launch_on_gpu(m):
 
 def test_launch_cache_keyed_on_specialisation():
     """A 16-byte-misaligned x is never launched with the kernel compiled for an aligned one
-    (and the lean launcher launches what the generic path launches): bench/bench_host.py's
+    (and the lean launcher launches what the generic path launches): tests/kernels/launch_keys.py's
     check, with Triton's compiled path and a no-op GPU launcher, so it runs on a CPU."""
     try:
         import triton.backends.nvidia  # noqa: F401
@@ -168,7 +168,7 @@ def test_launch_cache_keyed_on_specialisation():
         pytest.skip(f"triton has no CUDA backend here: {e}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "bench.bench_host", "--check-keys"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.launch_keys"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launch cache keying: ok" in proc.stdout

@@ -1,0 +1,1 @@
+"""Tests of the benchmarks themselves (bench/ code); `pytest` collects them (pyproject.toml)."""
