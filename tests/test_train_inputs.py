@@ -13,6 +13,7 @@ import torch
 from prism_fast import load_prism
 from prism_fast import training as T
 from prism_fast.reference import official_stage_b_loss
+from prism_fast.training import pipeline
 from tests.models import ARCHS, VOCAB, base_model
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!'<>|:\n"
@@ -73,7 +74,7 @@ def test_empty_distill_set_is_refused(tmp_path, distill, retain):
     ("max_len", 0, "max_len: expected a positive integer"),
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, monkeypatch, field, value, words):
-    monkeypatch.setattr(T, "build_samples", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(pipeline, "build_samples", lambda *a: pytest.fail("work started"))
     with pytest.raises(ValueError, match=words):
         run(tmp_path, cfg={field: value})
     assert not (tmp_path / "out").exists()
@@ -100,7 +101,7 @@ def test_malformed_samples_name_file_and_index(tmp_path, content, words):
 
 def test_unwritable_output_folder_is_found_first(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("")
-    monkeypatch.setattr(T, "build_samples", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(pipeline, "build_samples", lambda *a: pytest.fail("work started"))
     with pytest.raises(OSError, match="output_dir: cannot create the folder .*a_file"):
         run(tmp_path, out="a_file/sub/out")
     (tmp_path / "other").mkdir()
@@ -131,7 +132,7 @@ def test_interrupted_run_leaves_the_previous_output_whole(tmp_path, monkeypatch)
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "train_lora", interrupted)          # Stage B, after gate.pt
+    monkeypatch.setattr(pipeline, "train_lora", interrupted)          # Stage B, after gate.pt
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, overwrite=True, cfg={"seed": 1})
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 import torch
 
-from prism_fast.training import output
 from prism_fast.training.config import TrainConfig, check_config
 from prism_fast.training.data import load_stage2
+from prism_fast.training.output import check as check_output
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,12 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     try:       # what can be checked before the model loads (minutes for a 7B one)
         check_config(cfg)
         load_stage2(a.data)
-        output.check(a.out, a.overwrite)
+        check_output(a.out, a.overwrite)
     except (ValueError, OSError) as e:
         p.error(str(e))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prism_fast.training import train  # the package imports this module: read it late
+    from prism_fast.training.pipeline import train
 
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
