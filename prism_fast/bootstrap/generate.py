@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-BACKENDS = ("official", "sorted", "cb")
+BACKENDS = ("official", "sorted", "retire", "cb")
 
 
 @dataclass
 class GenConfig:
-    backend: str = "sorted"
-    batch_size: int = 32             # "sorted" only; "official" is always 8
+    backend: str = "retire"
+    batch_size: int = 32             # "sorted" / "retire"; "official" is always 8
     cb_max_batch_tokens: int = 512   # "cb": tokens per forward
     cb_num_blocks: int = 256         # "cb": KV-cache pages
     cb_block_size: int = 32          # "cb": tokens per page
@@ -142,6 +142,12 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
             rows = []
         elif g.backend == "cb":
             rows = _continuous(model, prompts, cfg, g, _eos_ids(model, tokenizer), bar)
+        elif g.backend == "retire":
+            from prism_fast.bootstrap.retire import generate_retiring
+
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+            rows = generate_retiring(model, prompts, cfg, _eos_ids(model, tokenizer), pad,
+                                     g.batch_size, bar)
         elif g.backend == "official":
             rows = _static(model, tokenizer, prompts, cfg, list(range(len(prompts))), 8, bar)
         else:
