@@ -4,16 +4,17 @@
   `utils.batch_generate` (each batch decodes until its slowest row ends).
 - "sorted": the same `generate` call on larger batches of prompts sorted by length (less
   padding, fewer decode loops); results returned in the caller's order.
+- "retire" (retire.py): our own decode loop on length-sorted batches: finished rows leave at
+  once, the prompt prefix a batch shares is prefilled once, the KV cache grows in place.
 - "cb": Hugging Face's continuous batching (`model.generate_batch`): finished rows leave the
   batch at once, new ones join, and a shared prefix (the persona, the judge instruction) is
   cached once.
-Measured by bench/bench_bootstrap.py (bench/results/cpu/bootstrap.md; SmolLM2-135M fp32 on the
-project's shared 2-core CPU, 1 thread, CPU, not a GPU result): decoding is compute-bound there
-even at 8 rows, so "sorted" gains only what padding and extra loops cost (1.07× tokens per
-CPU-second on 16 answers in one batch against two of 8) and "cb" loses its scheduling overhead
-(0.84–0.96×). "sorted" is the default: never slower than the official path in these runs, and
-on a GPU, where a decode step costs about the same for 8 or 64 rows, larger batches are where
-the gain should be (not measured here).
+"retire" is the default: on this CPU a decode step costs about rows × weights (compute-bound,
+one shared core), so what pays is not computing dead rows and shared prefixes; it measured
+RESULT_LINE
+(bench/results/cpu/bootstrap.md; SmolLM2-135M fp32, CPU, not a GPU result), where "sorted"
+gave 1.04× and "cb" 0.84× in an earlier run. "sorted" stays for patched PRISM models (the
+route check), whose gate needs each prompt prefilled whole.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ here are prefilled in two pieces and reordered (the route check uses "sorted").
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -61,6 +63,11 @@ class _GrowLayer(DynamicLayer):
         if self.get_seq_length():
             self._k, self._v = self._k[indices], self._v[indices]
             self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
+
+
+def _cache_kw(model) -> str:
+    """The forward's name for the cache: `cache` (transformers 5.25), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _cache(model) -> DynamicCache:
@@ -112,9 +119,9 @@ def _prefill(model, rows: list[list[int]], pad: int, dev):
     Layout per row: the shared prefix (columns 0…P-1), then its own suffix left-padded to the
     longest suffix; the pad columns are masked out and positions count real tokens only, so
     the row attends to exactly its prompt, as in a left-padded `generate` batch."""
-    cache, p = _cache(model), _shared_prefix(rows)
+    cache, p, kw = _cache(model), _shared_prefix(rows), _cache_kw(model)
     if p:
-        model(input_ids=torch.tensor([rows[0][:p]], device=dev), cache=cache, use_cache=True,
+        model(input_ids=torch.tensor([rows[0][:p]], device=dev), **{kw: cache}, use_cache=True,
               logits_to_keep=1)
         cache.batch_repeat_interleave(len(rows))
     width = max(len(r) for r in rows) - p
@@ -128,7 +135,7 @@ def _prefill(model, rows: list[list[int]], pad: int, dev):
         mask[i, p + width - s:] = 1
         pos[i, width - s:] = torch.arange(p, len(r))
     ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kw: cache},
                 use_cache=True, logits_to_keep=1)
     full = torch.cat([torch.tensor([rows[0][:p]] * len(rows), dtype=torch.long, device=dev),
                       ids], dim=1) if p else ids        # what the logits processors read
@@ -144,7 +151,7 @@ def generate_retiring(model, prompts: list[list[int]], cfg, eos_ids: set[int], p
     dev = next(model.parameters()).device
     procs = model._get_logits_processor(generation_config=cfg, logits_processor=LogitsProcessorList(),
                                         device=dev)
-    eos = torch.tensor(sorted(eos_ids), device=dev)
+    eos, kw = torch.tensor(sorted(eos_ids), device=dev), _cache_kw(model)
     out: list[list[int] | None] = [None] * len(prompts)
     for idx in _batches(prompts, batch_size):
         cache, logits, seq, mask, pos = _prefill(model, [prompts[i] for i in idx], pad, dev)
@@ -170,7 +177,7 @@ def generate_retiring(model, prompts: list[list[int]], cfg, eos_ids: set[int], p
             mask = torch.cat([mask, mask.new_ones(len(nxt), 1)], dim=1)
             pos = pos + 1
             logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                           cache=cache, use_cache=True).logits[:, -1].float()
+                           **{kw: cache}, use_cache=True).logits[:, -1].float()
         for i in idx:
             out[i] = gen[i]
     return out
