@@ -278,6 +278,20 @@ def test_pipeline_end_to_end_and_resume(tiny, tmp_path, monkeypatch):
         bootstrap(model, tok, persona + " Also kind.", tmp_path, cfg, tcfg, progress=False)
 
 
+def test_no_distill_sample_stops_after_stage2_with_a_summary(tiny, tmp_path, monkeypatch):
+    from prism_fast.bootstrap import NothingToTrain
+
+    model, tok = tiny
+    monkeypatch.setattr(O, "parse_verdict", lambda reply: "TIE")     # SmolLM2's usual verdict
+    cfg = BootstrapConfig(persona_name="m", queries=3, heldout=0, query_tokens=20,
+                          answer_tokens=6)
+    with pytest.raises(NothingToTrain, match="nothing to train"):
+        bootstrap(model, tok, PERSONA_FILE.read_text(), tmp_path, cfg, progress=False)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["stage2"]["distill"] == 0 and "nothing to train" in s["stopped"]
+    assert not (tmp_path / "adapter").exists()
+
+
 # ------------------------------------------------------------ the real model, from the command line
 
 @pytest.mark.real
