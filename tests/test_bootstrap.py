@@ -203,11 +203,46 @@ def tiny():
 def test_greedy_tokens_equal_across_batching_paths(tiny):
     model, tok = tiny
     chats = [O.messages(None, f"Question {i}: " + "why " * (i * 3), True) for i in range(11)]
+    # Requests sharing a long system turn: "retire" prefills that prefix once per batch.
+    chats += [O.messages("You fix bicycles. " * 6, f"Q{i}: " + "how " * i, True) for i in range(7)]
     prompts = encode_chats(tok, chats)
     rows = {b: generate(model, tok, prompts, 12, 0.0, GenConfig(b, batch_size=16),
-                        progress=False)[0] for b in ("official", "sorted", "cb")}
+                        progress=False)[0] for b in ("official", "sorted", "retire", "cb")}
+    # Batches of 3: several per group, rows retired at different steps.
+    rows["retire-3"] = generate(model, tok, prompts, 12, 0.0, GenConfig("retire", batch_size=3),
+                                progress=False)[0]
     assert rows["sorted"] == rows["official"]
+    assert rows["retire"] == rows["official"]
+    assert rows["retire-3"] == rows["official"]
     assert rows["cb"] == rows["official"]
+
+
+def test_retire_batches_group_shared_starts_and_sort_by_length():
+    from prism_fast.bootstrap.retire import _batches, _shared_prefix
+
+    a = [[1] * 40 + [2] * n for n in (5, 1, 3)]          # one start, three lengths
+    b = [[7] * 40 + [2] * n for n in (4, 2)]
+    lone = [[9, 9], [8, 8, 8]]
+    prompts = a + b + lone
+    got = _batches(prompts, batch_size=2)
+    assert sorted(i for x in got for i in x) == list(range(len(prompts)))
+    assert all(len(x) <= 2 for x in got)
+    assert [1, 2] in got and [0] in got                   # group a: 3 rows → batches 2 + 1
+    assert [4, 3] in got and [5, 6] in got                # b sorted by length; the lone ones
+    assert _shared_prefix([prompts[1], prompts[2]]) == 40
+    assert _shared_prefix([[5, 6], [5, 6]]) == 1          # each row keeps one token of its own
+
+
+def test_retire_sampling_stops_at_eos_or_the_cap(tiny):
+    model, tok = tiny
+    prompts = encode_chats(tok, [O.messages("P " * 20, f"q{i}", True) for i in range(5)])
+    torch.manual_seed(0)
+    rows, st = generate(model, tok, prompts, 9, 0.9, GenConfig("retire", batch_size=2),
+                        progress=False)
+    eos = tok.eos_token_id
+    assert len(rows) == 5 and st["tokens"] == sum(map(len, rows))
+    assert all(0 < len(r) <= 9 and eos not in r[:-1] for r in rows)
+    assert all(len(r) == 9 or r[-1] == eos for r in rows)
 
 
 def test_pipeline_end_to_end_and_resume(tiny, tmp_path, monkeypatch):
@@ -241,6 +276,20 @@ def test_pipeline_end_to_end_and_resume(tiny, tmp_path, monkeypatch):
     assert all(again[k]["skipped"] for k in ("stage1", "stage2", "train", "route_check"))
     with pytest.raises(ValueError, match="made with other settings"):
         bootstrap(model, tok, persona + " Also kind.", tmp_path, cfg, tcfg, progress=False)
+
+
+def test_no_distill_sample_stops_after_stage2_with_a_summary(tiny, tmp_path, monkeypatch):
+    from prism_fast.bootstrap import NothingToTrain
+
+    model, tok = tiny
+    monkeypatch.setattr(O, "parse_verdict", lambda reply: "TIE")     # SmolLM2's usual verdict
+    cfg = BootstrapConfig(persona_name="m", queries=3, heldout=0, query_tokens=20,
+                          answer_tokens=6)
+    with pytest.raises(NothingToTrain, match="nothing to train"):
+        bootstrap(model, tok, PERSONA_FILE.read_text(), tmp_path, cfg, progress=False)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["stage2"]["distill"] == 0 and "nothing to train" in s["stopped"]
+    assert not (tmp_path / "adapter").exists()
 
 
 # ------------------------------------------------------------ the real model, from the command line

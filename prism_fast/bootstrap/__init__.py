@@ -26,9 +26,17 @@ import time
 from pathlib import Path
 
 from prism_fast.bootstrap.generate import BACKENDS, GenConfig
-from prism_fast.bootstrap.stages import BootstrapConfig, read_json, stage1, stage2, stage3, write_json
+from prism_fast.bootstrap.stages import (
+    BootstrapConfig,
+    NothingToTrain,
+    read_json,
+    stage1,
+    stage2,
+    stage3,
+    write_json,
+)
 
-__all__ = ["BootstrapConfig", "GenConfig", "bootstrap", "check_args"]
+__all__ = ["BootstrapConfig", "GenConfig", "NothingToTrain", "bootstrap", "check_args"]
 
 
 def check_args(persona: str, out: Path, cfg: BootstrapConfig) -> None:
@@ -94,7 +102,11 @@ def bootstrap(model, tokenizer, persona: str, out_dir, cfg: BootstrapConfig | No
     if check_routes and reload is None and not (out / "route_check.json").is_file():
         base = copy.deepcopy(model)
     t0 = time.perf_counter()
-    summary["train"] = stage3(model, tokenizer, data, out, train_cfg or TrainConfig(), progress)
+    try:
+        summary["train"] = stage3(model, tokenizer, data, out, train_cfg or TrainConfig(), progress)
+    except NothingToTrain as e:       # Stages 1-2 stand: their summary is written, then we stop
+        write_json(out / "summary.json", {**summary, "seconds": times, "stopped": str(e)})
+        raise
     times["train"] = time.perf_counter() - t0
     if check_routes:
         t0 = time.perf_counter()

@@ -7,12 +7,14 @@ GGUF metadata, as the file itself does for llama.cpp exports).
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
-from prism_fast.bootstrap import BootstrapConfig, GenConfig, bootstrap, check_args
+from prism_fast.bootstrap import BootstrapConfig, GenConfig, NothingToTrain, bootstrap, check_args
 from prism_fast.bootstrap.generate import BACKENDS
 
 
@@ -75,8 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     check_args(persona, out, cfg)                           # before the model is loaded
     model, tok = load(a.model, a.dtype)
-    bootstrap(model, tok, persona, out, cfg, train_cfg, progress=not a.quiet,
-              check_routes=not a.no_route_check, reload=lambda: load(a.model, a.dtype)[0])
+    try:
+        bootstrap(model, tok, persona, out, cfg, train_cfg, progress=not a.quiet,
+                  check_routes=not a.no_route_check, reload=lambda: load(a.model, a.dtype)[0])
+    except NothingToTrain as e:     # a clear stop, not a traceback: Stages 1-2 are in --out
+        s = json.loads((out / "summary.json").read_text())
+        sys.exit(f"stopped after Stage 2: {e}\nStage 2: {json.dumps(s['stage2'].get('wins'))}; "
+                 f"Stages 1-2 are in {out} (summary.json)")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,10 @@ def stage2(model, tok, persona: str, data: Path, cfg: BootstrapConfig, progress:
     return stats
 
 
+class NothingToTrain(ValueError):
+    """Stage 2 kept no distill sample: Stages 1–2 are written, training cannot run."""
+
+
 def stage3(model, tok, data: Path, out: Path, train_cfg, progress: bool) -> dict:
     """prism_fast.train into a temporary folder, renamed to `out/adapter` when complete."""
     from prism_fast.training import train
@@ -145,7 +149,7 @@ def stage3(model, tok, data: Path, out: Path, train_cfg, progress: bool) -> dict
     if tmp.exists():
         shutil.rmtree(tmp)                                   # a crashed earlier attempt
     if not read_json(data / "distill_set.json"):
-        raise ValueError(f"data: {data}/distill_set.json is empty (the expert won no pair in both "
+        raise NothingToTrain(f"data: {data}/distill_set.json is empty (the expert won no pair in both "
                          f"orders), nothing to train; raise --queries or --answer-tokens")
     t0 = time.perf_counter()
     train(model, tok, data, tmp, train_cfg, progress=progress)

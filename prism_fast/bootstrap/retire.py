@@ -1,0 +1,183 @@
+"""The "retire" generation path: length-sorted batches whose finished rows leave at once, the
+prompt prefix the batch shares computed once, a KV cache that grows in place.
+
+Why each piece (bench/results/cpu/bootstrap.md has the numbers):
+- finished rows retired: `generate` keeps computing a row after its end-of-sequence until the
+  slowest row of the batch ends; where a step costs about rows × weights (a CPU), that waste is
+  the largest cost of Stage 1, whose questions end far before the 200-token cap;
+- the shared prefix (Stage 1: every request but its "Question #i"; the judge's instruction;
+  the persona of every expert request) is prefilled once and repeated across the batch;
+- the cache: upstream's DynamicLayer concatenates every step (copies the whole cache, a quarter
+  of a 32-row decode step here); ours writes into a buffer that doubles when full.
+
+The sampling is upstream's own (`_get_logits_processor` of the same generation config, softmax,
+multinomial / argmax), so temperatures, top-k / top-p and the stop rule are those of `generate`.
+Not for a patched PRISM model: the gate decides a route per row at the prompt's end, and rows
+here are prefilled in two pieces and reordered (the route check uses "sorted").
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class _GrowLayer(DynamicLayer):
+    """A DynamicLayer whose keys / values are views of a buffer written in place."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.n, self._k, self._v = key_states.device, 0, None, None
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.n + key_states.shape[-2]
+        if self._k is None or end > self._k.shape[-2]:
+            self._grow(key_states, value_states, max(end, 2 * (self.n or 32)))
+        self._k[:, :, self.n:end] = key_states
+        self._v[:, :, self.n:end] = value_states
+        self.n = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def _grow(self, k: torch.Tensor, v: torch.Tensor, cap: int) -> None:
+        new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+        new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+        if self.n:
+            new_k[:, :, :self.n], new_v[:, :, :self.n] = self._k[:, :, :self.n], self._v[:, :, :self.n]
+        self._k, self._v = new_k, new_v
+
+    def get_seq_length(self) -> int:
+        return self.n if self.is_initialized else 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length():
+            self._k = self._k[:, :, :self.n].repeat_interleave(repeats, dim=0)
+            self._v = self._v[:, :, :self.n].repeat_interleave(repeats, dim=0)
+            self.keys, self.values = self._k, self._v
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length():
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
+
+
+def _cache_kw(model) -> str:
+    """The forward's name for the cache: `cache` (transformers 5.25), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache(model) -> DynamicCache:
+    """The model's own cache layout with every plain DynamicLayer replaced by a _GrowLayer
+    (sliding-window layers keep upstream's class)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_GrowLayer() if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
+
+
+def _shared_prefix(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own (the last
+    prompt token must run with the row's own mask to give its first logits)."""
+    n = min(map(len, rows)) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def _batches(prompts: list[list[int]], batch_size: int, head: int = 32) -> list[list[int]]:
+    """Indices per batch: prompts grouped by their first `head` tokens (baseline / expert /
+    judge requests each start alike, so a batch shares a long prefix), sorted by length within
+    a group (little padding), each group cut into near-equal batches of ≤ batch_size; prompts
+    whose start no other prompt shares form one group of their own."""
+    from collections import Counter
+
+    heads = [tuple(p[:head]) for p in prompts]
+    count = Counter(heads)
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(prompts)):
+        groups.setdefault(heads[i] if count[heads[i]] > 1 else (), []).append(i)
+    out = []
+    for idx in groups.values():
+        idx.sort(key=lambda i: len(prompts[i]))
+        n = -(-len(idx) // batch_size)                 # batches in this group
+        size = -(-len(idx) // n)
+        out += [idx[s:s + size] for s in range(0, len(idx), size)]
+    return out
+
+
+@torch.no_grad()
+def _prefill(model, rows: list[list[int]], pad: int, dev):
+    """Cache after every prompt, logits of each row's last prompt token, the batch state.
+
+    Layout per row: the shared prefix (columns 0…P-1), then its own suffix left-padded to the
+    longest suffix; the pad columns are masked out and positions count real tokens only, so
+    the row attends to exactly its prompt, as in a left-padded `generate` batch."""
+    cache, p, kw = _cache(model), _shared_prefix(rows), _cache_kw(model)
+    if p:
+        model(input_ids=torch.tensor([rows[0][:p]], device=dev), **{kw: cache}, use_cache=True,
+              logits_to_keep=1)
+        cache.batch_repeat_interleave(len(rows))
+    width = max(len(r) for r in rows) - p
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), p + width, dtype=torch.long)
+    mask[:, :p] = 1
+    pos = torch.full((len(rows), width), 1, dtype=torch.long)   # pads: any position (masked)
+    for i, r in enumerate(rows):
+        s = len(r) - p
+        ids[i, width - s:] = torch.tensor(r[p:])
+        mask[i, p + width - s:] = 1
+        pos[i, width - s:] = torch.arange(p, len(r))
+    ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kw: cache},
+                use_cache=True, logits_to_keep=1)
+    full = torch.cat([torch.tensor([rows[0][:p]] * len(rows), dtype=torch.long, device=dev),
+                      ids], dim=1) if p else ids        # what the logits processors read
+    return cache, out.logits[:, -1].float(), full, mask, pos[:, -1:]
+
+
+@torch.no_grad()
+def generate_retiring(model, prompts: list[list[int]], cfg, eos_ids: set[int], pad: int,
+                      batch_size: int, bar) -> list[list[int]]:
+    """Generated ids per prompt (through the first end-of-sequence id), in the caller's order."""
+    from transformers import LogitsProcessorList
+
+    dev = next(model.parameters()).device
+    procs = model._get_logits_processor(generation_config=cfg, logits_processor=LogitsProcessorList(),
+                                        device=dev)
+    eos, kw = torch.tensor(sorted(eos_ids), device=dev), _cache_kw(model)
+    out: list[list[int] | None] = [None] * len(prompts)
+    for idx in _batches(prompts, batch_size):
+        cache, logits, seq, mask, pos = _prefill(model, [prompts[i] for i in idx], pad, dev)
+        alive, gen = torch.tensor(idx), {i: [] for i in idx}
+        for step in range(cfg.max_new_tokens):
+            scores = procs(seq, logits)
+            if cfg.do_sample:
+                nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                nxt = torch.argmax(scores, dim=-1)
+            for i, t in zip(alive.tolist(), nxt.tolist()):
+                gen[i].append(t)
+            done = torch.isin(nxt, eos) | (step + 1 == cfg.max_new_tokens)
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                bar(sum(len(gen[i]) for i in alive[done.cpu()].tolist()), int(done.sum()))
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                alive, nxt = alive[keep.cpu()], nxt[keep]
+                seq, mask, pos = seq[keep], mask[keep], pos[keep]
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(len(nxt), 1)], dim=1)
+            pos = pos + 1
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                           **{kw: cache}, use_cache=True).logits[:, -1].float()
+        for i in idx:
+            out[i] = gen[i]
+    return out
