@@ -69,7 +69,7 @@ class FusedBase:
                          for i, off in enumerate(self.offsets)]
         self.sizes = sizes + [lora_a0.shape[0]]        # the split of out's last dim
         self.extra_bytes = lora_a0.numel() * size       # A_0 held twice (here and stacked)
-        self.rank = rank
+        self.rank, self.rank_sizes = rank, [rank] * len(weights)
 
     def __reduce__(self):
         # copy.deepcopy and pickle: Parameter copies get storage of their own, so the copy
@@ -84,10 +84,12 @@ class FusedBase:
 
     def __call__(self, x: torch.Tensor, b_t: list[torch.Tensor]) -> list[torch.Tensor]:
         """x [..., K] → S × y_s [..., N_s] (views of one buffer); b_t: scaled B_sᵀ [R, N_s]."""
+        # split_with_sizes, not Tensor.split: that Python wrapper costs ≈ 3 µs per call here.
         out = F.linear(x, self.g, self.bias)                               # [..., ΣN + S·R]
-        ys = out.split(self.sizes, -1)
-        rows = out.view(-1, out.shape[-1]).split(self.sizes, -1)           # 2-D views of ys
-        us = rows[-1].split(self.rank, -1)                                 # S × [M, R]
+        ys = out.split_with_sizes(self.sizes, -1)
+        rows = ys if out.dim() == 2 else \
+            out.view(-1, out.shape[-1]).split_with_sizes(self.sizes, -1)   # 2-D views of ys
+        us = rows[-1:] if len(b_t) == 1 else rows[-1].split_with_sizes(self.rank_sizes, -1)
         for y, u, bt in zip(rows, us, b_t):
             y.addmm_(u, bt)                                                # y_s += u_s B_sᵀ
         return list(ys[:-1])
