@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prism_fast import fused_base, ops
+from prism_fast import ops
 from prism_fast.loading import Persona
+from prism_fast.ops import gated_lora_fused_base as fused_base
 
 if TYPE_CHECKING:
     from prism_fast.routing import Routing
