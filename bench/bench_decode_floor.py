@@ -65,7 +65,7 @@ def byte_floor(base, patched) -> dict:
 
 
 def prepared_bytes(patched) -> int:
-    """The torch path's fp32 copies held beside the stacked adapters (torch_path.Prepared)."""
+    """The torch path's fp32 copies held beside the stacked adapters (prism_fast.ops.Prepared)."""
     from prism_fast.layer import GatedLoraLinear
 
     groups = {id(m.group): m.group for m in patched.modules() if isinstance(m, GatedLoraLinear)}
