@@ -12,8 +12,8 @@ setup(
     description="Fused gated multi-LoRA Triton kernels for PRISM persona routing",
     # The benchmarks (bench/) run from the checkout as `python -m bench`: no top-level `bench`
     # package is installed into site-packages.
-    packages=["prism_fast", "prism_fast.kernels", "prism_fast.training", "prism_fast.bootstrap",
-              "prism_fast.testing"],
+    packages=["prism_fast", "prism_fast.kernels", "prism_fast.ops", "prism_fast.training",
+              "prism_fast.bootstrap", "prism_fast.testing"],
     package_dir={"prism_fast": "prism_fast", "prism_fast.kernels": "kernels"},
     # The per-GPU tuned tables of the gated-LoRA kernels (kernels/configs/<GPU>.json, written by
     # bench/tune_gated_lora.py) ship with the package: the kernels' config reads them there.

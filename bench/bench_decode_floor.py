@@ -66,7 +66,8 @@ def byte_floor(base, patched) -> dict:
 
 def prepared_bytes(patched) -> int:
     """The torch path's copies held beside the stacked adapters: the scaled fp32 Bᵀ
-    (torch_path.Prepared) and adapter 0's A inside each fused base buffer (fused_base.py)."""
+    (prism_fast.ops.Prepared) and adapter 0's A inside each fused base buffer
+    (prism_fast/ops/gated_lora_fused_base.py)."""
     from prism_fast.layer import GatedLoraLinear
 
     groups = {id(m.group): m.group for m in patched.modules() if isinstance(m, GatedLoraLinear)}

@@ -262,7 +262,8 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
     if any(p.startswith("prism_fast") for p in providers):
         if not gpu:
             notes.append("e2e: on CPU the prism_fast providers run patch_model's torch backend "
-                         "(its fast torch path, prism_fast/torch_path.py), not the Triton kernels")
+                         "(its fast torch path, prism_fast/ops/gated_lora_torch.py), not the "
+                         "Triton kernels")
         try:
             prism_fast.patch_model(peft_model, gate=gate_state)
         except Exception as e:

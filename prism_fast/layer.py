@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prism_fast import fused_base, ops
+from prism_fast import ops
 from prism_fast.loading import Persona
+from prism_fast.ops import gated_lora_fused_base as fused_base
 
 if TYPE_CHECKING:
     from prism_fast.routing import Routing
@@ -68,7 +69,7 @@ class Group:
 
     def fuse_base(self) -> None:
         """Move the members' weights and adapter 0's A into one buffer, so that an all-open
-        call is one GEMM (fused_base.py); a no-op where the tensors do not qualify."""
+        call is one GEMM (ops/gated_lora_fused_base.py); a no-op where the tensors do not qualify."""
         pairs = [m.weight_bias() for m in self.members]
         self.fused = fused_base.fuse([w for w, _ in pairs], [b for _, b in pairs], self.lora_a,
                                      self.rank)

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from prism_fast import ops
+from prism_fast.ops.gated_lora_torch import tracing
 from prism_fast.targets import Given, check_routes
-from prism_fast.torch_path import tracing
 
 
 class Phase(enum.Enum):

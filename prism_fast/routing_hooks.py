@@ -8,8 +8,8 @@ import functools
 
 import torch
 
+from prism_fast.ops.gated_lora_torch import tracing
 from prism_fast.routing import Routing
-from prism_fast.torch_path import tracing
 
 
 def is_prefill(cache, t: int) -> bool:

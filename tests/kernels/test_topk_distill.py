@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import prism_fast
-from prism_fast import distill, reference
+from prism_fast import reference
+from prism_fast.ops import topk_distill
+from prism_fast.ops.topk_distill import (
+    head_grads,
+    topk_distill_backward_torch,
+    topk_distill_forward_torch,
+)
 from tests.helpers import compiled_gpu_mode
 from tests.tolerances import REL_TOL, rel_err
 
@@ -171,10 +177,10 @@ def test_reductions_and_head_without_grad(backend):
 def test_torch_path_chunks(monkeypatch):
     """Chunks of a few positions give what one chunk gives (the chunking bounds memory only)."""
     case = make_case(17, 20, 40, 6, torch.float32)
-    whole = distill.forward(*case[:5], 2.0, None)
-    monkeypatch.setattr(distill, "CHUNK_ELEMS", 20 * 6 * 3)           # 3 positions per chunk
-    assert len(distill._chunks(17, 6, 20)) == 6
-    chunked = distill.forward(*case[:5], 2.0, None)
+    whole = topk_distill_forward_torch(*case[:5], 2.0, None)
+    monkeypatch.setattr(topk_distill, "CHUNK_ELEMS", 20 * 6 * 3)      # 3 positions per chunk
+    assert len(topk_distill._chunks(17, 6, 20)) == 6
+    chunked = topk_distill_forward_torch(*case[:5], 2.0, None)
     for a, b in zip(whole, chunked):
         assert rel_err(a, b) <= 1e-6
 
@@ -255,7 +261,7 @@ def test_out_of_range_indices_read_nothing():
     assert rel_err(kl, keep) <= 1e-5
     grad_h, ds = topk_distill_backward(torch.ones(6), hidden, weight, bad, 2.0, None, p_s, p_t)
     assert (ds[:, 0] == 0).all() and torch.isfinite(grad_h).all()
-    grad_w, _ = distill.head_grads(ds, bad, hidden, 30, True, False)
+    grad_w, _ = head_grads(ds, bad, hidden, 30, True, False)
     assert torch.isfinite(grad_w).all()
 
 
@@ -273,15 +279,15 @@ def test_torch_path_drops_out_of_range_indices():
     CUDA tensors), drops an index outside 0…V−1 as the Triton kernel does: id −1 is never read
     as the last row of the head."""
     hidden, weight, b, values, bad, mask, keep = _drop_first_column_case()
-    kl, p_s, p_t = distill.forward(hidden, weight, b, values, bad, 2.0, mask)
+    kl, p_s, p_t = topk_distill_forward_torch(hidden, weight, b, values, bad, 2.0, mask)
     assert rel_err(kl, keep) <= 1e-5
     assert (p_s[:, 0] == 0).all() and (p_t[:, 0] == 0).all()
-    grad_h, ds = distill.backward(torch.ones(6), hidden, weight, bad, 2.0, mask, p_s, p_t)
+    grad_h, ds = topk_distill_backward_torch(torch.ones(6), hidden, weight, bad, 2.0, mask, p_s, p_t)
     assert (ds[:, 0] == 0).all() and torch.isfinite(grad_h).all()
     # A row with no index in range has KL 0 and no gradient (the kernel's answer), never NaN.
     bad[0] = -1
-    kl, p_s, p_t = distill.forward(hidden, weight, b, values, bad, 2.0, None)
-    grad_h, _ = distill.backward(torch.ones(6), hidden, weight, bad, 2.0, None, p_s, p_t)
+    kl, p_s, p_t = topk_distill_forward_torch(hidden, weight, b, values, bad, 2.0, None)
+    grad_h, _ = topk_distill_backward_torch(torch.ones(6), hidden, weight, bad, 2.0, None, p_s, p_t)
     assert kl[0] == 0 and (grad_h[0] == 0).all() and torch.isfinite(kl).all()
 
 

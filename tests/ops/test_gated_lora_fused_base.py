@@ -1,5 +1,6 @@
-"""The torch path's fused base GEMM (prism_fast/fused_base.py): an all-open group on adapter 0
-runs x·[W; A]ᵀ once; the layer's weights are views of that buffer while patched."""
+"""The torch path's fused base GEMM (prism_fast/ops/gated_lora_fused_base.py): an all-open
+group on adapter 0 runs x·[W; A]ᵀ once; the layer's weights are views of that buffer while
+patched."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 import prism_fast
-from prism_fast.fused_base import fuse
 from prism_fast.layer import GatedLoraLinear
+from prism_fast.ops.gated_lora_fused_base import fuse
 from tests.models import base_model, clone, forward, peft_logits, peft_model, prompts
 from tests.tolerances import MODEL_REL_TOL, rel_err
 

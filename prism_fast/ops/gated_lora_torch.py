@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prism_fast.fused_base import FusedBase
 from prism_fast.kernels.gated_lora import ids_per_sequence
+from prism_fast.ops.gated_lora_fused_base import FusedBase
 from prism_fast.reference import per_token_ids
 
 # Per-sequence ids of at most this many entries are read as a Python list (≈ 1 µs for 8);

@@ -1,4 +1,4 @@
-"""The fast torch path (prism_fast/torch_path.py) against the reference and float64."""
+"""The fast torch path (prism_fast/ops/gated_lora_torch.py) against the reference and float64."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from prism_fast import reference
-from prism_fast.torch_path import Prepared, gated_lora_linear_torch, slice_offsets
+from prism_fast.ops.gated_lora_torch import Prepared, gated_lora_linear_torch, slice_offsets
 from tests.helpers import float64_ref, make_ids, make_lora, stack_slices
 from tests.tolerances import REL_TOL, rel_err
 
