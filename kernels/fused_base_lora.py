@@ -136,14 +136,22 @@ assert tuple(_fused_base_lora_kernel.arg_names[:len(POINTERS)]) == POINTERS
 def config_for(m: int, k: int, ns: tuple[int, ...], r: int, sms: int) -> dict:
     """Block sizes of one decode call (heuristic; no GPU timing yet). One row tile covers all
     M ≤ 64 rows, so W is streamed exactly once; every program also streams its slice of A
-    (R × K), so N tiles are widened to 128 where that still leaves ≥ 1 program per SM."""
+    (R × K), so N tiles are widened to 128 where that still leaves ≥ 1 program per SM.
+    Every choice here compiles for sm_90 without register spills (bench/kernel_resources.py,
+    checked in CI): e.g. 64 rows × rank 128 spilled 152 B with 64-wide N and K tiles."""
     expect(1 <= m <= MAX_ROWS, ValueError,
            lambda: f"x: the fused base kernel takes 1 to {MAX_ROWS} rows, got {m}")
     bm = max(16, triton.next_power_of_2(m))
     br = max(16, triton.next_power_of_2(r))
-    bn = 128 if bm <= 16 and br <= 32 and sum(triton.cdiv(n, 128) for n in ns) >= sms else 64
-    warps = 4 if bm <= 32 and br <= 32 else 8
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, BLOCK_R=br, num_warps=warps)
+    if br <= 32:
+        bn, bk, warps = 64, 64, 4 if bm <= 32 else 8
+        if bm == 16 and sum(triton.cdiv(n, 128) for n in ns) >= sms:
+            bn, warps = 128, 8      # 4 warps spilled 292 B here
+    elif br == 64:
+        bn, bk, warps = 64, 32 if bm == 64 else 64, 8
+    else:
+        bn, bk, warps = (64, 64, 8) if bm == 16 else (32, 32, 8)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=warps)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -154,15 +162,16 @@ def _pick(m: int, k: int, ns: tuple[int, ...], r: int, device: torch.device) -> 
 def fused_base_lora_triton(x: torch.Tensor, weights: list[torch.Tensor],
                            biases: list[torch.Tensor | None], lora_a: torch.Tensor,
                            lora_b: torch.Tensor, scaling: torch.Tensor,
-                           adapter_ids: torch.Tensor, config: dict | None = None
-                           ) -> list[torch.Tensor]:
+                           adapter_ids: torch.Tensor, config: dict | None = None,
+                           out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """ys[s] = x W_sᵀ (+ b_s) + gated LoRA of slice s, one launch, for x with M ≤ 64 rows.
-    Arguments are assumed checked (check_gated_lora_args); `config` forces block sizes."""
+    Arguments are assumed checked (check_gated_lora_args); `config` forces block sizes; `out`
+    (S × contiguous [..., N_s] in x's dtype) receives the outputs, every element written."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)                                    # [M, K], a view where possible
     m = x2.shape[0]
     ns = tuple(w.shape[0] for w in weights)
-    ys = [x.new_empty((*x.shape[:-1], n)) for n in ns]
+    ys = out if out is not None else [x.new_empty((*x.shape[:-1], n)) for n in ns]
     if m == 0:
         return ys
     expect(m <= MAX_ROWS, ValueError,

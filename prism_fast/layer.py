@@ -34,6 +34,7 @@ class Group:
         self.launcher = ops.GatedLoraLauncher(lora_a, lora_b, scaling)
         self._prepared: ops.Prepared | None = None   # the torch path's, on its first eager call
         self.fused: fused_base.FusedBase | None = None   # fuse_base(): torch path, fp32 CPU
+        self.fuse_kernel = False   # patch_model(fuse_base=True): Triton's fused decode kernel
 
     def slice_args(self, s: int):
         r, lo, hi = self.rank, self.offsets[s], self.offsets[s + 1]
@@ -53,7 +54,7 @@ class Group:
             launcher = self.launcher if triton else self.prepared()
         weights, biases = self.operands(slots)
         ys = self.finish(slots, ops.gated_lora_group(x, weights, biases, lora_a, lora_b, scaling,
-                                                     ids, triton, launcher))
+                                                     ids, triton, launcher, self.fuse_kernel))
         if len(slots) > 1:
             self.pending_x, self.pending = x, [None, *ys[1:]]
         return ys[0]
