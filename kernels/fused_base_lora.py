@@ -138,7 +138,7 @@ def config_for(m: int, k: int, ns: tuple[int, ...], r: int, sms: int) -> dict:
     M ≤ 64 rows, so W is streamed exactly once; every program also streams its slice of A
     (R × K), so N tiles are widened to 128 where that still leaves ≥ 1 program per SM.
     Every choice here compiles for sm_90 without register spills (bench/kernel_resources.py,
-    checked in CI): e.g. 64 rows × rank 128 spilled 152 B with 64-wide N and K tiles."""
+    checked in CI): 64 rows × rank 128 spilled 152 B with 64-wide N and K tiles."""
     expect(1 <= m <= MAX_ROWS, ValueError,
            lambda: f"x: the fused base kernel takes 1 to {MAX_ROWS} rows, got {m}")
     bm = max(16, triton.next_power_of_2(m))
@@ -149,8 +149,8 @@ def config_for(m: int, k: int, ns: tuple[int, ...], r: int, sms: int) -> dict:
             bn, warps = 128, 8      # 4 warps spilled 292 B here
     elif br == 64:
         bn, bk, warps = 64, 32 if bm == 64 else 64, 8
-    else:
-        bn, bk, warps = (64, 64, 8) if bm == 16 else (32, 32, 8)
+    else:   # rank 65…128: (16, 64, 64) spilled 4 B with 3 slices
+        bn, bk, warps = (64, 32, 8) if bm == 16 else (32, 32, 8)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=warps)
 
 
