@@ -2,8 +2,10 @@
 # The GPU verdict of issue 9 in ≤ 300 s on an H100/H200 with torch, triton, transformers and
 # peft preinstalled (no network). The kernel suite already runs on CPU in CI: not rerun here.
 #   0. `import pytest` (the GPU tests need it), versions, install without dependencies
-#   (a) the decode-path table: split / fused / coop vs base F.linear, Llama-3-8B groups,
-#       M = 1, 8, 32, 64, graphed and eager           → decode_paths.json (+ its table in the log)
+#   (a) the decode-path table: split / fused / coop, and the opt-in fused base kernel
+#       (fuse_base=True: base + LoRA in one launch), vs base F.linear, Llama-3-8B and
+#       Qwen2.5-7B groups, bf16, r = 16, M = 1, 8, 32, 64, graphed (every model first), then
+#       eager                                         → decode_paths.json (+ its table in the log)
 #   (b) the targets: per decoder layer (M = 1…64 all open / half / closed, prefill M = 4096;
 #       graphed and eager) → layer/*; end to end (8 Llama-3-8B layers: eager and graphed
 #       decode, all open / half / closed)                                   → e2e/*
@@ -52,8 +54,9 @@ if ! timeout 60 python -m pip install --no-deps --no-build-isolation -q -e . >>"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# (a) 80 s at most (+15 s for the row in flight), keeping 170 s for (b) and (c)
-a_s=$(share 80 170)
+# (a) 95 s at most (+15 s for the row in flight), keeping 170 s for (b) and (c); two models'
+# graphed rows come first, eager ones in what is left
+a_s=$(share 95 170)
 echo "== (a) decode paths, budget ${a_s} s" | tee -a "$log"
 timeout $(( a_s + 15 )) python -m bench.gpu_decode_paths --out "$out" --time-budget "$a_s" \
     2>&1 | tee -a "$log"
