@@ -13,7 +13,8 @@ y. Here each program owns one N tile of one slice (q/k/v …) and, for every row
 
 Layouts and id semantics are gated_lora.py's (lora_a [L, S·R, K], lora_b [L, ΣN, R], scaling
 [S, L] fp32; ids outside 0…L−1 are closed). The device helpers (`_tile_rows`, `_slice_tile`,
-`_shrink`, `_expand`, `_split_u`) are gated_lora_device.py's, shared, not copied.
+`_shrink`, `_shrink_step`, `_a_cols`, `_expand`, `_split_u`) are gated_lora_device.py's,
+shared, not copied.
 
 Guarantee: closed rows are x Wᵀ + b computed by this kernel, NOT bit-identical to F.linear
 (another summation order): within SPEC §2's bounds on every row. Hence opt-in
@@ -31,7 +32,15 @@ import triton.language as tl
 from ._checks import expect
 from .gated_lora import check_gated_lora_args, gated_lora_linear_triton, ids_per_sequence
 from .gated_lora_config import FUSED_MAX_ROWS, device_key
-from .gated_lora_device import _expand, _shrink, _slice_tile, _split_u, _tile_rows
+from .gated_lora_device import (
+    _a_cols,
+    _expand,
+    _shrink,
+    _shrink_step,
+    _slice_tile,
+    _split_u,
+    _tile_rows,
+)
 
 MAX_ROWS = FUSED_MAX_ROWS   # decode batches only; larger calls take the split path
 
@@ -82,9 +91,14 @@ def _fused_base_lora_kernel(
 
     is_open = ids >= 0
     any_open = tl.max(is_open.to(tl.int32), axis=0) > 0
-    first = tl.min(tl.where(is_open, ids, L), axis=0)   # L (never read) when all are closed
+    first = tl.min(tl.where(is_open, ids, L), axis=0)   # L when every row is closed
     sel = is_open & (ids == first)
 
+    # The loop body has no branch and no inner loop, so that Triton can pipeline its loads: A's
+    # tile is masked off entirely (no memory traffic) when every row is closed, and the shrink
+    # shares the x tile of the base product (rows of other adapters are dropped from u after).
+    a_cols = _a_cols(a_ptr, tl.minimum(first, L - 1), cols, stride_al, stride_ar)
+    a_mask = cols < tl.where(any_open, col_lo + R, col_lo)   # no column when all are closed
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     u = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     x_rows = x_ptr + rows[:, None] * stride_xm
@@ -100,11 +114,9 @@ def _fused_base_lora_kernel(
             acc = tl.dot(xt, wt, acc, input_precision="ieee")
         else:
             acc = tl.dot(xt, wt, acc)
-        if any_open:   # this K block of the first adapter's shrink (x's block is in cache)
-            u += _shrink(x_ptr, a_ptr, rows, sel, first, cols, col_mask, k0,
-                         tl.minimum(k0 + BLOCK_K, K), stride_xm, stride_xk, stride_al,
-                         stride_ar, stride_ak, BLOCK_M, BLOCK_R, BLOCK_K)
+        u = _shrink_step(u, xt, a_cols, k, k_mask, a_mask, stride_ak)
     if any_open:
+        u = tl.where(sel[:, None], u, 0.0)
         acc = _add_adapter(acc, u, b_ptr, scale_ptr, first, s, L, cols, col_lo, R, n_off, n,
                            n_mask, stride_bl, stride_bn, stride_br, dtype, SPLIT_U)
     # Other adapters in this tile (per-token ids only): their own shrink over K, W not re-read.
