@@ -155,10 +155,10 @@ def config_for(m: int, k: int, ns: tuple[int, ...], r: int, sms: int) -> dict:
            lambda: f"x: the fused base kernel takes 1 to {MAX_ROWS} rows, got {m}")
     bm = max(16, triton.next_power_of_2(m))
     br = max(16, triton.next_power_of_2(r))
-    if br <= 32:
-        bn, bk, warps = 64, 64, 4 if bm <= 32 else 8
-        if bm == 16 and sum(triton.cdiv(n, 128) for n in ns) >= sms:
-            bn, warps = 128, 8      # 4 warps spilled 292 B here
+    if br <= 32:   # (BLOCK_K 64 with 4 warps spilled up to 64 B once the loop was pipelined)
+        bn, bk, warps = (64, 32, 4) if bm == 16 else (32, 32, 4) if bm == 32 else (64, 64, 8)
+        if bm == 16 and br == 16 and sum(triton.cdiv(n, 128) for n in ns) >= sms:
+            bn, warps = 128, 8
     elif br == 64:
         bn, bk, warps = 64, 32 if bm == 64 else 64, 8
     else:   # rank 65…128: (16, 64, 64) spilled 4 B with 3 slices
