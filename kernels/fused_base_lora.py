@@ -6,9 +6,11 @@ y. Here each program owns one N tile of one slice (q/k/v …) and, for every row
 
     K loop:  acc += x[:, k] · W[n, k]ᵀ           (W's tile streamed once, fp32 accumulator)
              u   += x[:, k] · A[first, cols, k]ᵀ  (the shrink of the tile's first adapter rides
-                                                  along; skipped when every row is closed)
-    then     acc += scaling · u B[first]ᵀ, and the same (own K loop over x and A, not W) for
-             every other adapter present in the tile (per-token ids with mixed adapters)
+                                                  along on the same x tile; A is not read
+                                                  when every row is closed)
+    then     acc += scaling · u B[first]ᵀ on that adapter's rows, and the same (own K loop
+             over x and A, not W) for every other adapter present in the tile (per-token ids
+             with mixed adapters); closed rows' u is zeroed: no LoRA term
     store    y = acc (+ b), once.
 
 Layouts and id semantics are gated_lora.py's (lora_a [L, S·R, K], lora_b [L, ΣN, R], scaling
