@@ -10,7 +10,8 @@
 #       graphed and eager) → layer/*; end to end (8 Llama-3-8B layers: eager and graphed
 #       decode, all open / half / closed)                                   → e2e/*
 #   (c) GPU-only tests: patched model compiled / graphed / sync-free, the all-closed graph
-#       without LoRA launches, the cooperative kernel's barrier, Llama-sized kernels
+#       without LoRA launches, the cooperative kernel's barrier, Llama-sized kernels, the
+#       fused base kernel compiled (mixed adapters and closed rows in one tile, vs float64)
 #   (d) in the time left: prism_fast.tune on a Llama-3-8B-shaped 2-layer model (in the log)
 # Every step has its own share of the budget and a `timeout`; the script stops itself at
 # TOTAL_S (default 300). At most 8 files land in OUT_DIR, one folder deep:
@@ -87,7 +88,9 @@ if [ "$have_pytest" = 1 ] && [ "$c_s" -gt 10 ]; then
         tests/test_gpu.py tests/test_graph_closed.py \
         tests/kernels/test_gated_lora_launch.py::test_coop_one_launch_on_gpu \
         tests/kernels/test_gated_lora.py::test_gpu_compiled \
-        tests/kernels/test_prism_gate.py::test_gpu_compiled 2>&1 | tail -40 | tee -a "$log"
+        tests/kernels/test_prism_gate.py::test_gpu_compiled \
+        tests/kernels/test_fused_base_lora.py::test_mixed_adapters_in_one_tile \
+        2>&1 | tail -40 | tee -a "$log"
     echo "(c) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" \
         | tee -a "$log"
 else
