@@ -2,13 +2,16 @@
 # The GPU verdict of issue 9 in ≤ 300 s on an H100/H200 with torch, triton, transformers and
 # peft preinstalled (no network). The kernel suite already runs on CPU in CI: not rerun here.
 #   0. `import pytest` (the GPU tests need it), versions, install without dependencies
-#   (a) the decode-path table: split / fused / coop vs base F.linear, Llama-3-8B groups,
-#       M = 1, 8, 32, 64, graphed and eager           → decode_paths.json (+ its table in the log)
+#   (a) the decode-path table: split / fused / coop, and the opt-in fused base kernel
+#       (fuse_base=True: base + LoRA in one launch), vs base F.linear, Llama-3-8B and
+#       Qwen2.5-7B groups, bf16, r = 16, M = 1, 8, 32, 64, graphed (every model first), then
+#       eager                                         → decode_paths.json (+ its table in the log)
 #   (b) the targets: per decoder layer (M = 1…64 all open / half / closed, prefill M = 4096;
 #       graphed and eager) → layer/*; end to end (8 Llama-3-8B layers: eager and graphed
 #       decode, all open / half / closed)                                   → e2e/*
 #   (c) GPU-only tests: patched model compiled / graphed / sync-free, the all-closed graph
-#       without LoRA launches, the cooperative kernel's barrier, Llama-sized kernels
+#       without LoRA launches, the cooperative kernel's barrier, Llama-sized kernels, the
+#       fused base kernel compiled (mixed adapters and closed rows in one tile, vs float64)
 #   (d) in the time left: prism_fast.tune on a Llama-3-8B-shaped 2-layer model (in the log)
 # Every step has its own share of the budget and a `timeout`; the script stops itself at
 # TOTAL_S (default 300). At most 8 files land in OUT_DIR, one folder deep:
@@ -52,8 +55,9 @@ if ! timeout 60 python -m pip install --no-deps --no-build-isolation -q -e . >>"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# (a) 80 s at most (+15 s for the row in flight), keeping 170 s for (b) and (c)
-a_s=$(share 80 170)
+# (a) 95 s at most (+15 s for the row in flight), keeping 170 s for (b) and (c); two models'
+# graphed rows come first, eager ones in what is left
+a_s=$(share 95 170)
 echo "== (a) decode paths, budget ${a_s} s" | tee -a "$log"
 timeout $(( a_s + 15 )) python -m bench.gpu_decode_paths --out "$out" --time-budget "$a_s" \
     2>&1 | tee -a "$log"
@@ -84,7 +88,9 @@ if [ "$have_pytest" = 1 ] && [ "$c_s" -gt 10 ]; then
         tests/test_gpu.py tests/test_graph_closed.py \
         tests/kernels/test_gated_lora_launch.py::test_coop_one_launch_on_gpu \
         tests/kernels/test_gated_lora.py::test_gpu_compiled \
-        tests/kernels/test_prism_gate.py::test_gpu_compiled 2>&1 | tail -40 | tee -a "$log"
+        tests/kernels/test_prism_gate.py::test_gpu_compiled \
+        tests/kernels/test_fused_base_lora.py::test_mixed_adapters_in_one_tile \
+        2>&1 | tail -40 | tee -a "$log"
     echo "(c) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" \
         | tee -a "$log"
 else

@@ -1,13 +1,17 @@
 """The decode-path table: every gated-LoRA path against the base F.linear, on a GPU.
 
-    python -m bench.gpu_decode_paths [--out DIR] [--time-budget S] [--model llama3-8b]
+    python -m bench.gpu_decode_paths [--out DIR] [--time-budget S]
+                                     [--models llama3-8b qwen2.5-7b]
 
-For each projection group of one decoder layer (Llama-3-8B: q/k/v, o, gate/up, down), each
-decode size M ∈ {1, 8, 32, 64} and each mode (CUDA graph, eager), times:
+For each projection group of one decoder layer (q/k/v, o, gate/up, down) of each model
+(Llama-3-8B, Qwen2.5-7B), each decode size M ∈ {1, 8, 32, 64} and each mode (CUDA graph
+first, for every model, then eager), times:
   base    the group's F.linear calls alone (what the unpatched layer does)
   split   base + the LoRA term by SHRINK then EXPAND (the default)
   fused   base + FUSED (one launch; every program recomputes its slice's shrink)
   coop    base + COOP (one launch, grid barrier; experimental), where its grid fits
+  fused_base  the opt-in fused kernel alone (patch_model(..., fuse_base=True)): base
+          projection and LoRA in one launch (kernels/fused_base_lora.py), its own base rounding
 bf16, r = 16, one adapter, every row open. The paths are prism_fast.tune's candidates, launched
 as it launches them (prism_fast.tuning.path_launcher: GatedLoraLauncher with the path's config
 forced, the launcher a patched model's layer takes in eager mode); no global is switched.
@@ -31,55 +35,68 @@ import torch.nn.functional as F
 from bench.common import MODELS, Budget, TimerConfig, measure
 from prism_fast import tuning
 from prism_fast.kernels import gated_lora as gl
+from prism_fast.kernels.fused_base_lora import fused_base_lora_triton
 
 MS = (1, 8, 32, 64)
 RANK = 16
 NAMES = ("qkv", "o", "gate_up", "down")
+COLUMNS = (*gl.PATHS, "fused_base")   # the timed columns beside base
 
 
 def group_fns(k: int, ns: list[int], m: int, path: str, device: torch.device):
     """(base fn, lora fn, check fn) for one group: lora fn = base + the LoRA term by `path`,
     launched as prism_fast.tune times it (its path_launcher: GatedLoraLauncher, the path's
-    config forced, the launcher a patched model's layer takes in eager mode)."""
+    config forced, the launcher a patched model's layer takes in eager mode). path
+    "fused_base": lora fn = the fused kernel alone (base and LoRA in one launch)."""
     shape = (k, tuple(ns), RANK, "bfloat16", "bfloat16")
-    launcher, (x, a, b, scaling, ids, _) = tuning.path_launcher(shape, m, path, device, 2.0)
+    fused = path == "fused_base"
+    launcher, (x, a, b, scaling, ids, _) = tuning.path_launcher(
+        shape, m, "split" if fused else path, device, 2.0)
     ws = [torch.randn(n, k, device=device, dtype=x.dtype) / k**0.5 for n in ns]
 
     def base():
         return [F.linear(x, w) for w in ws]
 
     def lora():
+        if fused:
+            return fused_base_lora_triton(x, ws, [None] * len(ws), a, b, scaling, ids)
         ys = [F.linear(x, w) for w in ws]
         launcher(ys, x, ids, False)
         return ys
 
     def check() -> float:
-        """Relative error of the LoRA term against a float32 reference."""
-        got = torch.cat([y - y0 for y, y0 in zip(lora(), base())], dim=1).float()
+        """Relative error of the LoRA term (of the whole output for fused_base, whose base is
+        its own) against a float32 reference."""
         u = x.float() @ a[0].float().t()                                          # [M, S·R]
         ref = torch.cat([2.0 * u[:, s * RANK:(s + 1) * RANK] @ b[0, lo:lo + n].float().t()
                          for s, (lo, n) in enumerate(zip([0, *torch.tensor(ns).cumsum(0)[:-1]
                                                           .tolist()], ns))], dim=1)
+        if fused:   # its output rounds base + LoRA once: compare the whole of it
+            got = torch.cat(lora(), dim=1).float()
+            ref = ref + torch.cat([x.float() @ w.float().t() for w in ws], dim=1)
+        else:
+            got = torch.cat([y - y0 for y, y0 in zip(lora(), base())], dim=1).float()
         return float(torch.linalg.norm(got - ref) / torch.linalg.norm(ref))
 
     return base, lora, check
 
 
-def run(model: str, out: Path, budget: Budget, cfg: TimerConfig) -> list[dict]:
+def run(models: list[str], out: Path, budget: Budget, cfg: TimerConfig) -> list[dict]:
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     rows: list[dict] = []
-    shape = MODELS[model]
-    for mode in ("graph", "eager"):
-        for name, (k, ns, _) in zip(NAMES, shape.groups("layer")):
+    # CUDA graphs first (the decode goal's setting) for every model, then eager
+    for mode, model in ((mode, model) for mode in ("graph", "eager") for model in models):
+        for name, (k, ns, _) in zip(NAMES, MODELS[model].groups("layer")):
             for m in MS:
                 if budget.expired():
                     return rows
                 # prism_fast.tune's candidates: COOP is none where its grid cannot be resident
                 paths = tuning.candidates((k, tuple(ns), RANK, "bfloat16", "bfloat16"), m,
                                           props.name, props.multi_processor_count)
-                row = {"mode": mode, "group": name, "K": k, "N": ns, "M": m}
-                for path in gl.PATHS:
+                paths = [*paths, "fused_base"]
+                row = {"model": model, "mode": mode, "group": name, "K": k, "N": ns, "M": m}
+                for path in COLUMNS:
                     if path not in paths:
                         row[path] = None        # its grid cannot be co-resident here
                         continue
@@ -104,17 +121,18 @@ def write(rows: list[dict], out: Path, gpu: str, md: bool = False) -> str:
     (out / "decode_paths.json").write_text(json.dumps(
         {"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
     lines = [f"# Decode paths, {gpu}, bf16, r = {RANK}, every row open (µs, median; × base)",
-             "", "| mode | group | M | base | + split | + fused | + coop |",
-             "|---|---|---|---|---|---|---|"]
+             "fused base: the opt-in one-launch kernel, base included (not + base)", "",
+             "| model | mode | group | M | base | + split | + fused | + coop | fused base |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = []
-        for path in gl.PATHS:
+        for path in COLUMNS:
             t = r.get(path)
             cells.append("—" if t is None else f"{t:.1f} ({t / r['base_us']:.2f}×)")
-        lines.append(f"| {r['mode']} | {r['group']} | {r['M']} | {r['base_us']:.1f} | "
-                     + " | ".join(cells) + " |")
-    errors = [f"- {r['mode']} {r['group']} M={r['M']} {p}: {r[p + '_error']}"
-              for r in rows for p in gl.PATHS if p + "_error" in r]
+        lines.append(f"| {r['model']} | {r['mode']} | {r['group']} | {r['M']} | "
+                     f"{r['base_us']:.1f} | " + " | ".join(cells) + " |")
+    errors = [f"- {r['model']} {r['mode']} {r['group']} M={r['M']} {p}: {r[p + '_error']}"
+              for r in rows for p in COLUMNS if p + "_error" in r]
     text = "\n".join(lines + ([""] + errors if errors else [])) + "\n"
     if md:
         (out / "decode_paths.md").write_text(text)
@@ -126,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     parser.add_argument("--time-budget", type=float, default=None, metavar="S")
-    parser.add_argument("--model", default="llama3-8b", choices=["llama3-8b", "qwen2.5-7b"])
+    parser.add_argument("--models", nargs="+", default=["llama3-8b", "qwen2.5-7b"],
+                        choices=["llama3-8b", "qwen2.5-7b"])
     parser.add_argument("--md", action="store_true", help="also write decode_paths.md")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -134,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     start = time.monotonic()
     cfg = TimerConfig(warmup_ms=10, rep_ms=20, graph_rep_ms=20)
-    rows = run(args.model, args.out, Budget(args.time_budget), cfg)
+    rows = run(args.models, args.out, Budget(args.time_budget), cfg)
     gpu = torch.cuda.get_device_name()
     print(write(rows, args.out, gpu, args.md) if rows else "no rows")
     print(f"decode paths: {len(rows)} rows in {time.monotonic() - start:.0f} s")

@@ -4,7 +4,8 @@
                                      [--device-name "NVIDIA H100 80GB HBM3" --sms 132] [--check]
 
 Takes every config `config_for` picks for the benchmark sweep's shapes (decoder-layer
-projections, M from 1 to 8192) on the named GPU, compiles each distinct kernel variant for its
+projections, M from 1 to 8192) on the named GPU, and the opt-in fused base kernel's
+(fused_base_lora.config_for, M ≤ 64), compiles each distinct kernel variant for its
 architecture with Triton's code generator (no GPU needed) and reads ptxas's report: registers
 per thread, spill bytes, shared memory, and the blocks per SM those allow. A config that spills
 registers to local memory pays for it on every tile; `--check` exits 1 if any does, and
@@ -33,13 +34,19 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bench.common import MODELS  # noqa: E402
+from prism_fast.kernels import fused_base_lora as fb  # noqa: E402
 from prism_fast.kernels import gated_lora as gl  # noqa: E402
-from prism_fast.testing.kernel_signatures import gated_lora_pointers, signature  # noqa: E402
+from prism_fast.testing.kernel_signatures import (  # noqa: E402
+    fused_base_pointers,
+    gated_lora_pointers,
+    signature,
+)
 
 M_SWEEP = (1, 8, 32, 64, 128, 512, 2048, 4096, 8192)
 REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 SMEM_PER_SM = 228 * 1024   # sm_90; sm_80 has 164 KiB
+FUSED_BASE = 10   # the stage key of the opt-in fused base + LoRA kernel (fused_base_lora.py)
 
 
 def variants(models: list[str], ranks: list[int], device_name: str, sms: int) -> dict:
@@ -67,17 +74,29 @@ def variants(models: list[str], ranks: list[int], device_name: str, sms: int) ->
                         key = (stage, s, cfg["SPLIT_K"], tuple(sorted(blocks.items())), warps,
                                seq_ids)
                         out.setdefault(key, []).append((model, rank, m, name))
+                if m > fb.MAX_ROWS:
+                    continue
+                # The opt-in fused base kernel (patch_model(..., fuse_base=True)), compiled with
+                # a bias on every slice (the most it loads); SEQ_IDS has no meaning there.
+                for name, (k, ns, _) in zip(names, shape.groups("layer")):
+                    blocks = fb.config_for(m, k, tuple(ns), rank, sms)
+                    warps = blocks.pop("num_warps")
+                    key = (FUSED_BASE, len(ns), 1, tuple(sorted(blocks.items())), warps, False)
+                    out.setdefault(key, []).append((model, rank, m, name))
     return out
 
 
 def compile_variant(key: tuple, dtype: str, arch: int) -> dict:
     """ptxas's registers / spill bytes and Triton's shared memory for one kernel variant."""
     stage, slices, split_k, blocks, warps, seq_ids = key
-    fn = gl._gated_lora_kernel
-    constexprs = dict(STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=slices, SPLIT_K=split_k, PHASE=0,
-                      **dict(blocks))
-    src = ASTSource(fn=fn, signature=signature(fn, gated_lora_pointers(dtype), constexprs),
-                    constexprs=constexprs)
+    if stage == FUSED_BASE:
+        fn, pointers = fb._fused_base_lora_kernel, fused_base_pointers(dtype)
+        constexprs = dict(NUM_SLICES=slices, BIAS_BITS=(1 << slices) - 1, **dict(blocks))
+    else:
+        fn, pointers = gl._gated_lora_kernel, gated_lora_pointers(dtype)
+        constexprs = dict(STAGE=stage, SEQ_IDS=seq_ids, NUM_SLICES=slices, SPLIT_K=split_k,
+                          PHASE=0, **dict(blocks))
+    src = ASTSource(fn=fn, signature=signature(fn, pointers, constexprs), constexprs=constexprs)
     triton.knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
@@ -112,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     found = variants(args.models, args.ranks, args.device_name, args.sms)
     stages = {gl.STAGE_FUSED: "fused", gl.STAGE_SHRINK: "shrink", gl.STAGE_EXPAND: "expand",
-              gl.STAGE_COOP: "coop"}
+              gl.STAGE_COOP: "coop", FUSED_BASE: "fused_base"}
     print(f"{args.device_name} ({args.sms} SMs), sm_{args.arch}, {args.dtype}, triton "
           f"{triton.__version__}: {len(found)} kernel variants\n")
     print("| stage | S | SPLIT_K | ids | blocks (M, N, K, R) | warps | regs | spill B | smem KiB "

@@ -3,8 +3,9 @@
 The path is a tl.constexpr, STAGE: FUSED (0), SHRINK (1), EXPAND (2) or COOP (3, shrink, grid
 barrier, expand in one launch; PHASE 1 / 2 run its halves as two launches under the
 interpreter). The shared pieces exist once: the tile's rows and ids (`_tile_rows`), the K loop
-of the shrink (`_shrink`), the slice and N tile of a program (`_slice_tile`), the expand dot
-(`_expand`) and the masked add into y (`_add_into`). The maths and the layout of the operands
+of the shrink (`_shrink`; one block of it, `_shrink_step`, also serves fused_base_lora.py), the
+slice and N tile of a program (`_slice_tile`), the expand dot (`_expand`) and the masked add
+into y (`_add_into`). The maths and the layout of the operands
 are documented in kernels/gated_lora.py; the host side is gated_lora_launch.py.
 """
 
@@ -47,17 +48,30 @@ def _shrink(x_ptr, a_ptr, rows, sel, adapter, cols, col_mask, k_lo, k_hi,
     """u[BLOCK_M, BLOCK_R] = x[rows, k_lo:k_hi] · A[adapter, cols, k_lo:k_hi]ᵀ in fp32."""
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     x_rows = x_ptr + rows[:, None] * stride_xm
-    a_cols = a_ptr + adapter.to(tl.int64) * stride_al + cols[None, :].to(tl.int64) * stride_ar
+    a_cols = _a_cols(a_ptr, adapter, cols, stride_al, stride_ar)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < k_hi
         xt = tl.load(x_rows + k[None, :].to(tl.int64) * stride_xk,
                      mask=sel[:, None] & k_mask[None, :], other=0.0)       # [BM, BK]
-        at = tl.load(a_cols + k[:, None].to(tl.int64) * stride_ak,
-                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BK, BR]
-        # fp32 adapters with fp16/bf16 x: x is widened in registers and the dot stays fp32 (ieee)
-        acc = tl.dot(xt.to(at.dtype), at, acc, input_precision="ieee")
+        acc = _shrink_step(acc, xt, a_cols, k, k_mask, col_mask, stride_ak)
     return acc
+
+
+@triton.jit
+def _a_cols(a_ptr, adapter, cols, stride_al, stride_ar):
+    """Pointers to A[adapter, cols, 0] as a [1, BLOCK_R] row (64-bit offsets)."""
+    return a_ptr + adapter.to(tl.int64) * stride_al + cols[None, :].to(tl.int64) * stride_ar
+
+
+@triton.jit
+def _shrink_step(acc, xt, a_cols, k, k_mask, col_mask, stride_ak):
+    """One K block of the shrink: acc + xt · A[cols, k]ᵀ, with xt [BM, BK] already loaded (the
+    fused base kernel shares its x tile with the base product)."""
+    at = tl.load(a_cols + k[:, None].to(tl.int64) * stride_ak,
+                 mask=k_mask[:, None] & col_mask[None, :], other=0.0)      # [BK, BR]
+    # fp32 adapters with fp16/bf16 x: x is widened in registers and the dot stays fp32 (ieee)
+    return tl.dot(xt.to(at.dtype), at, acc, input_precision="ieee")
 
 
 @triton.jit

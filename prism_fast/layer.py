@@ -34,7 +34,8 @@ class Group:
         # The lean eager launch path over the stacked tensors (plans resolved once per layout).
         self.launcher = ops.GatedLoraLauncher(lora_a, lora_b, scaling)
         self._prepared: ops.Prepared | None = None   # the torch path's, on its first eager call
-        self.fused: fused_base.FusedBase | None = None   # fuse_base(): torch path, fp32 CPU
+        self.fused: fused_base.FusedBase | None = None   # fuse_cpu_gemm(): torch path, fp32
+        self.fuse_kernel = False   # patch_model(fuse_base=True): Triton's fused decode kernel
 
     def slice_args(self, s: int):
         r, lo, hi = self.rank, self.offsets[s], self.offsets[s + 1]
@@ -54,7 +55,7 @@ class Group:
             launcher = self.launcher if triton else self.prepared()
         weights, biases = self.operands(slots)
         ys = self.finish(slots, ops.gated_lora_group(x, weights, biases, lora_a, lora_b, scaling,
-                                                     ids, triton, launcher))
+                                                     ids, triton, launcher, self.fuse_kernel))
         if len(slots) > 1:
             self.pending_x, self.pending = x, [None, *ys[1:]]
         return ys[0]
@@ -67,7 +68,7 @@ class Group:
             self._prepared.fused = self.fused
         return self._prepared
 
-    def fuse_base(self) -> None:
+    def fuse_cpu_gemm(self) -> None:
         """Move the members' weights and adapter 0's A into one buffer, so that an all-open
         call is one GEMM (ops/gated_lora_fused_base.py); a no-op where the tensors do not qualify."""
         pairs = [m.weight_bias() for m in self.members]

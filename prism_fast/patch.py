@@ -37,7 +37,7 @@ class _Patch:
 
 
 def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
-                adapter_dtype: torch.dtype | None = None):
+                adapter_dtype: torch.dtype | None = None, fuse_base: bool = False):
     """Swap the persona-targeted nn.Linear modules of `model` for gated LoRA ones, in place.
 
     adapter: a PRISM output dir, a PEFT adapter dir, a list of them, a `load_prism` result, or
@@ -46,7 +46,12 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     With no gate and no set_routes, every sequence uses adapter 0.
     adapter_dtype: None stacks the adapters in each layer's dtype; torch.float32 keeps them in
     fp32 as PEFT does (closer to PEFT's outputs in fp16/bf16 models, twice the adapter bytes).
+    fuse_base: opt-in, Triton backend only: decode calls (≤ 64 rows) compute the base
+    projection and the gated LoRA in one kernel (kernels/fused_base_lora.py). Closed rows are
+    then within the accuracy bounds of open rows, not bit-identical to the unpatched model.
     """
+    if not isinstance(fuse_base, bool):
+        raise TypeError(f"fuse_base: expected True or False, got {fuse_base!r}")
     if adapter_dtype is not None and adapter_dtype not in FLOATS:
         raise (ValueError if isinstance(adapter_dtype, torch.dtype) else TypeError)(
             f"adapter_dtype: expected None (each layer's dtype) or a floating dtype "
@@ -58,12 +63,19 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     model_type = getattr(getattr(root, "config", None), "model_type", "default")
     targets, routing = _check(root, layers, personas, wrapped, gate_state, model_type, backend,
                               adapter_dtype)
+    if fuse_base and not routing.triton:
+        device = next(iter(targets.values())).weight.device
+        raise ValueError(f"fuse_base: True needs the Triton backend (CUDA tensors, or backend="
+                         f"'triton' with TRITON_INTERPRET=1 on CPU); got backend={backend!r} "
+                         f"with weights on {device}, which runs the PyTorch path")
     groups = _group(targets, model_type)
     plan = sharding.tp_plan(root, targets, peft=bool(wrapped))
     if plan is not None:
         sharding.check_groups(plan, groups)
     # Everything is checked: from here on, nothing can fail half-way.
     swaps = _swap(root, groups, targets, personas, routing, adapter_dtype, plan)
+    for _, _, _, ours in swaps:
+        ours.group.fuse_kernel = fuse_base
     _allow_routes_kwarg(model)   # the refusal an earlier unpatch_model left
     overrides = override_methods(model, root, routing, swaps)
     overrides.hooks += install_hooks(routing, decoder, layers[0])
@@ -145,7 +157,7 @@ def _swap(root, groups: list[list[str]], targets: dict[str, nn.Linear], personas
             swaps.append((parent, attr, getattr(parent, attr), module))
             setattr(parent, attr, module)
         if plan is None and not routing.triton:
-            group.fuse_base()
+            group.fuse_cpu_gemm()
     return swaps
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prism_fast.kernels.fused_base_lora import MAX_ROWS as FUSED_BASE_MAX_ROWS
+from prism_fast.kernels.fused_base_lora import fused_base_lora_triton
 from prism_fast.kernels.gated_lora import (
     GatedLoraLauncher,
     check_gated_lora_args,
@@ -25,15 +27,24 @@ from prism_fast.ops.gated_lora_torch import Prepared, gated_lora_linear_torch
 def gated_lora_group(x: torch.Tensor, weights: list[torch.Tensor],
                      biases: list[torch.Tensor | None], lora_a: torch.Tensor,
                      lora_b: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
-                     triton: bool, launcher: GatedLoraLauncher | Prepared | None = None
-                     ) -> list[torch.Tensor]:
+                     triton: bool, launcher: GatedLoraLauncher | Prepared | None = None,
+                     fuse_base: bool = False) -> list[torch.Tensor]:
     """S projections reading the same x: ys[s] = F.linear(x, W_s, b_s) + gated LoRA of slice s.
 
     x [..., K]; weights S × [N_s, K]; lora_a [L, S·R, K]; lora_b [L, ΣN_s, R]; scaling [S, L]
     or [L] (S = 1); ids [B] (x = [B, T, K]) or x.shape[:-1]. Arguments are assumed checked.
     `launcher`: a patched layer's lean eager path over these lora_a, lora_b, scaling ([S, L]
     fp32): its GatedLoraLauncher (triton) or its gated_lora_torch.Prepared operands (torch).
+    `fuse_base` (Triton only, patch_model's opt-in): calls of ≤ 64 rows run the base projection
+    and the LoRA in one kernel (kernels/fused_base_lora.py; closed rows then within the
+    accuracy bounds, not bit-identical to F.linear); larger calls keep the split path.
     """
+    if triton and fuse_base:
+        if torch.compiler.is_compiling():   # the op itself picks fused or split by row count
+            return torch.ops.prism_fast.fused_base_lora(x, weights, biases, lora_a, lora_b,
+                                                        scaling, ids)
+        if x.numel() <= FUSED_BASE_MAX_ROWS * x.shape[-1]:
+            return fused_base_lora_triton(x, weights, biases, lora_a, lora_b, scaling, ids)
     if triton:
         if torch.compiler.is_compiling():
             return torch.ops.prism_fast.gated_lora(x, weights, biases, lora_a, lora_b, scaling,

@@ -23,3 +23,13 @@ def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
     if "stride_xm" in sig:
         sig["stride_xm"] = "i64"
     return sig
+
+
+def fused_base_pointers(dtype: str, ids: str = "i32") -> dict[str, str]:
+    """Pointer types of one `_fused_base_lora_kernel` launch: everything in `dtype` but the
+    fp32 scaling and the ids."""
+    from prism_fast.kernels.fused_base_lora import POINTERS
+
+    pointers = {p: f"*{dtype}" for p in POINTERS}
+    pointers.update(scale_ptr="*fp32", ids_ptr=f"*{ids}")
+    return pointers

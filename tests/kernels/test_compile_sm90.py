@@ -22,9 +22,14 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from prism_fast.kernels.fused_base_lora import _fused_base_lora_kernel
     from prism_fast.kernels.gated_lora import _gated_lora_kernel
     from prism_fast.kernels.prism_gate import _prism_gate_kernel
-    from prism_fast.testing.kernel_signatures import gated_lora_pointers, signature
+    from prism_fast.testing.kernel_signatures import (
+        fused_base_pointers,
+        gated_lora_pointers,
+        signature,
+    )
 
     # A fresh cache, so that every variant really runs through the code generator (as when the
     # signatures came from bench/kernel_resources.py, whose import set one).
@@ -57,6 +62,17 @@ def main() -> None:
         ptrs["out_ptr"] = "*i32"
         compile_one(_prism_gate_kernel, ptrs, dict(BLOCK_B=16, BLOCK_H=64, BLOCK_D=64,
                                                    BLOCK_C=16))
+    # The opt-in fused base + LoRA decode kernel: every dtype, 1 and 3 slices, with and without
+    # biases, int64 ids once, fp32 adapters on half x (its default configs: kernel_resources).
+    for dt, ids, adapters in (("bf16", "i32", None), ("fp16", "i32", None), ("fp32", "i32", None),
+                              ("bf16", "i64", None), ("bf16", "i32", "fp32")):
+        ptrs = fused_base_pointers(dt, ids)
+        if adapters:
+            ptrs.update(a_ptr=f"*{adapters}", b_ptr=f"*{adapters}")
+        for n_slices, bias_bits in ((1, 0), (3, 5)):
+            compile_one(_fused_base_lora_kernel, ptrs, dict(
+                NUM_SLICES=n_slices, BIAS_BITS=bias_bits, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64,
+                BLOCK_R=16))
     from prism_fast.kernels.topk_distill import _topk_distill_kernel
 
     scalars = dict(inv_t="fp32", t_sq="fp32", idx_ptr="*i32", mask_ptr="*i1", val_ptr="*fp16",
