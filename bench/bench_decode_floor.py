@@ -83,7 +83,7 @@ def fused_groups(patched) -> list[int]:
     return [sum(g.fused is not None for g in groups.values()), len(groups)]
 
 
-def load(compiled: bool):
+def load(compiled: bool, fuse_base: bool = False):
     """(base model, patched PEFT model): two copies of SmolLM2 fp32, rank-16 LoRA on the seven
     projections of layers 1…29, patched with the torch backend, routes set per provider."""
     import prism_fast
@@ -95,7 +95,7 @@ def load(compiled: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = add_peft_adapter(other, other.config.num_hidden_layers)
-    prism_fast.patch_model(peft_model, backend="torch")
+    prism_fast.patch_model(peft_model, backend="torch", fuse_base=fuse_base)
     if compiled:
         base.forward = torch.compile(base.forward, dynamic=False)
         peft_model.forward = torch.compile(peft_model.forward, dynamic=False)
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="decode steps per round")
     parser.add_argument("--threads", type=int, default=None, help="default: torch's own")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--fuse-base", action="store_true",
+                        help="patch_model(fuse_base=True): one base + shrink GEMM per open group")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu"))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
@@ -244,14 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(threads=torch.get_num_threads(), load_before=[round(v, 2) for v in os.getloadavg()],
                 rounds=args.rounds, steps=args.steps, compile=args.compile, commit=commit,
                 torch=torch.__version__)
-    base, patched = load(args.compile)
+    base, patched = load(args.compile, args.fuse_base)
     meta["floor"] = byte_floor(base, patched)
     meta["fused_groups"] = fused_groups(patched)
     rows = measure(base, patched, args.rounds, args.steps, log)
     meta["load_after"] = [round(v, 2) for v in os.getloadavg()]
     meta["prepared_bytes"] = prepared_bytes(patched)
     add_ratios(rows, meta["floor"]["floor"])
-    stem = "decode-floor-compiled" if args.compile else "decode-floor"
+    stem = "decode-floor" + ("-compiled" if args.compile else "") + \
+        ("-fuse-base" if args.fuse_base else "")
     text = report(meta, rows)
     write_atomic(args.out / f"{stem}.json", json.dumps(dict(meta=meta, rows=rows), indent=1))
     write_atomic(args.out / f"{stem}.md", text)

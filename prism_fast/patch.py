@@ -19,6 +19,7 @@ from prism_fast.hf import LAYER_PATH, decoder_and_root, groups_of, is_peft_model
 from prism_fast.kernels._checks import FLOATS
 from prism_fast.layer import GatedLoraLinear, Group, stack
 from prism_fast.loading import Persona, PrismAdapter, load_gate, load_prism
+from prism_fast.ops import gated_lora_fused_base as fused_base
 from prism_fast.ops import use_triton
 from prism_fast.overrides import ROUTES_KWARG, Overrides, override_methods
 from prism_fast.peft_loading import personas_from_peft_model
@@ -46,9 +47,11 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     With no gate and no set_routes, every sequence uses adapter 0.
     adapter_dtype: None stacks the adapters in each layer's dtype; torch.float32 keeps them in
     fp32 as PEFT does (closer to PEFT's outputs in fp16/bf16 models, twice the adapter bytes).
-    fuse_base: opt-in, Triton backend only: decode calls (≤ 64 rows) compute the base
-    projection and the gated LoRA in one kernel (kernels/fused_base_lora.py). Closed rows are
-    then within the accuracy bounds of open rows, not bit-identical to the unpatched model.
+    fuse_base: opt-in. Triton backend: decode calls (≤ 64 rows) compute the base projection
+    and the gated LoRA in one kernel (kernels/fused_base_lora.py); closed rows are then within
+    the accuracy bounds of open rows, not bit-identical to the unpatched model. PyTorch path
+    (fp32 CPU weights): each group's weights move into one buffer with adapter 0's A, so that
+    all-open calls are one GEMM (ops/gated_lora_fused_base.py); closed rows stay bit-exact.
     """
     if not isinstance(fuse_base, bool):
         raise TypeError(f"fuse_base: expected True or False, got {fuse_base!r}")
@@ -64,18 +67,23 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     targets, routing = _check(root, layers, personas, wrapped, gate_state, model_type, backend,
                               adapter_dtype)
     if fuse_base and not routing.triton:
-        device = next(iter(targets.values())).weight.device
-        raise ValueError(f"fuse_base: True needs the Triton backend (CUDA tensors, or backend="
-                         f"'triton' with TRITON_INTERPRET=1 on CPU); got backend={backend!r} "
-                         f"with weights on {device}, which runs the PyTorch path")
+        odd = [(p, t.weight) for p, t in targets.items() if not fused_base.qualifies(t.weight)]
+        if odd:
+            path, w = odd[0]
+            raise ValueError(f"fuse_base: True needs the Triton backend (CUDA tensors, or "
+                             f"backend='triton' with TRITON_INTERPRET=1 on CPU), or on the "
+                             f"PyTorch path contiguous fp32 CPU weights with rows of a multiple "
+                             f"of 16 elements; got backend={backend!r} and {path}.weight "
+                             f"{tuple(w.shape)} {w.dtype} on {w.device}")
     groups = _group(targets, model_type)
     plan = sharding.tp_plan(root, targets, peft=bool(wrapped))
     if plan is not None:
         sharding.check_groups(plan, groups)
     # Everything is checked: from here on, nothing can fail half-way.
-    swaps = _swap(root, groups, targets, personas, routing, adapter_dtype, plan)
+    swaps = _swap(root, groups, targets, personas, routing, adapter_dtype, plan,
+                  fuse_cpu=fuse_base and not routing.triton)
     for _, _, _, ours in swaps:
-        ours.group.fuse_kernel = fuse_base
+        ours.group.fuse_kernel = fuse_base and routing.triton
     _allow_routes_kwarg(model)   # the refusal an earlier unpatch_model left
     overrides = override_methods(model, root, routing, swaps)
     overrides.hooks += install_hooks(routing, decoder, layers[0])
@@ -139,7 +147,7 @@ def _group(targets: dict[str, nn.Linear], model_type: str) -> list[list[str]]:
 
 
 def _swap(root, groups: list[list[str]], targets: dict[str, nn.Linear], personas: list[Persona],
-          routing: Routing, adapter_dtype, plan) -> list:
+          routing: Routing, adapter_dtype, plan, fuse_cpu: bool = False) -> list:
     """Stack each group's adapters and swap its projections for gated ones; the swaps made."""
     swaps = []
     for full in groups:
@@ -156,7 +164,7 @@ def _swap(root, groups: list[list[str]], targets: dict[str, nn.Linear], personas
             parent = root.get_submodule(parent_path)
             swaps.append((parent, attr, getattr(parent, attr), module))
             setattr(parent, attr, module)
-        if plan is None and not routing.triton:
+        if fuse_cpu and plan is None:
             group.fuse_cpu_gemm()
     return swaps
 

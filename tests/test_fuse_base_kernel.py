@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import prism_fast
-from prism_fast import ops
+from prism_fast.ops import gated_lora as ops  # the dispatch the patched layers call
 from tests import models as M
 from tests.tolerances import MODEL_REL_TOL, rel_err
 
@@ -90,9 +90,11 @@ def test_compiled_fullgraph_matches_eager(prism_dir):
 
 def test_refused_where_it_cannot_apply(prism_dir):
     path, base, _, _ = prism_dir
-    for backend in ("torch", "auto"):   # CPU tensors: "auto" is the PyTorch path
+    for backend in ("torch", "auto"):   # CPU tensors: "auto" is the PyTorch path, whose
+        # fuse_base (ops/gated_lora_fused_base.py) takes fp32 weights only
         with pytest.raises(ValueError, match="fuse_base: True needs the Triton backend"):
-            prism_fast.patch_model(M.clone(base), path, backend=backend, fuse_base=True)
+            prism_fast.patch_model(M.clone(base).to(torch.bfloat16), path, backend=backend,
+                                   fuse_base=True)
     with pytest.raises(TypeError, match="fuse_base: expected True or False"):
         prism_fast.patch_model(M.clone(base), path, backend="triton", fuse_base=1)
     model = M.clone(base)

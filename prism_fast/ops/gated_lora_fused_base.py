@@ -9,6 +9,10 @@ persona, gate open) the base rows and the shrink read the same x, so they can be
     out = x Gᵀ + b              [..., ΣN_s + S·R]  →  y_s = out[..., N-slice s] (views)
     y_s += u_s · (scaling_s B_s)ᵀ   with u = out[..., S·R tail]   (one `addmm_` per slice)
 
+Opt-in (`patch_model(..., fuse_base=True)` on the PyTorch path): interleaved decode steps of
+SmolLM2 on this project's 2-core CPU showed no gain beyond the noise (±3 %) at 2 threads, a
+gain only in single-thread CPU time (bench/results/cpu/decode-floor*.md).
+
 No extra memory: at patch time G takes the weights over and the layer's parameters become
 views of its rows (the same Parameter objects, the same values; unpatch gives each its own
 storage back). Only A_0 is held twice (also in the stacked adapters).
@@ -28,6 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def qualifies(weight: torch.Tensor) -> bool:
+    """A projection weight this path can take: plain, contiguous, fp32, CPU, 64-byte rows."""
+    return weight.dim() == 2 and (weight.shape[1] * 4) % 64 == 0 \
+        and _fusable(weight, weight.shape[1])
 
 
 def _fusable(t: torch.Tensor | None, k: int) -> bool:

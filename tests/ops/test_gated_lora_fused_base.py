@@ -36,7 +36,7 @@ def test_open_closed_and_mixed_rows_with_the_fused_buffer(arch):
     routes = torch.tensor([0, -1, 0, -1])
     ref_open = peft_logits(pm, ids, mask, torch.zeros(4, dtype=torch.long), arch=arch)
     ref_mixed = peft_logits(pm, ids, mask, routes, arch=arch)
-    prism_fast.patch_model(pm, backend="torch")
+    prism_fast.patch_model(pm, backend="torch", fuse_base=True)
     assert all(g.fused is not None for g in _groups(pm))
     for rs, ref in (([0] * 4, ref_open), (routes.tolist(), ref_mixed), ([-1] * 4, ref_base)):
         prism_fast.set_routes(pm, rs)
@@ -52,7 +52,7 @@ def test_fused_and_unfused_open_paths_agree_and_unpatch_restores_storage():
     _, pm, ids, mask = _case()
     params = {n: p for n, p in pm.named_parameters() if "proj.weight" in n or "proj.bias" in n}
     before = {n: p.detach().clone() for n, p in params.items()}
-    prism_fast.patch_model(pm, backend="torch")
+    prism_fast.patch_model(pm, backend="torch", fuse_base=True)
     prism_fast.set_routes(pm, [0] * 4)
     fused = forward(pm, ids, mask)
     groups = _groups(pm)
@@ -72,7 +72,7 @@ def test_fused_and_unfused_open_paths_agree_and_unpatch_restores_storage():
 
 def test_a_weight_repointed_after_patching_falls_back_to_the_unfused_path():
     _, pm, ids, mask = _case()
-    prism_fast.patch_model(pm, backend="torch")
+    prism_fast.patch_model(pm, backend="torch", fuse_base=True)
     prism_fast.set_routes(pm, [0] * 4)
     expected = forward(pm, ids, mask)
     q = pm.base_model.model.model.layers[1].self_attn.q_proj
@@ -89,7 +89,7 @@ def test_a_weight_repointed_after_patching_falls_back_to_the_unfused_path():
 
 def test_copies_of_a_fused_model_are_fused_and_independent():
     _, pm, ids, mask = _case()
-    prism_fast.patch_model(pm, backend="torch")
+    prism_fast.patch_model(pm, backend="torch", fuse_base=True)
     prism_fast.set_routes(pm, [0] * 4)
     expected = forward(pm, ids, mask)
     for other in (copy.deepcopy(pm), pickle.loads(pickle.dumps(pm))):
@@ -100,14 +100,23 @@ def test_copies_of_a_fused_model_are_fused_and_independent():
         assert torch.equal(forward(pm, ids, mask), expected)
 
 
-@pytest.mark.parametrize("backend", ["triton", "bf16"])
-def test_models_that_do_not_qualify_keep_their_weights(backend):
-    base = base_model("llama", dtype=torch.bfloat16 if backend == "bf16" else torch.float32)
-    pm = peft_model(clone(base))
+@pytest.mark.parametrize("how", ["default", "triton"])
+def test_models_without_the_opt_in_keep_their_weights(how):
+    pm = peft_model(clone(base_model("llama")))
     ptrs = [(p, p.data_ptr()) for p in pm.parameters()]
-    prism_fast.patch_model(pm, backend="triton" if backend == "triton" else "torch")
+    if how == "triton":     # fuse_base=True there is the fused Triton kernel, not this buffer
+        prism_fast.patch_model(pm, backend="triton", fuse_base=True)
+    else:
+        prism_fast.patch_model(pm, backend="torch")
     assert all(g.fused is None for g in _groups(pm))
     assert all(p.data_ptr() == ptr for p, ptr in ptrs)
+
+
+def test_weights_that_do_not_qualify_are_refused_before_patching():
+    pm = peft_model(clone(base_model("llama", dtype=torch.bfloat16)))
+    with pytest.raises(ValueError, match=r"fuse_base: .*contiguous fp32 CPU weights.*bfloat16"):
+        prism_fast.patch_model(pm, backend="torch", fuse_base=True)
+    assert getattr(pm, "_prism_patch", None) is None
 
 
 def test_fuse_refuses_tensors_a_view_would_change():
@@ -131,7 +140,7 @@ def test_save_pretrained_of_a_fused_model_saves_the_base_weights(tmp_path):
     base = base_model()
     expected = {n: p.detach().clone() for n, p in base.state_dict().items()}
     pm = peft_model(clone(base))
-    prism_fast.patch_model(pm, backend="torch")
+    prism_fast.patch_model(pm, backend="torch", fuse_base=True)
     assert all(g.fused is not None for g in _groups(pm))
     model = pm.base_model.model            # the fused LlamaForCausalLM under PEFT
     model.save_pretrained(tmp_path)        # safetensors: the weights are disjoint views
