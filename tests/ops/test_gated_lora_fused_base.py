@@ -88,11 +88,23 @@ def test_a_weight_repointed_after_patching_falls_back_to_the_unfused_path():
 
 
 def test_copies_of_a_fused_model_are_fused_and_independent():
-    _, pm, ids, mask = _case()
+    base, pm, ids, mask = _case()
     prism_fast.patch_model(pm, backend="torch", fuse_base=True)
     prism_fast.set_routes(pm, [0] * 4)
     expected = forward(pm, ids, mask)
-    for other in (copy.deepcopy(pm), pickle.loads(pickle.dumps(pm))):
+    copies = [copy.deepcopy(pm)]
+    try:
+        copies.append(pickle.loads(pickle.dumps(pm)))
+    except AttributeError:
+        # transformers 5.17 with kernels 0.16 cannot pickle even the unpatched model (see
+        # test_bad_input's pickle test): then only the deep copy is checked.
+        try:
+            pickle.dumps(base)
+        except AttributeError:
+            pass
+        else:
+            raise
+    for other in copies:
         assert all(g.fused is not None and g.fused.valid() for g in _groups(other))
         assert torch.equal(forward(other, ids, mask), expected)
         with torch.no_grad():
