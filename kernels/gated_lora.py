@@ -209,8 +209,12 @@ def gated_lora_op(x: torch.Tensor, weights: list[torch.Tensor],
     return gated_lora_linear_triton(x, weights, biases, lora_a, lora_b, scaling, adapter_ids)
 
 
-@gated_lora_op.register_fake
-def _(x, weights, biases, lora_a, lora_b, scaling, adapter_ids):
+def group_outputs_like(x, weights, biases, lora_a, lora_b, scaling, adapter_ids):
+    """The fake of every op with this signature (gated_lora, fused_base_lora): the arguments
+    checked, then one empty [..., N_s] per slice."""
     check_gated_lora_args(x, weights, biases, lora_a, lora_b, scaling, adapter_ids,
                           check_values=False)
     return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+
+gated_lora_op.register_fake(group_outputs_like)

@@ -34,7 +34,6 @@ class Group:
         # The lean eager launch path over the stacked tensors (plans resolved once per layout).
         self.launcher = ops.GatedLoraLauncher(lora_a, lora_b, scaling)
         self._prepared: ops.Prepared | None = None   # the torch path's, on its first eager call
-        self.fused: fused_base.FusedBase | None = None   # fuse_cpu_gemm(): torch path, fp32
         self.fuse_kernel = False   # patch_model(fuse_base=True): Triton's fused decode kernel
 
     def slice_args(self, s: int):
@@ -65,23 +64,25 @@ class Group:
         (never while torch.compile traces: the compiled path does not use them)."""
         if self._prepared is None and not torch.compiler.is_compiling():
             self._prepared = ops.Prepared(self.lora_a, self.lora_b, self.scaling, self.offsets)
-            self._prepared.fused = self.fused
         return self._prepared
+
+    @property
+    def fused(self) -> fused_base.FusedBase | None:
+        """The torch path's shared weight buffer (fuse_cpu_gemm), held by its Prepared."""
+        return None if self._prepared is None else self._prepared.fused
 
     def fuse_cpu_gemm(self) -> None:
         """Move the members' weights and adapter 0's A into one buffer, so that an all-open
         call is one GEMM (ops/gated_lora_fused_base.py); a no-op where the tensors do not qualify."""
         pairs = [m.weight_bias() for m in self.members]
-        self.fused = fused_base.fuse([w for w, _ in pairs], [b for _, b in pairs], self.lora_a,
-                                     self.rank)
+        self.prepared().fused = fused_base.fuse([w for w, _ in pairs], [b for _, b in pairs],
+                                                self.lora_a, self.rank)
 
     def unfuse(self) -> None:
         """The members' parameters on storage of their own again (unpatch_model)."""
         if self.fused is not None:
             self.fused.release()
-            self.fused = None
-            if self._prepared is not None:
-                self._prepared.fused = None
+            self._prepared.fused = None
 
     def take(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
         """Slot `slot`'s output computed with slot 0's call on this same x, if there is one."""

@@ -120,9 +120,10 @@ def fuse(weights: list[nn.Parameter], biases: list[nn.Parameter | None],
     """A FusedBase over these projections and adapter 0's A [S·R, K], or None where the
     tensors are not plain contiguous fp32 CPU ones with 64-byte rows (then nothing changes)."""
     k = weights[0].shape[1]
-    if lora_a.dtype != torch.float32 or (k * 4) % 64 or lora_a.shape[-1] != k:
+    if lora_a.dtype != torch.float32 or lora_a.shape[-1] != k:
         return None
-    if not all(_fusable(t, k) for t in (*weights, *biases)):
+    if not all(qualifies(w) and w.shape[1] == k for w in weights) \
+            or not all(_fusable(b, k) for b in biases):
         return None
     if len({id(w) for w in weights}) != len(weights):
         return None
