@@ -43,18 +43,44 @@ class Group:
     def run(self, slot: int, x: torch.Tensor, ids: torch.Tensor, triton: bool) -> torch.Tensor:
         """Slot `slot`'s output for x, base + gated LoRA; slot 0 computes the whole group."""
         members = self.members
+        if slot == 0 or len(members) == 1:
+            lane = None if self._prepared is None else self._prepared.lane
+            if lane is not None and lane.fits(x, ids) and self.holds(lane) \
+                    and not torch.compiler.is_compiling():
+                return self.keep(self.slots, x, lane(x))       # a decode step, all open
+        weight = self.operands([slot])[0][0]
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x: expected dtype {weight.dtype} (the layer's), got {x.dtype}")
         if slot != 0 and len(members) > 1:
             # No output of slot 0's call on this x to take (forward tried): this slice alone.
             slots = [slot]
             lora_a, lora_b, scaling = self.slice_args(slot)
             launcher = None
         else:
-            slots = list(range(len(members)))
+            slots = self.slots
             lora_a, lora_b, scaling = self.lora_a, self.lora_b, self.scaling
             launcher = self.launcher if triton else self.prepared()
         weights, biases = self.operands(slots)
-        ys = self.finish(slots, ops.gated_lora_group(x, weights, biases, lora_a, lora_b, scaling,
-                                                     ids, triton, launcher, self.fuse_kernel))
+        ys = ops.gated_lora_group(x, weights, biases, lora_a, lora_b, scaling, ids, triton,
+                                  launcher, self.fuse_kernel)
+        return self.keep(slots, x, ys)
+
+    @property
+    def slots(self) -> list[int]:
+        return list(range(len(self.members)))
+
+    def holds(self, lane: ops.Lane) -> bool:
+        """Whether the members' weights and biases are still the tensors the lane was built on
+        (a parameter replaced after patching must not be read from the lane)."""
+        for m, w, b in zip(self.members, lane.weights, lane.biases):
+            params = m._parameters
+            if params.get("weight") is not w or params.get("bias") is not b:
+                return False
+        return True
+
+    def keep(self, slots: list[int], x: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
+        """Slot slots[0]'s layer output; the others' kept for their forward on this same x."""
+        ys = self.finish(slots, ys)
         if len(slots) > 1:
             self.pending_x, self.pending = x, [None, *ys[1:]]
         return ys[0]
@@ -75,11 +101,14 @@ class Group:
         """Move the members' weights and adapter 0's A into one buffer, so that an all-open
         call is one GEMM (ops/gated_lora_fused_base.py); a no-op where the tensors do not qualify."""
         pairs = [m.weight_bias() for m in self.members]
+        self.prepared().lane = None              # the fused GEMM takes over all-open calls
         self.prepared().fused = fused_base.fuse([w for w, _ in pairs], [b for _, b in pairs],
                                                 self.lora_a, self.rank)
 
     def unfuse(self) -> None:
         """The members' parameters on storage of their own again (unpatch_model)."""
+        if self._prepared is not None:
+            self._prepared.lane = None           # built on the weights being moved
         if self.fused is not None:
             self.fused.release()
             self._prepared.fused = None
@@ -134,14 +163,12 @@ class GatedLoraLinear(nn.Module):
         routing = self.routing
         if routing.skip_lora():
             return self.group.base(self.slot, x)
-        if self.slot and self.group.pending_x is x:   # slot 0 ran the group on this x
-            y = self.group.take(self.slot, x)
+        group = self.group
+        if self.slot and group.pending_x is x:   # slot 0 ran the group on this x
+            y = group.take(self.slot, x)
             if y is not None:
                 return y
-        weight = self.weight_bias()[0]
-        if x.dtype != weight.dtype:
-            raise TypeError(f"x: expected dtype {weight.dtype} (the layer's), got {x.dtype}")
-        return self.group.run(self.slot, x, routing.ids_for(x), routing.triton)
+        return group.run(self.slot, x, routing.ids_for(x), routing.triton)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \

@@ -20,10 +20,10 @@ The Triton launchers, their argument checks and the registered ops live in kerne
 from prism_fast.kernels.gated_lora import GatedLoraLauncher
 from prism_fast.ops.backend import BACKENDS, pick, use_triton
 from prism_fast.ops.gated_lora import gated_lora_group, gated_lora_linear
-from prism_fast.ops.gated_lora_torch import Prepared, gated_lora_linear_torch
+from prism_fast.ops.gated_lora_torch import Lane, Prepared, gated_lora_linear_torch
 from prism_fast.ops.prism_gate import gate_routes, prism_gate
 from prism_fast.ops.topk_distill import REDUCTIONS, topk_distill_loss
 
-__all__ = ["BACKENDS", "REDUCTIONS", "GatedLoraLauncher", "Prepared", "gate_routes",
+__all__ = ["BACKENDS", "REDUCTIONS", "GatedLoraLauncher", "Lane", "Prepared", "gate_routes",
            "gated_lora_group", "gated_lora_linear", "gated_lora_linear_torch", "pick",
            "prism_gate", "topk_distill_loss", "use_triton"]

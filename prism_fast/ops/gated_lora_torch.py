@@ -17,6 +17,10 @@ Where the reference computes every adapter densely over every row, this path
   * folds the scaling into the small fp32 intermediate u [m, S·R] and adds u_s B_sᵀ into y_s
     in place (`addmm_` / `index_add_`), so the only allocations are u and, for gathered rows,
     the gathered x and the expand's output.
+A decode step repeats the last step's call: every row open on the same adapter, the same rows.
+Its operands are then kept in a `Lane` (the shrink's output buffer and its per-slice views, the
+adapter's Bᵀ, the weights) that the patched layer calls directly: per step, the adapter's bytes
+and the ops above, little else.
 That needs the ids on the host: when they are on the CPU (the patched model's routes live on
 layer 0's device) and nothing is being traced, they are read there, which costs no device sync.
 Under torch.compile / graph capture, or with ids on a GPU, a trace-safe formulation runs
@@ -28,6 +32,8 @@ fp16/bf16 the sum y + Δ is formed in fp32 and rounded once, as the reference do
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +130,12 @@ class Prepared:
         # the scaled Bᵀ, and Aᵀ where the adapters are not fp32 already.
         self.extra_bytes = b.numel() * 4 + (0 if a is lora_a else a.numel() * 4)
         self.k, self.rank, self.n_adapters, self.cache = k, rank, n_adapters, cache
+        self.n_slices = n_slices
         self._ids: torch.Tensor | None = None
         self._version = -1
         self._plan: list[tuple[int, torch.Tensor | None]] = []
         self.fused: FusedBase | None = None     # set by the patched layer's Group (fp32 CPU)
+        self.lane: Lane | None = None            # the last all-open fp32 call's, kept
 
     def plan(self, ids: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
         """_groups(ids), computed once per routes version where caching is on."""
@@ -149,6 +157,9 @@ class Prepared:
             fused = self.fused
             if plan[0][0] == 0 and fused is not None and fused.valid():
                 return fused(x, self.b_t[0])          # base + shrink in one GEMM
+            if ids is self._ids and x.dtype == torch.float32 and not x.requires_grad:
+                self.lane = Lane(self, x, weights, biases, plan[0][0])   # kept for the next
+                return self.lane(x)
             return self._uniform(x, weights, biases, plan[0][0])
         ys = [F.linear(x, w, b) for w, b in zip(weights, biases)]             # S × [..., N_s]
         if plan:
@@ -158,12 +169,11 @@ class Prepared:
     def _uniform(self, x, weights, biases, adapter: int) -> list[torch.Tensor]:
         """Every row open on one adapter (PRISM's common case): no gather, no index, no mask."""
         x2 = x.reshape(-1, self.k)                                            # [M, K]
-        u = torch.mm(x2 if x2.dtype == torch.float32 else x2.to(torch.float32),
-                     self.a_t[adapter])                                       # [M, S·R] fp32
-        us = self._cut(u, len(weights))
+        u = torch.mm(x2.to(torch.float32), self.a_t[adapter])                 # [M, S·R] fp32
         shape = None if x.dim() == 2 else (*x.shape[:-1], -1)
         ys = []
-        for w, b, u_s, b_t in zip(weights, biases, us, self.b_t[adapter]):
+        for w, b, u_s, b_t in zip(weights, biases, self._cut(u, len(weights)),
+                                  self.b_t[adapter]):
             y = F.linear(x2, w, b)                                            # [M, N_s]
             if y.dtype == torch.float32:
                 y.addmm_(u_s, b_t)                                            # y += u_s B_sᵀ
@@ -171,6 +181,11 @@ class Prepared:
                 y = y.to(torch.float32).addmm_(u_s, b_t).to(y.dtype)          # one rounding
             ys.append(y if shape is None else y.view(shape))
         return ys
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle) start without a lane: a copy of its u and of u's views
+        need not share storage, and the next call builds a fresh one anyway."""
+        return {**self.__dict__, "lane": None}
 
     def _cut(self, u: torch.Tensor, n_slices: int) -> list[torch.Tensor]:
         """u [m, S·R] → S × [m, R] views (narrow: the cheapest way to cut, by measurement)."""
@@ -224,3 +239,40 @@ def _add_masked(ys, x, lora_a, lora_b, scaling, ids, rank, offsets) -> list[torc
         out.append(torch.where(is_open, (y2.to(torch.float32) + delta).to(y.dtype), y2)
                    .view(y.shape))
     return out
+
+
+class Lane:
+    """The operands of one all-open fp32 call kept for the next ones (the decode steps): the
+    shrink's output u [M, S·R] with its slices paired to the adapter's B_sᵀ, and what they were
+    built for. Cutting a fresh u and walking the dispatch costs more per step than the
+    adapter's bytes at M = 1 (bench/results/cpu/decode-floor.md). One thread's: two threads
+    never share its u."""
+
+    def __init__(self, prepared: Prepared, x: torch.Tensor, weights, biases, adapter: int):
+        self.ids, self.version = prepared._ids, prepared._version    # the routes' plan
+        self.k, self.thread = prepared.k, threading.get_ident()
+        self.rows = x.numel() // self.k
+        self.weights, self.biases = tuple(weights), tuple(biases)
+        self.a_t = prepared.a_t[adapter]                                    # [K, S·R]
+        self.u = torch.empty(self.rows, prepared.n_slices * prepared.rank,
+                             dtype=torch.float32, device=x.device)         # [M, S·R]
+        self.steps = list(zip(self.weights, self.biases,
+                              prepared._cut(self.u, prepared.n_slices), prepared.b_t[adapter]))
+
+    def fits(self, x: torch.Tensor, ids: torch.Tensor) -> bool:
+        """The same routes (tensor and version), thread and rows; fp32, no autograd. The caller
+        checks that the weights are still `self.weights` and `self.biases`."""
+        return (ids is self.ids and ids._version == self.version
+                and x.dtype == torch.float32 and not x.requires_grad
+                and x.numel() == self.rows * self.k
+                and threading.get_ident() == self.thread)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x2 = x.reshape(self.rows, self.k)                                   # [M, K]
+        torch.mm(x2, self.a_t, out=self.u)
+        shape = None if x.dim() == 2 else (*x.shape[:-1], -1)
+        ys = []
+        for w, b, u_s, b_t in self.steps:
+            y = F.linear(x2, w, b).addmm_(u_s, b_t)                          # [M, N_s]
+            ys.append(y if shape is None else y.view(shape))
+        return ys
