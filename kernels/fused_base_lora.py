@@ -38,7 +38,7 @@ from .gated_lora import (
     group_outputs_like,
     ids_per_sequence,
 )
-from .gated_lora_config import FUSED_MAX_ROWS, device_key
+from .gated_lora_config import FUSED_MAX_ROWS, device_key, pick_base
 from .gated_lora_device import (
     _a_cols,
     _expand,
@@ -227,13 +227,24 @@ def fused_base_lora_triton(x: torch.Tensor, weights: list[torch.Tensor],
     return ys
 
 
+def takes_fused(x: torch.Tensor, weights: list[torch.Tensor], lora_a: torch.Tensor) -> bool:
+    """Whether a fuse_base call runs this kernel: a decode-sized call (M ≤ 64) whose base path
+    on this GPU is "fused_base" (gated_lora_config.pick_base: the tuned table, else fused)."""
+    k = x.shape[-1]
+    m = x.numel() // max(k, 1)
+    if m > MAX_ROWS:
+        return False
+    ns = tuple(w.shape[0] for w in weights)
+    return pick_base(m, k, ns, lora_a.shape[1] // len(weights), x.device) == "fused_base"
+
+
 def fused_or_split(x: torch.Tensor, weights: list[torch.Tensor],
                    biases: list[torch.Tensor | None], lora_a: torch.Tensor,
                    lora_b: torch.Tensor, scaling: torch.Tensor,
                    adapter_ids: torch.Tensor) -> list[torch.Tensor]:
-    """The fused kernel for decode-sized calls (M ≤ 64), the split path (F.linear + LoRA
-    kernels) otherwise."""
-    if x.numel() // max(x.shape[-1], 1) <= MAX_ROWS:
+    """The fused kernel where `takes_fused`, the split path (F.linear + LoRA kernels)
+    otherwise."""
+    if takes_fused(x, weights, lora_a):
         return fused_base_lora_triton(x, weights, biases, lora_a, lora_b, scaling, adapter_ids)
     return gated_lora_linear_triton(x, weights, biases, lora_a, lora_b, scaling, adapter_ids)
 

@@ -6,8 +6,11 @@ is one JSON object, in one format whoever writes it; every entry is optional:
 
     "choices":           {"K|N0,N1,…|R|M": path}  the decode path of one projection group
                          (K inputs, slice widths N_s, rank R) at M rows rounded up to a power
-                         of two; written by `prism_fast.tune(model)`, timed on the user's GPU
+                         of two; written by `prism_fast.tune(model)`, timed on the user's GPU;
+                         and {"base|K|N0,N1,…|R|M": base path} for models patched with
+                         fuse_base=True (written by `tune` for those only)
     "path:<M>":          path                     the decode path of every group at M
+    "base:<M>":          base path                the base path of every group at M
     "fused_max_a_elems": int                      decode fuses where K·R is at most this
     "fused:<M>", "shrink:<M>", "expand:<M>", "coop:<M>": {BLOCK_*, num_warps}, merged over
                          the heuristic's block sizes; "split_k:<M>": int
@@ -19,6 +22,13 @@ is one JSON object, in one format whoever writes it; every entry is optional:
 with path one of PATHS. The decode path (M ≤ FUSED_MAX_ROWS) is, first match wins: the
 `path` argument of `config_for` (tuners and tests), "choices", "path:<M>", the
 "fused_max_a_elems" rule, SPLIT. Prefill always splits.
+
+A base path, one of BASE_PATHS, is how a call of a model patched with fuse_base=True (Triton)
+computes its whole projection: "fused_base", the base GEMM and the LoRA in one kernel
+(fused_base_lora.py), or "split", F.linear per slice then the LoRA launches by the decode path
+above. At M ≤ FUSED_MAX_ROWS it is, first match wins: "choices"' "base|…|M", "base:<M>",
+"fused_base" (what the opt-in asked for); larger calls split. `pick_base` is the one function
+that answers it.
 
 A GPU's table is read once per process and merged from two places: the package's
 `configs/<GPU name>.json` (shipped as package data: bench/tune_gated_lora.py writes it) and, on
@@ -43,6 +53,8 @@ from .gated_lora_device import STAGE_COOP, STAGE_EXPAND, STAGE_FUSED, STAGE_SHRI
 
 FUSED_MAX_ROWS = 64   # decode batches (M ≤ 64): the rows where the path is a choice
 PATHS = ("split", "fused", "coop")
+BASE_PATHS = ("fused_base", "split")   # fuse_base=True models: whole projection, one or two steps
+BASE_PREFIX = "base|"                  # a "choices" key of a base path: "base|K|N0,…|R|M"
 # The decode path is SPLIT (a shrink launch over every slice of the group, then an expand
 # launch), because it is what the only GPU evidence favours (shared/EVIDENCE.md, H200, CUDA
 # graphs, bf16, r = 16, Llama-3-8B shapes, M = 1): recomputing the shrink in every N tile, the
@@ -80,13 +92,20 @@ def choice_key(k: int, ns: tuple[int, ...], r: int, m_bucket: int) -> str:
     return f"{k}|{','.join(map(str, ns))}|{r}|{m_bucket}"
 
 
+def base_choice_key(k: int, ns: tuple[int, ...], r: int, m_bucket: int) -> str:
+    return BASE_PREFIX + choice_key(k, ns, r, m_bucket)
+
+
 def bad_choice(key: object, path: object) -> str | None:
     """Why one "choices" entry is malformed, or None where it is a valid one."""
-    parts = key.split("|") if isinstance(key, str) else []
+    base = isinstance(key, str) and key.startswith(BASE_PREFIX)
+    parts = key.removeprefix(BASE_PREFIX).split("|") if isinstance(key, str) else []
+    paths = BASE_PATHS if base else PATHS
     if not (len(parts) == 4 and all(p.isdigit() for p in (parts[0], parts[2], parts[3]))
-            and all(n.isdigit() for n in parts[1].split(","))) or path not in PATHS:
+            and all(n.isdigit() for n in parts[1].split(","))) or path not in paths:
         return (f"bad choice {key!r}: {path!r} (expected \"K|N0,N1,…|R|M\": one of "
-                f"{', '.join(PATHS)})")
+                f"{', '.join(PATHS)}; or \"base|K|N0,N1,…|R|M\": one of "
+                f"{', '.join(BASE_PATHS)})")
     return None
 
 
@@ -105,6 +124,8 @@ def _read_table(path: Path, device_name: str) -> dict:
         return {}
     choices = table.get("choices", {})
     if not isinstance(choices, dict) or any(bad_choice(k, v) for k, v in choices.items()):
+        return {}
+    if any(k.startswith("base:") and v not in BASE_PATHS for k, v in table.items()):
         return {}
     return table
 
@@ -129,13 +150,16 @@ def tuned_table(device_name: str) -> dict:
 
 
 def use_choices(device_name: str, choices: dict[str, str | None]) -> None:
-    """Add decode-path choices ({"K|N0,…|R|M": path}, None = the default again) to the table of
-    a GPU for this process (prism_fast.tune's, once timed or read from its cache)."""
+    """Add decode-path choices ({"K|N0,…|R|M": path, "base|K|N0,…|R|M": base path}, None = the
+    default again) to the table of a GPU for this process (prism_fast.tune's, once timed or
+    read from its cache)."""
     for key, path in choices.items():
-        expect(path is None or path in PATHS, ValueError,
-               lambda path=path: f"path: expected one of {PATHS} or None, got {path!r}")
-        expect(bad_choice(key, "split") is None, ValueError,
-               lambda key=key: f"choices: expected keys \"K|N0,N1,…|R|M\", got {key!r}")
+        paths = BASE_PATHS if isinstance(key, str) and key.startswith(BASE_PREFIX) else PATHS
+        expect(path is None or path in paths, ValueError,
+               lambda p=path, ps=paths: f"path: expected one of {ps} or None, got {p!r}")
+        expect(bad_choice(key, "split") is None, ValueError,   # (split: in both sets)
+               lambda key=key: f"choices: expected keys \"K|N0,N1,…|R|M\" or "
+                               f"\"base|K|N0,N1,…|R|M\", got {key!r}")
     table = tuned_table(device_name)
     for key, path in choices.items():
         if path is None:
@@ -153,6 +177,7 @@ def reload() -> None:
 
 def changed() -> None:
     pick_config.cache_clear()
+    pick_base.cache_clear()
     for drop in _ON_CHANGE:
         drop()
 
@@ -194,6 +219,22 @@ def decode_path(m: int, k: int, ns: tuple[int, ...], r: int, table: dict,
         return chosen
     fused = k * r <= table.get("fused_max_a_elems", FUSED_MAX_A_ELEMS)
     return table.get(f"path:{m_key}", "fused" if fused else "split")
+
+
+@functools.lru_cache(maxsize=4096)
+def pick_base(m: int, k: int, ns: tuple[int, ...], r: int, device: torch.device) -> str:
+    """The base path of one call of a fuse_base=True model (module docstring): "fused_base" or
+    "split". Cached: a dictionary look-up on the hot path, no timing, no sync."""
+    return base_path(m, k, ns, r, tuned_table(device_key(device)[0]))
+
+
+def base_path(m: int, k: int, ns: tuple[int, ...], r: int, table: dict) -> str:
+    """`pick_base` for a given table."""
+    if m > FUSED_MAX_ROWS:
+        return "split"
+    m_key = triton.next_power_of_2(max(m, 1))
+    chosen = table.get("choices", {}).get(base_choice_key(k, ns, r, m_key))
+    return chosen if chosen is not None else table.get(f"base:{m_key}", "fused_base")
 
 
 def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sms: int,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prism_fast.kernels.fused_base_lora import MAX_ROWS as FUSED_BASE_MAX_ROWS
-from prism_fast.kernels.fused_base_lora import fused_base_lora_triton
+from prism_fast.kernels.fused_base_lora import fused_base_lora_triton, takes_fused
 from prism_fast.kernels.gated_lora import (
     GatedLoraLauncher,
     check_gated_lora_args,
@@ -37,13 +36,15 @@ def gated_lora_group(x: torch.Tensor, weights: list[torch.Tensor],
     fp32): its GatedLoraLauncher (triton) or its gated_lora_torch.Prepared operands (torch).
     `fuse_base` (Triton only, patch_model's opt-in): calls of ≤ 64 rows run the base projection
     and the LoRA in one kernel (kernels/fused_base_lora.py; closed rows then within the
-    accuracy bounds, not bit-identical to F.linear); larger calls keep the split path.
+    accuracy bounds, not bit-identical to F.linear) unless this GPU's tuned table says the
+    split path is faster at this size (gated_lora_config.pick_base, via `takes_fused`);
+    larger calls keep the split path.
     """
     if triton and fuse_base:
-        if torch.compiler.is_compiling():   # the op itself picks fused or split by row count
+        if torch.compiler.is_compiling():   # the op itself asks takes_fused, when it runs
             return torch.ops.prism_fast.fused_base_lora(x, weights, biases, lora_a, lora_b,
                                                         scaling, ids)
-        if x.numel() <= FUSED_BASE_MAX_ROWS * x.shape[-1]:
+        if takes_fused(x, weights, lora_a):
             return fused_base_lora_triton(x, weights, biases, lora_a, lora_b, scaling, ids)
     if triton:
         if torch.compiler.is_compiling():
