@@ -24,7 +24,10 @@ def patched():
 
 
 class FakeTimer:
-    """µs per call: a launch cost per stage, per path, plus what `extra` adds; counts calls."""
+    """µs per call: a launch cost per stage, per path, plus what `extra` adds; counts calls.
+    The whole projection (fuse_base models): F.linear 20 + the LoRA path's; fused_base 30."""
+
+    LORA = {"split": 8.0, "fused": 9.0, "coop": 7.0}
 
     def __init__(self, extra=lambda shape, m, path: 0.0):
         self.calls: list[tuple] = []
@@ -32,7 +35,12 @@ class FakeTimer:
 
     def __call__(self, shape, m, path):
         self.calls.append((shape, m, path))
-        base = {"split": 8.0, "fused": 9.0, "coop": 7.0}[path]
+        if path == tuning.FUSED_BASE:
+            base = 30.0
+        elif path.startswith(tuning.LINEAR):
+            base = 20.0 + self.LORA[path.removeprefix(tuning.LINEAR)]
+        else:
+            base = self.LORA[path]
         return base + self.extra(shape, m, path)
 
 
@@ -66,6 +74,7 @@ def test_chooses_by_timing_applies_and_caches(patched, tmp_path):
     shapes = tuning.group_shapes(patched)
     assert len(choices) == len(shapes) * len(tuning.DECODE_MS)
     assert set(choices.values()) == {"coop"}
+    assert {p for *_, p in timer.calls} <= set(gl.PATHS)   # no fuse_base: no whole projection
     timed = {(shape, m) for shape, m, _ in timer.calls}
     assert timed == {(s, m) for s in shapes for m in (*tuning.DECODE_MS, tuning.PREFILL_M)}
     assert all(p == "split" for _, m, p in timer.calls if m == tuning.PREFILL_M)
@@ -108,7 +117,8 @@ def test_failures_and_a_corrupt_cache(patched, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"nonsense": "split"}, {"64|64,32,32|8": "warp"},
-                                 {"64|64|x|1": "split"}])
+                                 {"64|64|x|1": "split"}, {"64|48|8|1": "fused_base"},
+                                 {"base|64|48|8|1": "coop"}, {"base|64|48|1": "split"}])
 def test_a_bad_choice_in_the_cache_is_ignored_with_a_warning(patched, tmp_path, bad):
     run(patched, tmp_path, FakeTimer())
     path = next(tmp_path.glob("tune-*.json"))
