@@ -13,8 +13,9 @@ first, for every model, then eager), times:
   fused_base  the opt-in fused kernel alone (patch_model(..., fuse_base=True)): base
           projection and LoRA in one launch (kernels/fused_base_lora.py), its own base rounding
 bf16, r = 16, one adapter, every row open. The paths are prism_fast.tune's candidates, launched
-as it launches them (prism_fast.tuning.path_launcher: GatedLoraLauncher with the path's config
-forced, the launcher a patched model's layer takes in eager mode); no global is switched.
+as it launches them (prism_fast.tuning.projection_runner: F.linear, then GatedLoraLauncher with
+the path's config forced, the launcher a patched model's layer takes in eager mode; the fused
+base kernel as tune times it for fuse_base models); no global is switched.
 Medians of triton.testing's do_bench / do_bench_cudagraph; ratios to base in the same process.
 Writes decode_paths.json and prints its table (markdown); `--md` also writes decode_paths.md.
 GPU only
@@ -35,7 +36,6 @@ import torch.nn.functional as F
 from bench.common import MODELS, Budget, TimerConfig, measure
 from prism_fast import tuning
 from prism_fast.kernels import gated_lora as gl
-from prism_fast.kernels.fused_base_lora import fused_base_lora_triton
 
 MS = (1, 8, 32, 64)
 RANK = 16
@@ -45,24 +45,17 @@ COLUMNS = (*gl.PATHS, "fused_base")   # the timed columns beside base
 
 def group_fns(k: int, ns: list[int], m: int, path: str, device: torch.device):
     """(base fn, lora fn, check fn) for one group: lora fn = base + the LoRA term by `path`,
-    launched as prism_fast.tune times it (its path_launcher: GatedLoraLauncher, the path's
-    config forced, the launcher a patched model's layer takes in eager mode). path
-    "fused_base": lora fn = the fused kernel alone (base and LoRA in one launch)."""
+    launched as prism_fast.tune times a fuse_base model's whole projection (its
+    projection_runner "linear+<path>": F.linear, then GatedLoraLauncher with the path's config
+    forced, the launcher a patched model's layer takes in eager mode). path "fused_base":
+    lora fn = the fused kernel alone (base and LoRA in one launch), as tune times it too."""
     shape = (k, tuple(ns), RANK, "bfloat16", "bfloat16")
-    fused = path == "fused_base"
-    launcher, (x, a, b, scaling, ids, _) = tuning.path_launcher(
-        shape, m, "split" if fused else path, device, 2.0)
-    ws = [torch.randn(n, k, device=device, dtype=x.dtype) / k**0.5 for n in ns]
+    fused = path == tuning.FUSED_BASE
+    lora, (x, a, b, _, _, _), ws = tuning.projection_runner(
+        shape, m, path if fused else tuning.LINEAR + path, device, 2.0)
 
     def base():
         return [F.linear(x, w) for w in ws]
-
-    def lora():
-        if fused:
-            return fused_base_lora_triton(x, ws, [None] * len(ws), a, b, scaling, ids)
-        ys = [F.linear(x, w) for w in ws]
-        launcher(ys, x, ids, False)
-        return ys
 
     def check() -> float:
         """Relative error of the LoRA term (of the whole output for fused_base, whose base is
