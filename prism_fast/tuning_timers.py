@@ -50,9 +50,8 @@ def path_launcher(shape: Shape, m: int, path: str, device: torch.device, scale: 
     """(launcher, operands): the launcher a patched layer uses (GatedLoraLauncher) over one
     group's operands (`group_inputs`), with `path`'s config forced; `launcher(ys, x, ids,
     False)` adds the LoRA term by that path."""
-    props = torch.cuda.get_device_properties(device)
     k, ns, r = shape[0], shape[1], shape[2]
-    cfg = gl.config_for(m, k, ns, r, props.name, props.multi_processor_count, path=path)
+    cfg = gl.config_for(m, k, ns, r, *gl.device_key(device), path=path)
     operands = group_inputs(shape, m, device, scale)
     return gl.GatedLoraLauncher(operands[1], operands[2], operands[3], config=cfg), operands
 

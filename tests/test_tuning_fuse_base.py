@@ -161,3 +161,22 @@ def test_a_table_with_a_bad_base_value_is_not_used(tmp_path, bad):
     assert configs._read_table(path, "cpu") == {}
     path.write_text(json.dumps({"base:1": "split"}))
     assert configs._read_table(path, "cpu") == {"base:1": "split"}
+
+
+@pytest.mark.parametrize("path", ["fused_base", "linear+split", "linear+fused", "linear+coop"])
+def test_what_the_timer_runs_is_the_whole_projection(path):
+    """tuning_timers.projection_runner (what the GPU timer graphs, under the interpreter here):
+    every slice's x Wᵀ + scale · x A_sᵀ B_sᵀ, by the fused kernel or F.linear + a LoRA path."""
+    shape = (64, (32, 16), 8, "float32", "float32")
+    run_, (x, a, b, _, _, _), ws = tuning.projection_runner(shape, 3, path,
+                                                            torch.device("cpu"), 2.0)
+    ys = run_()
+    lo = 0
+    for s, (w, y) in enumerate(zip(ws, ys)):
+        n = w.shape[0]
+        u = x @ a[0, s * 8:(s + 1) * 8].t()
+        torch.testing.assert_close(y, x @ w.t() + 2.0 * u @ b[0, lo:lo + n].t(),
+                                   rtol=1e-4, atol=1e-4)
+        lo += n
+    with pytest.raises(ValueError, match="path: expected 'fused_base' or 'linear\\+'"):
+        tuning.projection_runner(shape, 3, "linear+warp", torch.device("cpu"))
