@@ -1,33 +1,14 @@
 """Context folding: a PRISM adapter against prepending the same context to every prompt.
 
-For a context of C tokens (an expert persona at PRISM's length, ≈ 200 tokens; then persona +
-retrieved passages of 1k and 4k tokens; 16k and 32k on a GPU), the same questions and batch run
-three ways, all through `model.generate` on chat-templated prompts with left padding:
-
-  prompted      the context as the system message of every prompt, base model (what users do
-                today); the only case whose cost depends on C
-  prism_open    no context in the prompt; the PEFT model (LoRA r = 16, α = 32, q/k/v/o/gate/up/
-  prism_closed  down of layers 1…N−1) patched by prism_fast.patch_model with a gate that decides
-  prism_half    in the forward. The gate's last bias is set per case (from the official two-pass
-                formula on these prompts) so that it opens every row, none, or exactly half.
-  base          no context, unpatched model: the floor
-
-Metrics per case (medians over interleaved rounds, so that all cases share the machine's noise):
-  time to first token   from generate()'s call to the first token's logits (prefill + gate)
-  decode tokens/s       B / the median time of one decode step (after the first token)
-  128-token answer      end-to-end latency of a 128-token answer: measured when the run decodes
-                        128 tokens (GPU), else time to first token + 127 × median step (CPU,
-                        where each case decodes DECODE_STEPS tokens to save time)
-  prompt tokens         tokens the prefill processes (B × padded prompt length)
-  KV cache              bytes of keys and values held at the end of the 128-token answer
-  peak memory           GPU: peak allocated above the start of the case; CPU: peak resident
-                        memory (RSS, sampled every 2 ms) above its level at the start of the case
-and the ratios prism / prompted (same B and C) and prism / base (same B).
-
-Models: on CPU, SmolLM2-135M-Instruct (real weights, prism_fast/testing/smollm2.py) in fp32
-with the torch backend; on a GPU, the same model and the Llama-3-8B shape (random weights, its
-tokens taken from SmolLM2's tokenizer) in bf16 with the Triton backend. The GPU path is written
-against the installed sources but has not been run yet.
+For a context of C tokens (a persona of ≈ 200 tokens; persona + retrieved passages of 1k, 4k, and
+on a GPU 16k and 32k tokens) the same questions and batch run through `model.generate` on
+chat-templated, left-padded prompts as: `prompted` (the context as every prompt's system
+message, base model), `prism_open` / `prism_closed` / `prism_half` (no context; the PEFT model
+patched by prism_fast with a gate whose last bias is set so that it opens every row, none or
+half), and `base` (no context, unpatched: the floor). Medians over interleaved rounds of time
+to first token, decode tokens/s, a 128-token answer's latency (measured on a GPU; on a CPU
+TTFT + 127 × the median step), prompt tokens, KV-cache bytes and peak memory (CUDA peak
+allocated; CPU: resident memory sampled every 2 ms), and the ratios prism / prompted and / base.
 """
 
 from __future__ import annotations
@@ -35,13 +16,13 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from bench.common import MODELS, PeakMemory, make_gate
+from bench.report import fmt, pyplot, save_figure, table
 
 ANSWER_TOKENS = 128
 CPU_DECODE_STEPS = 12
@@ -112,25 +93,18 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def load(plan: Plan, device: torch.device):
-    """(base model, patched PEFT model, tokenizer, hidden size) for a plan."""
-    from bench.bench_e2e import add_peft_adapter
-    from bench.models import build_model
-    from prism_fast.testing.smollm2 import load_smollm2, load_smollm2_tokenizer
+    """(base model, PEFT model with PRISM's random LoRA, tokenizer) for a plan."""
+    from bench.models import add_peft_adapter, build_model, smollm2_with_adapter
+    from prism_fast.testing.smollm2 import load_smollm2_tokenizer
 
     if plan.model == "smollm2-135m":
-        base, tokenizer = load_smollm2(plan.dtype, device)
-        prism, _ = load_smollm2(plan.dtype, device)
-    else:
-        shape = MODELS[plan.model]
-        tokenizer = load_smollm2_tokenizer()       # token ids only; the weights are random
+        base, prism, tokenizer = smollm2_with_adapter(plan.dtype, device)
+    else:   # random weights, SmolLM2's token ids; one copy (16 GB): PEFT's disable_adapter()
+        shape = MODELS[plan.model]   # gives the base cases the unpatched model
+        tokenizer = load_smollm2_tokenizer()
         base = build_model(shape, shape.layers, plan.dtype, device)
-        # A second copy of the base weights would double 16 GB: the PEFT model wraps the same
-        # modules, and PEFT's disable_adapter() gives the unpatched base for the base cases.
-        prism = base
+        prism = add_peft_adapter(base)
     base.config.max_position_embeddings = max(base.config.max_position_embeddings, 40_000)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prism = add_peft_adapter(prism, prism.config.num_hidden_layers)
     return base, prism, tokenizer
 
 
@@ -333,8 +307,6 @@ def headline(rows: list[dict]) -> str | None:
 
 
 def markdown(meta: dict, rows: list[dict], notes: list[str]) -> str:
-    from bench.report import _fmt, _table
-
     label = meta["label"]
     sel = [r for r in rows if r["bench"] == "context"]
     parts = [f"# Context folding: PRISM adapter vs prepended context — {meta['device']}, "
@@ -362,16 +334,16 @@ def markdown(meta: dict, rows: list[dict], notes: list[str]) -> str:
                          str(r["prompt_tokens"]), f"{r['ttft_ms']:.1f}",
                          f"{r['decode_tok_s']:.1f}", f"{r['answer_ms']:.0f}",
                          f"{r['kv_bytes'] / 2**20:.1f}", f"{r['peak_mib']:.0f}",
-                         f"{_fmt(vb.get('ttft_ms'))} / {_fmt(vb.get('answer_ms'))}"])
+                         f"{fmt(vb.get('ttft_ms'))} / {fmt(vb.get('answer_ms'))}"])
         parts.append(f"## {model} ({first['dtype']}, backend {first['backend']}, "
                      f"{first['rounds']} rounds) — {label if not meta['gpu'] else 'GPU'}\n\n"
-                     + _table(header, body))
+                     + table(header, body))
         comps = [c for c in comparisons(rows) if c["model"] == model]
         body = [[str(c["B"]), str(c["C"]), c["case"], f"{c['ttft']:.3f}", f"{c['answer']:.3f}",
                  f"{c['decode']:.2f}", f"{c['kv']:.3f}", f"{c['tokens']:.3f}"] for c in comps]
         parts.append(f"### {model}: PRISM / prompted (same B and C; < 1 = PRISM smaller or "
                      f"faster; decode is a throughput ratio, > 1 = PRISM faster)\n\n"
-                     + _table(["B", "context C", "PRISM case", "TTFT", "128-token answer",
+                     + table(["B", "context C", "PRISM case", "TTFT", "128-token answer",
                                "decode tok/s", "KV cache", "prompt tokens"], body))
     parts.append("Cases: `prompted` = the context as the system message of every prompt, base "
                  "model; `prism_*` = no context, the patched model (rank-16 adapter) with its gate "
@@ -389,11 +361,7 @@ def markdown(meta: dict, rows: list[dict], notes: list[str]) -> str:
 def plot(meta: dict, rows: list[dict], path) -> bool:
     """Per model: time to first token, 128-token answer latency and KV cache against C (log x),
     prompted per batch as lines, PRISM (gate open) and the base floor as flat lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sel = [r for r in rows if r["bench"] == "context"]
     models = list(dict.fromkeys(r["model"] for r in sel))
     if not models:
@@ -436,7 +404,4 @@ def plot(meta: dict, rows: list[dict], path) -> bool:
                  f"adapter vs the same context prepended to every prompt\n(medians; PRISM and "
                  f"base do not depend on C: flat lines)"
                  + ("" if meta["gpu"] else f" — {meta['label']}"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save_figure(fig, path)

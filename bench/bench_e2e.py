@@ -32,25 +32,15 @@ from __future__ import annotations
 
 import inspect
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from bench.common import (
-    MODELS,
-    QUANTILES,
-    Budget,
-    TimerConfig,
-    Timing,
-    make_gate,
-    measure,
-)
-from bench.models import load_model
+from bench.common import MODELS, Budget, make_gate
+from bench.models import ADAPTER, add_peft_adapter, load_model
+from bench.timing import TimerConfig, Timing, measure, quantiles_us
 
-ADAPTER = "persona_expert"
 PERSONA_TOKENS = 230
 PROVIDERS = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",
              "prism_fast_half", "peft", "peft_adapter_names", "two_pass")
@@ -69,20 +59,6 @@ GPU_CASES = [E2ECase("decode", 1, 512), E2ECase("decode", 32, 512), E2ECase("pre
              E2ECase("prefill", 8, 512)]
 CPU_CASES = [E2ECase("decode", 1, 128), E2ECase("decode", 8, 128), E2ECase("prefill", 1, 256),
              E2ECase("prefill", 8, 64)]
-
-
-def add_peft_adapter(model, layers: int):
-    """PRISM's LoRA: r = 16, α = 32, seven projections of layers 1…N−1, random A and B."""
-    from peft import LoraConfig, get_peft_model
-
-    from prism_fast.hf import LORA_TARGETS
-
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS),
-                        layers_to_transform=list(range(1, layers)), lora_dropout=0.0, bias="none",
-                        init_lora_weights=False, task_type="CAUSAL_LM")  # False: B random, not 0
-    with warnings.catch_warnings():  # PEFT calls a transformers 5 deprecated property: noise
-        warnings.simplefilter("ignore", FutureWarning)
-        return get_peft_model(model, config, adapter_name=ADAPTER).eval()
 
 
 class Forward:
@@ -176,8 +152,7 @@ def graphed_decode(model, fwd: Forward, case: E2ECase, ids: torch.Tensor,
             times.append((start, end))
     torch.cuda.synchronize()
     del graph
-    us = np.array([s.elapsed_time(e) * 1e3 for s, e in times])
-    return Timing(*(float(v) for v in np.quantile(us, QUANTILES)))
+    return quantiles_us([s.elapsed_time(e) * 1e-3 for s, e in times])
 
 
 def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers: list[str],

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, MODELS, Budget, TimerConfig, measure
+from bench.common import DTYPES, MODELS, Budget
+from bench.timing import TimerConfig, measure
 
 PROVIDERS = ("base", "prism_fast", "peft_style", "torch_ref")
 GPU_ONLY = {"prism_fast"}  # Triton on CPU is only the interpreter: no timing to report

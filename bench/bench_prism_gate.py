@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import DTYPES, MODELS, Budget, TimerConfig, make_gate, measure
+from bench.common import DTYPES, MODELS, Budget, make_gate
+from bench.timing import TimerConfig, measure
 
 PROVIDERS = ("torch_mlp", "prism_fast", "torch_ref")
 GPU_ONLY = {"prism_fast"}
