@@ -23,6 +23,7 @@ import torch
 
 from bench.common import MODELS, PeakMemory, make_gate
 from bench.report import fmt, pyplot, save_figure, table
+from bench.timing import TokenStamps
 
 ANSWER_TOKENS = 128
 CPU_DECODE_STEPS = 12
@@ -68,18 +69,6 @@ def plans(gpu: bool, full: bool) -> tuple[list[Plan], list[str]]:
 
 
 # ---- measurement helpers ------------------------------------------------------------------
-
-
-class _Stamps:
-    """A logits processor that only records when generate() reaches each token's logits."""
-
-    def __init__(self, sync: Callable[[], None]):
-        self.sync, self.times = sync, []
-
-    def __call__(self, input_ids, scores):
-        self.sync()
-        self.times.append(time.perf_counter())
-        return scores
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -185,7 +174,7 @@ def run_context(plan: Plan, device: torch.device, log: Callable[[str], None], ro
 
     def generate(b, name, enc, gate_state) -> dict:
         steps = plan.decode_steps
-        stamps = _Stamps(sync)
+        stamps = TokenStamps(sync)
         from transformers import LogitsProcessorList
 
         kwargs = dict(**enc, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,

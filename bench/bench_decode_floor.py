@@ -19,29 +19,21 @@ import functools
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bench import report
-from bench.timing import rounds
+from bench.bench_e2e import E2ECase, Forward, case_fn
+from bench.timing import rounds, seconds
 
 PROVIDERS = ("base", "open", "closed")
 GOALS = {("decode", 1): 1.06, ("decode", 8): 1.05, ("prefill", 1): 1.08}
 CLOSED_GOAL = 1.01
 
 
-@dataclass(frozen=True)
-class Case:
-    kind: str      # "decode" (one token against `tokens` of context) or "prefill"
-    batch: int
-    tokens: int
-
-
-CASES = [Case("decode", 1, 128), Case("decode", 8, 128), Case("prefill", 1, 128)]
+CASES = [E2ECase("decode", 1, 128), E2ECase("decode", 8, 128), E2ECase("prefill", 1, 128)]
 
 
 def _groups(patched) -> list:
@@ -84,31 +76,11 @@ def load(compiled: bool, fuse_base: bool = False):
     return base, peft_model
 
 
-def runner(model, case: Case, ids: torch.Tensor, steps: int, cache_kw: str
-           ) -> Callable[[], list[float]]:
-    """One round of a provider on a case: seconds per forward."""
-    from transformers import DynamicCache
-
-    from bench.bench_e2e import rewind
-
-    def forward(**kw) -> float:
-        t = time.perf_counter()
-        model(use_cache=True, logits_to_keep=1, **kw)
-        return time.perf_counter() - t
-
-    if case.kind == "prefill":
-        return lambda: [forward(input_ids=ids)]
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
-    tok = ids[:, -1:]                                                     # [B, 1]
-
-    def decode() -> list[float]:
-        times = []
-        for _ in range(steps):
-            times.append(forward(input_ids=tok, **{cache_kw: cache}))
-            rewind(cache, case.tokens)
-        return times
-    return decode
+def runner(model, case: E2ECase, ids: torch.Tensor, steps: int, fwd) -> Callable[[], list[float]]:
+    """One round of a provider on a case: seconds per forward (bench_e2e's prefill, or its
+    decode step against a fixed context)."""
+    step = seconds(case_fn(model, fwd, case, ids, {}))
+    return lambda: [step() for _ in range(steps if case.kind == "decode" else 1)]
 
 
 def _routed(patched, route: list[int] | None, fn: Callable[[], list[float]]) -> list[float]:
@@ -122,9 +94,8 @@ def _routed(patched, route: list[int] | None, fn: Callable[[], list[float]]) -> 
 
 def measure(base, patched, n_rounds: int, steps: int, log) -> list[dict]:
     """Interleaved rounds (round 0 warms up and is dropped): rows with medians."""
-    from bench.bench_e2e import Forward
 
-    cache_kw = Forward(base).cache_kw
+    fwd = Forward(base)        # keyword names of the HF model (PEFT's forward hides them)
     gen = torch.Generator().manual_seed(0)
     calls = {}
     for case in CASES:
@@ -132,7 +103,7 @@ def measure(base, patched, n_rounds: int, steps: int, log) -> list[dict]:
         for p in PROVIDERS:
             route = None if p == "base" else [0 if p == "open" else -1] * case.batch
             model = base if p == "base" else patched
-            fn = _routed(patched, route, functools.partial(runner, model, case, ids, steps, cache_kw))
+            fn = _routed(patched, route, functools.partial(runner, model, case, ids, steps, fwd))
             calls[case, p] = functools.partial(_routed, patched, route, fn)
     per_round = rounds(calls, n_rounds, warmup=1, after_round=lambda r: log(
         f"round {r}/{n_rounds} done" + (" (warm-up)" if r == 0 else "")))

@@ -1,31 +1,14 @@
-"""End to end: a random-init Llama-shaped model in eager Hugging Face, with a random PRISM adapter.
+"""End to end (the sweep's e2e section): a Llama-shaped model in eager Hugging Face with PRISM's
+random adapter (bench.models.add_peft_adapter) and a gate that always opens, so that the
+gate-routed providers do the forced all-open route's LoRA work and add only the routing.
 
-The adapter is PRISM's: PEFT LoRA `persona_expert`, r = 16, α = 32, on q/k/v/o/gate/up/down of
-layers 1…N−1, and a gate (keys gate.0.weight [256, H], gate.0.bias, gate.3.weight [2, 256],
-gate.3.bias) built so that it always opens: then the gate-routed providers do the same LoRA work
-as a forced all-open route, and what they add is the routing alone.
-
-Providers (baseline: base), in the order they are measured:
-  base                 the model before any adapter is attached
-  persona_prompt       base with the ≈230-token persona system prompt that PRISM replaces
-  prism_fast_gate      prism_fast.patch_model(peft_model, gate=...): single-pass routing (prefill)
-  prism_fast_open      the same, routes forced by prism_fast.set_routes: all open
-  prism_fast_closed    all closed
-  prism_fast_half      every other sequence open (B > 1)
-  peft                 PEFT unmerged, adapter on for every row
-  peft_adapter_names   PEFT's mixed-batch path: per-row `adapter_names` (half open for B > 1)
-  two_pass             the official routing: a gate forward with the adapter off and
-                       output_hidden_states=True, the gate MLP on hidden_states[1] at the last
-                       token, the decision read on the host, then the PEFT forward (prefill only;
-                       its decode steps are the PEFT ones)
-Prefill is one forward that builds the KV cache and keeps the last token's logits (as generate
-does). A decode step is one token forward against a cache of `tokens` context, rewound after each
-call so the context stays fixed.
-
-Graphed decode (GPU only, mode "graph"): base and the prism_fast route mixes also run one
-decode step captured as a CUDA graph (torch.cuda.graph, no compile) against a StaticCache and
-replayed per token, so launch overhead no longer hides the kernels; each replay appends one
-token (context T … T + 46, the same for every provider).
+Providers (baseline base): `base`; `persona_prompt` (base with a 230-token persona prompt);
+`prism_fast_gate` (single-pass routing, prefill); `prism_fast_open` / `_closed` / `_half` (routes
+forced); `peft` (unmerged, adapter on); `peft_adapter_names` (PEFT's per-row mixed batch);
+`two_pass` (the official routing: a gate forward, the decision on the host, then PEFT; prefill
+only). Prefill is one forward keeping the last token's logits; a decode step is one token
+against a cache of `tokens` context, rewound after each call. On a GPU, base and the prism_fast
+route mixes also run a decode step captured as a CUDA graph and replayed (mode "graph").
 """
 
 from __future__ import annotations

@@ -1,20 +1,15 @@
-"""Layer benchmarks: one gated-LoRA projection (or one decoder layer's seven) per case.
+"""Layer benchmarks (kernels/gated_lora.py): one gated-LoRA projection, or one decoder layer's
+seven, per case, each provider timed against `base` in the same process:
 
-Providers, each timed against `base` in the same process:
-  base        F.linear per projection: what the unpatched layer does.
-  prism_fast  the Triton op: `prism_fast.gated_lora_linear(..., backend="triton")` for one
-              projection, `torch.ops.prism_fast.gated_lora` (one multi-slice call) for q/k/v and
-              gate/up, which read the same input.
-  peft_style  base(x) + lora_B(lora_A(x)) · s per projection, adapter 0 on every row: what PEFT
-              does with one active adapter. It cannot skip closed rows, so its time does not
-              depend on the open share (one row per M, share = null).
-  torch_ref   the reference gated op (`backend="torch"`): dense LoRA for every adapter, then a
-              masked select. Independent of the open share as well.
+  base        F.linear per projection (the unpatched layer).
+  prism_fast  the Triton op: `gated_lora_linear(..., backend="triton")` for one projection,
+              `torch.ops.prism_fast.gated_lora` (one multi-slice call) for q/k/v and gate/up.
+  peft_style  base(x) + lora_B(lora_A(x)) · s, adapter 0 on every row (PEFT with one active
+              adapter): independent of the open share (one row per M, share = null).
+  torch_ref   the reference op (`backend="torch"`); also independent of the open share.
 
-Rows are laid out as serving lays them out: M ≤ 128 is a decode batch (x [M, K], one id per
-row, the open rows scattered at random); larger M is a prefill of B sequences of T tokens
-(x [B, T, K], one id per sequence, B = max(4, M // 512)), where a closed sequence lets the
-kernels skip its row tiles.
+M ≤ 128 is a decode batch (x [M, K], one id per row, open rows at random); larger M a prefill of
+B sequences of T tokens (x [B, T, K], one id per sequence, B = max(4, M // 512)).
 """
 
 from __future__ import annotations

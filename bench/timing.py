@@ -82,6 +82,20 @@ def seconds(fn: Callable[[], object], device: torch.device | None = None) -> Cal
     return timed
 
 
+class TokenStamps:
+    """A logits processor that only records when `generate` reaches each token's logits (after
+    `sync`, e.g. the GPU's)."""
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        self.sync, self.times = sync, []
+
+    def __call__(self, input_ids, scores):
+        if self.sync is not None:
+            self.sync()
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def rounds(calls: dict[Hashable, Callable[[], object]], n: int, warmup: int = 1,
            after_round: Callable[[int], None] | None = None) -> dict[Hashable, list]:
     """Interleaved rounds: each runs every call once, in order; the first `warmup` rounds are
