@@ -84,16 +84,11 @@ def case_fn(call: Callable, fwd: Forward, case: E2ECase, ids: torch.Tensor,
 
 def graphed_decode(model, fwd: Forward, case: E2ECase, ids: torch.Tensor,
                    routes: list[int] | None = None) -> Timing:
-    """Per-token decode time of one decode step captured by hand as a CUDA graph and replayed
-    against a StaticCache (no torch.compile: the cudagraphs backend treats every weight as an
-    input it copies on each replay, and inductor compiles too long for the GPU check).
-
-    The StaticCache keeps its length in a device tensor that each step advances in place, so a
-    replay appends one token at the position held in the static `pos` tensor. `routes`: the
-    prism_fast model's forced routes; its first warm-up step runs with every route open, so
-    that the LoRA kernels the capture launches are compiled and loaded before it (with every
-    route closed, eager steps skip them, and a first load inside the capture would fail).
-    """
+    """Per-token time of one decode step captured as a CUDA graph (by hand: torch.compile's
+    backends copy every weight per replay or compile too long) and replayed against a
+    StaticCache, each replay appending one token at the static `pos`. `routes`: the prism_fast
+    model's forced routes; its first warm-up step opens every route so that the LoRA kernels
+    are loaded before the capture (loading inside it fails)."""
     from transformers import StaticCache
 
     import prism_fast
