@@ -21,8 +21,8 @@ import re
 import sys
 import tempfile
 
-# Compile for the GPU, not the interpreter; a fresh cache so that ptxas runs and reports.
-os.environ.pop("TRITON_INTERPRET", None)
+# A fresh cache so that ptxas runs and reports. The kernels must be compiled, not interpreted:
+# `main` refuses to run where TRITON_INTERPRET was set when they were imported.
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="prism_resources_")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compile in this many processes")
     args = parser.parse_args(argv)
+    if not isinstance(gl._gated_lora_kernel, triton.runtime.JITFunction):
+        raise SystemExit("kernel_resources compiles for a GPU: run it without TRITON_INTERPRET=1 "
+                         "(the kernels were imported as interpreted functions)")
 
     found = variants(args.models, args.ranks, args.device_name, args.sms)
     stages = {gl.STAGE_FUSED: "fused", gl.STAGE_SHRINK: "shrink", gl.STAGE_EXPAND: "expand",
