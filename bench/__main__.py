@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench import bench_context, bench_e2e, bench_gated_lora, report, sweep
+from bench import bench_context, bench_e2e, bench_gated_lora, context_report, report, sweep
 from bench.common import CPU_LABEL, DTYPES, MODELS, PROJECTIONS, pick_device, run_meta
 
 
@@ -171,7 +171,7 @@ def context(args: argparse.Namespace, argv: list[str] | None) -> int:
         return status or 1
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     meta["load_average_end"] = report.load_average()
-    bench_context.add_ratios(rows)
+    context_report.add_ratios(rows)
     if not gpu and max([0.0, *meta["load_average"][:1], *meta["load_average_end"][:1]]) > 1.5:
         notes.append(f"the machine was shared while this ran (load average "
                      f"{meta['load_average'][0]:.1f} at the start, "
@@ -179,9 +179,9 @@ def context(args: argparse.Namespace, argv: list[str] | None) -> int:
                      "absolute times are slower and noisier than on an idle machine; cases are "
                      "interleaved so that ratios share the noise")
     written = report.write(stem, {"meta": meta, "notes": notes, "rows": rows},
-                           bench_context.markdown(meta, rows, notes),
-                           lambda path: bench_context.plot(meta, rows, path))
-    line = bench_context.headline(rows)
+                           context_report.markdown(meta, rows, notes),
+                           lambda path: context_report.plot(meta, rows, path))
+    line = context_report.headline(rows)
     if line:
         print(f"\n{'GPU' if gpu else 'CPU'}: {line}.")
     print(f"report written to {', '.join(str(p) for p in written)} "

@@ -58,14 +58,10 @@ def presets_help() -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    """The kernel sweep (python -m bench --sweep): layers, gate, end to end."""
-    started = time.monotonic()
-    device = pick_device(args.device)
-    gpu = device.type == "cuda"
-    quick = args.quick or (not args.full and not gpu)
-    preset = PRESETS[(gpu, quick)]
-    opt = {k: getattr(args, k, None) or v for k, v in preset.items()}
+def options(args: argparse.Namespace, gpu: bool, quick: bool) -> tuple[dict, list, list, list]:
+    """(options: the preset overridden by what was given, layer providers, gate providers,
+    notes), checked; off a GPU without the Triton providers and CUDA-graph timing."""
+    opt = {k: getattr(args, k, None) or v for k, v in PRESETS[(gpu, quick)].items()}
     providers = args.providers or list(bench_gated_lora.PROVIDERS)
     for flag, given, allowed in (
             ("--shapes", opt["shapes"], MODELS), ("--projections", opt["projections"], PROJECTIONS),
@@ -88,6 +84,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                      "left out (on CPU Triton runs only through its interpreter, which is no "
                      f"timing); CUDA-graph timing left out; end-to-end on {opt['e2e_model']} in "
                      "fp32")
+    return opt, providers, gate_providers, notes
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The kernel sweep (python -m bench --sweep): layers, gate, end to end."""
+    started = time.monotonic()
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    quick = args.quick or (not args.full and not gpu)
+    opt, providers, gate_providers, notes = options(args, gpu, quick)
     timer = TimerConfig(warmup_ms=args.warmup_ms or 10.0, rep_ms=args.rep_ms or 40.0,
                         graph_rep_ms=args.graph_rep_ms)
     e2e_timer = TimerConfig(warmup_ms=50.0 if gpu else 0.0, rep_ms=300.0 if gpu else 150.0,
