@@ -26,6 +26,9 @@ from bench.common import DTYPES, MODELS, Budget
 from bench.timing import TimerConfig, measure
 
 PROVIDERS = ("base", "prism_fast", "peft_style", "torch_ref")
+# The case fields a provider's time does not depend on (measured once, reported with them null).
+IGNORES = {"base": ("rank", "adapters", "share"), "prism_fast": (),
+           "peft_style": ("adapters", "share"), "torch_ref": ("share",)}
 GPU_ONLY = {"prism_fast"}  # Triton on CPU is only the interpreter: no timing to report
 DECODE_MAX_M = 128
 SCALE = 2.0  # α / r with α = 2r, as PRISM's r = 16, α = 32
@@ -221,14 +224,8 @@ def lora_rows(case: LayerCase, provider: str) -> tuple[int, int]:
 
 def timing_key(case: LayerCase, provider: str, mode: str) -> tuple:
     """What a provider's time depends on: shared rows are measured once and reported once."""
-    key = (provider, case.model, case.proj, case.m, case.dtype, mode)
-    if provider == "base":
-        return key
-    if provider == "peft_style":
-        return (*key, case.rank)
-    if provider == "torch_ref":
-        return (*key, case.rank, case.adapters)
-    return (*key, case.rank, case.adapters, case.share)
+    return (provider, mode, *(None if k in IGNORES[provider] else v
+                              for k, v in asdict(case).items()))
 
 
 def run_layer_sweep(cases: list[LayerCase], providers: list[str], modes: list[str],
@@ -258,13 +255,9 @@ def run_layer_sweep(cases: list[LayerCase], providers: list[str], modes: list[st
             row = dict(bench="layer", **asdict(case), provider=provider, mode=mode, B=b, T=t,
                        n_open=case.n_open(),
                        case_key=f"layer|{case.model}|{case.proj}|M={case.m}|{case.dtype}|{mode}")
-            # Share-independent providers are reported once, with the fields they ignore nulled.
-            if provider != "prism_fast":
-                row.update(share=None, n_open=None)
-            if provider in ("base", "peft_style"):
-                row.update(adapters=None)
-            if provider == "base":
-                row.update(rank=None)
+            row.update({k: None for k in IGNORES[provider]})   # reported once, see IGNORES
+            if "share" in IGNORES[provider]:
+                row["n_open"] = None
             rows.append(row)
             try:
                 tm = measure(case_fn(provider, groups), device, mode, timer)

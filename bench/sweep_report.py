@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from bench.bench_gated_lora import IGNORES
 from bench.common import PROJECTIONS
 from bench.report import fmt, num, pyplot, save_figure, table
 
@@ -27,7 +28,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 class LayerIndex:
-    """Layer rows by what each provider's time depends on (see bench_gated_lora.timing_key)."""
+    """Layer rows by what each provider's time depends on (bench_gated_lora.IGNORES)."""
 
     def __init__(self, rows: list[dict]):
         self.rows = [r for r in rows if r["bench"] == "layer"]
@@ -36,13 +37,9 @@ class LayerIndex:
 
     @staticmethod
     def key(provider, model, proj, m, dtype, mode, rank, adapters, share) -> tuple:
-        if provider == "base":
-            rank = adapters = share = None
-        elif provider == "peft_style":
-            adapters = share = None
-        elif provider == "torch_ref":
-            share = None
-        return (provider, model, proj, m, dtype, mode, rank, adapters, share)
+        fields = dict(rank=rank, adapters=adapters, share=share)
+        return (provider, model, proj, m, dtype, mode,
+                *(None if k in IGNORES[provider] else v for k, v in fields.items()))
 
     def get(self, provider: str, **kw) -> dict | None:
         return self.by_key.get(self.key(provider, **kw))
