@@ -41,11 +41,14 @@ QUICK = dict(requests=4, contexts=[200], cross=[200], decode_tokens=6, serial=1)
 def build():
     """(base model, patched PEFT model, tokenizer, byte floor), SmolLM2-135M fp32 on CPU."""
     import prism_fast
+    from bench.bench_decode_floor import byte_floor
     from bench.models import smollm2_with_adapter
 
     base, prism, tokenizer = smollm2_with_adapter(torch.float32)
-    floor = serving_crossover.byte_floor(prism)     # before patching repacks the adapter
-    return base, prism_fast.patch_model(prism, backend="torch"), tokenizer, floor
+    prism = prism_fast.patch_model(prism, backend="torch")
+    f = byte_floor(base, prism)
+    return base, prism, tokenizer, {"adapter_mb": f["adapter_bytes"] / 1e6,
+                                    "base_mb": f["weight_bytes"] / 1e6, "floor": f["floor"]}
 
 
 def encode(tokenizer, question: str, context: str | None) -> list[int]:
