@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from bench import bench_context, bench_e2e, bench_gated_lora, context_report, report, sweep
-from bench.common import CPU_LABEL, DTYPES, MODELS, PROJECTIONS, pick_device, run_meta
+from bench.common import CPU_LABEL, DTYPES, PROJECTIONS, pick_device, run_meta
+from prism_fast.testing.shapes import MODELS
 
 
 def _list(kind):

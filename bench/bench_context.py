@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import MODELS, PeakMemory, make_gate
+from bench.common import PeakMemory, make_gate
 from bench.timing import TokenStamps
+from prism_fast.testing.shapes import MODELS
 
 ANSWER_TOKENS = 128
 CPU_DECODE_STEPS = 12

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import MODELS, Budget, make_gate
+from bench.common import Budget, make_gate
 from bench.models import ADAPTER, add_peft_adapter, load_model
 from bench.timing import TimerConfig, Timing, measure, quantiles_us
+from prism_fast.testing.shapes import MODELS
 
 PERSONA_TOKENS = 230
 PROVIDERS = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, MODELS, Budget
+from bench.common import DTYPES, Budget
 from bench.timing import TimerConfig, measure
+from prism_fast.testing.shapes import MODELS
 
 PROVIDERS = ("base", "prism_fast", "peft_style", "torch_ref")
 # The case fields a provider's time does not depend on (measured once, reported with them null).

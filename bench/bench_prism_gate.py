@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import DTYPES, MODELS, Budget, make_gate
+from bench.common import DTYPES, Budget, make_gate
 from bench.timing import TimerConfig, measure
+from prism_fast.testing.shapes import MODELS
 
 PROVIDERS = ("torch_mlp", "prism_fast", "torch_ref")
 GPU_ONLY = {"prism_fast"}

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from bench import report
-from bench.common import CPU_LABEL, MODELS, peak_memory
+from bench.common import CPU_LABEL, peak_memory
 from bench.models import load_model
 from bench.timing import rounds, seconds
 from prism_fast.ops import topk_distill_loss
 from prism_fast.reference import official_stage_b_loss
+from prism_fast.testing.shapes import MODELS
 from prism_fast.training import (
     TEACHER_TOPK,
     TrainConfig,

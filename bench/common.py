@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: labels, shapes, the --device rule, a time budget, the gate,
-peak memory. Timing is bench/timing.py, reports bench/report.py."""
+"""Shared pieces of the benchmarks: labels, the --device rule and run metadata, a time budget,
+the gate, peak memory (shapes: prism_fast.testing.shapes; timing: bench/timing.py; reports:
+bench/report.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from bench import report
-from prism_fast.testing.shapes import MODELS  # noqa: F401  (re-exported: the benchmarks' shapes)
 from prism_fast.training import BinaryGate
 
 CPU_LABEL = "CPU: not a GPU result"

@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from bench import report
-from bench.common import MODELS, Budget
+from bench.common import Budget
 from bench.timing import TimerConfig, measure
 from prism_fast import tuning
 from prism_fast.kernels import gated_lora as gl
 from prism_fast.kernels.fused_base_lora import fused_base_lora_triton
+from prism_fast.testing.shapes import MODELS
 
 MS = (1, 8, 32, 64)
 RANK = 16

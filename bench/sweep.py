@@ -12,8 +12,9 @@ import traceback
 import torch
 
 from bench import bench_e2e, bench_gated_lora, bench_prism_gate, report, sweep_report
-from bench.common import CPU_LABEL, DTYPES, MODELS, PROJECTIONS, Budget, pick_device, run_meta
+from bench.common import CPU_LABEL, DTYPES, PROJECTIONS, Budget, pick_device, run_meta
 from bench.timing import TimerConfig, device_limits
+from prism_fast.testing.shapes import MODELS
 
 ALL_M = [1, 8, 32, 64, 128, 512, 2048, 4096, 8192]
 CPU_QUICK_BUDGET = 90.0  # keeps the CPU quick sweep on 2 busy cores under 2 minutes

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from bench import bench_e2e, bench_gated_lora, bench_prism_gate
-from bench.common import DTYPES, MODELS, make_gate
+from bench.common import DTYPES, make_gate
 from bench.models import add_peft_adapter, build_model
+from prism_fast.testing.shapes import MODELS
 
 pytest.importorskip("pytest_benchmark")
 
