@@ -8,6 +8,8 @@ import argparse
 import signal
 import time
 import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -88,20 +90,77 @@ def options(args: argparse.Namespace, gpu: bool, quick: bool) -> tuple[dict, lis
     return opt, providers, gate_providers, notes
 
 
-def run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    """The kernel sweep (python -m bench --sweep): layers, gate, end to end."""
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Sweep:
+    """One sweep's state: what was asked, where it writes, the rows and notes so far."""
+
+    args: argparse.Namespace
+    opt: dict
+    device: torch.device
+    stem: Path
+    meta: dict
+    notes: list[str]
+    started: float
+    rows: list[dict] = field(default_factory=list)
+
+    def save(self, final: bool = False) -> None:
+        """JSON and markdown after every section (a cut run keeps its rows), the plot at the
+        end; nothing while no case has a result."""
+        rows = self.rows
+        rows[:] = [r for r in rows if "median_us" in r or r.get("error")]   # cut short: dropped
+        if not any("error" not in r for r in rows):
+            return
+        sweep_report.add_ratios(rows)
+        self.meta["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        report.write(self.stem, {"meta": self.meta, "notes": self.notes, "rows": rows},
+                     sweep_report.markdown(self.meta, rows, self.notes),
+                     (lambda path: sweep_report.plot(self.meta, rows, path)) if final else None)
+
+    def layers(self, providers: list[str], timer: TimerConfig, budget: Budget) -> None:
+        opt = self.opt
+        cases = bench_gated_lora.layer_cases(opt["shapes"], opt["projections"], opt["m"],
+                                             opt["share"], opt["rank"], opt["adapters"],
+                                             opt["dtypes"])
+        left_out = bench_gated_lora.run_layer_sweep(
+            cases, providers, opt["modes"], self.device, timer, self.meta["limits"], budget,
+            log, self.rows)
+        self.meta["layer_cases"] = dict(total=len(cases), left_out_by_budget=left_out)
+        failed = sum(1 for r in self.rows if r.get("error"))
+        if failed:
+            self.notes.append(f"{failed} layer measurements failed: see the rows with an error")
+        if left_out:
+            self.notes.append(f"time budget: {left_out} of {len(cases)} layer cases left out "
+                              "(the least important ones: cases are ordered by priority)")
+
+    def e2e(self, timer: TimerConfig, budget: Budget) -> int:
+        """The end-to-end section; 1 if it failed as a whole (e.g. the model does not fit)."""
+        gpu = self.device.type == "cuda"
+        try:
+            bench_e2e.run_e2e(
+                self.opt["e2e_model"], self.args.e2e_layers, self.opt["e2e_cases"],
+                self.args.e2e_providers or list(bench_e2e.PROVIDERS), self.device,
+                torch.bfloat16 if gpu else torch.float32, timer, budget, log, self.rows,
+                self.notes)
+        except Exception as e:   # the other sections still count
+            self.notes.append(f"e2e failed: {type(e).__name__}: {e}")
+            log(self.notes[-1] + "\n" + traceback.format_exc(limit=6))
+            return 1
+        return 0
+
+
+def start(args: argparse.Namespace, argv: list[str] | None) -> tuple[Sweep, list, list]:
+    """(the sweep, layer providers, gate providers): options checked, metadata, --out checked."""
     started = time.monotonic()
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     quick = args.quick or (not args.full and not gpu)
     opt, providers, gate_providers, notes = options(args, gpu, quick)
-    timer = TimerConfig(warmup_ms=args.warmup_ms or 10.0, rep_ms=args.rep_ms or 40.0,
-                        graph_rep_ms=args.graph_rep_ms)
-    e2e_timer = TimerConfig(warmup_ms=50.0 if gpu else 0.0, rep_ms=300.0 if gpu else 150.0,
-                            graph_rep_ms=args.graph_rep_ms)
     headline = dict(dtype=opt["dtypes"][0], rank=16 if 16 in opt["rank"] else opt["rank"][0],
                     adapters=1 if 1 in opt["adapters"] else opt["adapters"][0])
-
     stem, meta = run_meta(args, device, "", argv)
     meta.update(sweep="quick" if quick else "full", headline=headline,
                 options={k: (v if k != "e2e_cases" else [vars(c) for c in v])
@@ -111,83 +170,57 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 time_budget_s=(args.time_budget if args.time_budget is not None
                                else CPU_QUICK_BUDGET if quick and not gpu else None),
                 threads=torch.get_num_threads())
-    rows: list[dict] = []
+    return Sweep(args, opt, device, stem, meta, notes, started), providers, gate_providers
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
 
-    def save(final: bool = False) -> None:
-        """JSON and markdown after every section (a cut run keeps its rows), the plot at the
-        end; nothing while no case has a result."""
-        rows[:] = [r for r in rows if "median_us" in r or r.get("error")]   # cut short: dropped
-        if not any("error" not in r for r in rows):
-            return
-        sweep_report.add_ratios(rows)
-        meta["elapsed_s"] = round(time.monotonic() - started, 1)
-        report.write(stem, {"meta": meta, "notes": notes, "rows": rows},
-                     sweep_report.markdown(meta, rows, notes),
-                     (lambda path: sweep_report.plot(meta, rows, path)) if final else None)
-
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The kernel sweep (python -m bench --sweep): layers, gate, end to end."""
+    sw, providers, gate_providers = start(args, argv)
+    opt, device, meta, notes = sw.opt, sw.device, sw.meta, sw.notes
+    gpu = device.type == "cuda"
+    timer = TimerConfig(warmup_ms=args.warmup_ms or 10.0, rep_ms=args.rep_ms or 40.0,
+                        graph_rep_ms=args.graph_rep_ms)
+    e2e_timer = TimerConfig(warmup_ms=50.0 if gpu else 0.0, rep_ms=300.0 if gpu else 150.0,
+                            graph_rep_ms=args.graph_rep_ms)
     # `timeout` sends SIGTERM: turn it into KeyboardInterrupt so what was measured is written.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     budget = Budget(meta["time_budget_s"] or None)
     # What the later sections need, kept back from the layer sweep (the model build included).
-    reserve_e2e = 0.0 if args.no_e2e else (30.0 if not gpu else 70.0 if quick else 100.0)
+    reserve_e2e = 0.0 if args.no_e2e else (30.0 if not gpu else 70.0 if meta["sweep"] == "quick"
+                                           else 100.0)
     reserve_gate = 0.0 if args.no_gate else (5.0 if not gpu else 15.0)
     status = 0
-    log(f"prism_fast bench on {meta['device']} ({'quick' if quick else 'full'} sweep)"
+    log(f"prism_fast bench on {meta['device']} ({meta['sweep']} sweep)"
         + ("" if gpu else f"  [{CPU_LABEL}]"))
     try:
         meta["limits"] = device_limits(device, DTYPES[opt["dtypes"][0]], timer)
         log(f"device limits: copy {meta['limits']['copy_gbps']:.0f} GB/s, matmul "
             f"{meta['limits']['matmul_tflops']:.2f} TFLOP/s")
         if not args.no_layer:
-            cases = bench_gated_lora.layer_cases(opt["shapes"], opt["projections"], opt["m"],
-                                                 opt["share"], opt["rank"], opt["adapters"],
-                                                 opt["dtypes"])
-            left_out = bench_gated_lora.run_layer_sweep(
-                cases, providers, opt["modes"], device, timer, meta["limits"],
-                budget.minus(reserve_e2e + reserve_gate), log, rows)
-            meta["layer_cases"] = dict(total=len(cases), left_out_by_budget=left_out)
-            failed = sum(1 for r in rows if r.get("error"))
-            if failed:
-                notes.append(f"{failed} layer measurements failed: see the rows with an error")
-            if left_out:
-                notes.append(f"time budget: {left_out} of {len(cases)} layer cases left out "
-                             "(the least important ones: cases are ordered by priority)")
-            save()
+            sw.layers(providers, timer, budget.minus(reserve_e2e + reserve_gate))
+            sw.save()
         if gpu:
             torch.cuda.empty_cache()
         if not args.no_gate:
             bench_prism_gate.run_gate_bench(
                 opt["shapes"], opt["gate_batch"], opt["dtypes"][:1], gate_providers, opt["modes"],
-                device, timer, budget.minus(reserve_e2e), log, rows)
-            save()
+                device, timer, budget.minus(reserve_e2e), log, sw.rows)
+            sw.save()
         if not args.no_e2e:
-            try:
-                bench_e2e.run_e2e(
-                    opt["e2e_model"], args.e2e_layers, opt["e2e_cases"],
-                    args.e2e_providers or list(bench_e2e.PROVIDERS), device,
-                    torch.bfloat16 if gpu else torch.float32, e2e_timer, budget, log, rows, notes)
-            except Exception as e:  # e.g. the model does not fit: the other sections still count
-                notes.append(f"e2e failed: {type(e).__name__}: {e}")
-                log(notes[-1] + "\n" + traceback.format_exc(limit=6))
-                status = 1
+            status = sw.e2e(e2e_timer, budget)
     except KeyboardInterrupt:
         notes.append("interrupted (SIGINT/SIGTERM): partial results")
         log(notes[-1])
-        save(final=True)
+        sw.save(final=True)
         return 130
-    if not any("error" not in r for r in rows):
-        # Nothing measured: no report that could pass for a result; end on the cause.
+    if not any("error" not in r for r in sw.rows):   # no report that could pass for a result
         cause = next((n for n in reversed(notes) if "failed" in n or "skipped" in n),
                      "no case ran")
         log(f"sweep: no result; {cause}")
         return 1
-    save(final=True)
+    sw.save(final=True)
     for n in notes:
         log(f"note: {n}")
-    log(f"report written to {stem}.md, .json" + (", .png" if stem.with_suffix(".png").exists()
-                                                 else "") + f" ({meta['elapsed_s']:.0f} s)")
+    png = ", .png" if sw.stem.with_suffix(".png").exists() else ""
+    log(f"report written to {sw.stem}.md, .json{png} ({meta['elapsed_s']:.0f} s)")
     return status
-
