@@ -120,6 +120,32 @@ def main(argv: list[str] | None = None) -> int:
     return context(args, argv)
 
 
+def measure_plans(plans: list, device: torch.device, meta: dict, rows: list[dict],
+                  notes: list[str]) -> int:
+    """Runs every plan (a failing one noted, the others kept); 0, 1 if one failed, 130 if cut."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+        print("(install tqdm for a progress bar)", flush=True)
+    status = 0
+    try:
+        for plan in plans:
+            try:
+                meta.setdefault("facts", {})[plan.model] = bench_context.run_context(
+                    plan, device, lambda m: print(m, flush=True), rows, notes, tqdm)
+            except Exception as e:   # e.g. the 8B shape does not fit: the other model counts
+                notes.append(f"{plan.model} failed: {type(e).__name__}: {e}")
+                print(notes[-1] + "\n" + traceback.format_exc(limit=6), flush=True)
+                status = 1
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        notes.append("interrupted (SIGINT/SIGTERM): partial results")
+        status = 130
+    return status
+
+
 def context(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The context-folding benchmark (the default)."""
     started = time.monotonic()
@@ -144,26 +170,7 @@ def context(args: argparse.Namespace, argv: list[str] | None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"context-folding benchmark on {meta['device']}" + ("" if gpu else f"  [{CPU_LABEL}]"),
           flush=True)
-    status = 0
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = None
-        print("(install tqdm for a progress bar)", flush=True)
-    try:
-        for plan in plans:
-            try:
-                meta.setdefault("facts", {})[plan.model] = bench_context.run_context(
-                    plan, device, lambda m: print(m, flush=True), rows, notes, tqdm)
-            except Exception as e:   # e.g. the 8B shape does not fit: the other model counts
-                notes.append(f"{plan.model} failed: {type(e).__name__}: {e}")
-                print(notes[-1] + "\n" + traceback.format_exc(limit=6), flush=True)
-                status = 1
-            if gpu:
-                torch.cuda.empty_cache()
-    except KeyboardInterrupt:
-        notes.append("interrupted (SIGINT/SIGTERM): partial results")
-        status = 130
+    status = measure_plans(plans, device, meta, rows, notes)
     if not any("error" not in r for r in rows):
         # Nothing measured: write no report that could pass for a result, and end on the cause.
         cause = next((n for n in reversed(notes) if " failed: " in n),

@@ -17,7 +17,7 @@ on the hot path (only here, when called), and nothing at all on a CPU (Triton's 
 says nothing about a GPU's speed). Explicit rather than inside `patch_model`: it costs seconds
 of compilation the first time, which the caller decides to spend. The benchmarks that time the
 paths (bench/tune_gated_lora.py, bench/gpu_decode_paths.py) launch them with this module's
-`path_launcher` / `group_inputs` and `candidates`.
+`path_launcher` / `group_inputs` and `candidates`, and time graphs with its `graph_time_us`.
 """
 
 from __future__ import annotations
