@@ -14,6 +14,7 @@ allocated; CPU: resident memory sampled every 2 ms), and the ratios prism / prom
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import PeakMemory, make_gate
-from bench.timing import TokenStamps
+from bench.timing import TokenStamps, rounds
 from prism_fast.testing.shapes import MODELS
 
 ANSWER_TOKENS = 128
@@ -244,16 +245,14 @@ def run_context(plan: Plan, device: torch.device, log: Callable[[str], None], ro
     cases = make_cases(m, contexts)
     for case in cases[:4]:   # warm-up: first calls allocate and pick kernels
         generate(m, case, {k: v[:, -8:] for k, v in case.enc.items()})
-    samples: list[list[dict]] = [[] for _ in cases]
     bar = progress(total=plan.rounds * len(cases), desc=f"context {plan.model}", unit="run") \
         if progress else None
+    samples: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
     interrupted = False
-    try:                     # interleaved rounds
-        for _ in range(plan.rounds):
-            for case, runs in zip(cases, samples):
-                runs.append(generate(m, case))
-                if bar is not None:
-                    bar.update(1)
+    try:
+        rounds({i: functools.partial(generate, m, case) for i, case in enumerate(cases)},
+               plan.rounds, warmup=0, out=samples,
+               after_round=lambda r: bar.update(len(cases)) if bar is not None else None)
     except KeyboardInterrupt:   # keep the rounds already measured (rows say how many)
         interrupted = True
     if bar is not None:
@@ -261,7 +260,7 @@ def run_context(plan: Plan, device: torch.device, log: Callable[[str], None], ro
     per_token = kv_bytes_per_token(m.base.config, plan.dtype)
     rows += [case_row(plan, case, runs, None if case.context is None else
                       persona_tokens if case.context == PERSONA_C else case.context, per_token)
-             for case, runs in zip(cases, samples) if runs]
+             for case, runs in zip(cases, samples.values()) if runs]
     expected = {"prism_open": lambda b: b, "prism_closed": lambda b: 0, "prism_half": lambda b: b // 2}
     for r in rows:
         if r["model"] == plan.model and r["case"] in expected and r["open_rows"] != \

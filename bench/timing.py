@@ -97,10 +97,12 @@ class TokenStamps:
 
 
 def rounds(calls: dict[Hashable, Callable[[], object]], n: int, warmup: int = 1,
-           after_round: Callable[[int], None] | None = None) -> dict[Hashable, list]:
+           after_round: Callable[[int], None] | None = None,
+           out: dict[Hashable, list] | None = None) -> dict[Hashable, list]:
     """Interleaved rounds: each runs every call once, in order; the first `warmup` rounds are
-    dropped. Returns what each call returned, per measured round."""
-    out: dict[Hashable, list] = {k: [] for k in calls}
+    dropped. Returns what each call returned, per measured round (appended to `out` as they
+    come, if given: an interrupted run keeps its rounds)."""
+    out = {k: [] for k in calls} if out is None else out
     for r in range(warmup + n):
         for k, fn in calls.items():
             result = fn()
