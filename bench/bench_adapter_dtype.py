@@ -14,11 +14,12 @@ extra bytes that fp32 adapters cost.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import torch
+
+from bench.report import table, write
 
 PROMPTS = [
     "Explain why the sky is blue in two sentences.",
@@ -39,20 +40,15 @@ def _first_divergence(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def run(new_tokens: int = 128, b_std: float = 0.02, seed: int = 0) -> dict:
-    from peft import LoraConfig, get_peft_model
-
     import prism_fast
-    from prism_fast.hf import LORA_TARGETS
+    from bench.models import add_peft_adapter
     from prism_fast.testing.smollm2 import load_smollm2
 
     model, tok = load_smollm2(torch.bfloat16)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    n_layers = model.config.num_hidden_layers
-    lora = LoraConfig(r=16, lora_alpha=32, layers_to_transform=list(range(1, n_layers)),
-                      target_modules=list(LORA_TARGETS))
-    pm = get_peft_model(model, lora, adapter_name="persona_expert").eval()
+    pm = add_peft_adapter(model, init_lora_weights=True, task_type=None)   # PEFT's own init
     torch.manual_seed(seed)
     lora_numel = 0
     for name, p in pm.named_parameters():
@@ -89,15 +85,14 @@ def run(new_tokens: int = 128, b_std: float = 0.02, seed: int = 0) -> dict:
 
 
 def markdown(res: dict) -> str:
+    body = [[label, f"{statistics.median(counts):g}", str(min(counts)),
+             f"{sum(c == res['new_tokens'] for c in counts)} / {len(counts)}"]
+            for label, counts in res["tokens_equal_to_peft"].items()]
     lines = [f"# Adapter precision vs PEFT — {res['label']}", "",
              f"Greedy decoding of {res['prompts']} chat prompts, {res['new_tokens']} new tokens "
              f"each, every route open; PEFT keeps its LoRA weights in {res['peft_adapter_dtype']}. "
              f"Generated tokens equal to PEFT's before the first difference:", "",
-             "| variant | median | min | prompts identical to the end |", "|---|---|---|---|"]
-    for label, counts in res["tokens_equal_to_peft"].items():
-        full = sum(c == res["new_tokens"] for c in counts)
-        lines.append(f"| {label} | {statistics.median(counts):g} | {min(counts)} | "
-                     f"{full} / {len(counts)} |")
+             table(["variant", "median", "min", "prompts identical to the end"], body)]
     lines += ["", f"fp32 adapters cost {res['extra_bytes_fp32_adapters'] / 2**20:.1f} MiB more "
               f"than bf16 ones ({res['lora_params']:,} LoRA parameters × 2 bytes)."]
     return "\n".join(lines) + "\n"
@@ -109,9 +104,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
     res = run(args.new_tokens)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adapter_dtype.json").write_text(json.dumps(res, indent=1))
-    (args.out / "adapter_dtype.md").write_text(markdown(res))
+    write(args.out / "adapter_dtype", res, markdown(res))
     print(f"wrote {args.out / 'adapter_dtype.md'} and .json")
 
 

@@ -1,56 +1,30 @@
-"""End to end: a random-init Llama-shaped model in eager Hugging Face, with a random PRISM adapter.
+"""End to end (the sweep's e2e section): a Llama-shaped model in eager Hugging Face with PRISM's
+random adapter (bench.models.add_peft_adapter) and a gate that always opens, so that the
+gate-routed providers do the forced all-open route's LoRA work and add only the routing.
 
-The adapter is PRISM's: PEFT LoRA `persona_expert`, r = 16, α = 32, on q/k/v/o/gate/up/down of
-layers 1…N−1, and a gate (keys gate.0.weight [256, H], gate.0.bias, gate.3.weight [2, 256],
-gate.3.bias) built so that it always opens: then the gate-routed providers do the same LoRA work
-as a forced all-open route, and what they add is the routing alone.
-
-Providers (baseline: base), in the order they are measured:
-  base                 the model before any adapter is attached
-  persona_prompt       base with the ≈230-token persona system prompt that PRISM replaces
-  prism_fast_gate      prism_fast.patch_model(peft_model, gate=...): single-pass routing (prefill)
-  prism_fast_open      the same, routes forced by prism_fast.set_routes: all open
-  prism_fast_closed    all closed
-  prism_fast_half      every other sequence open (B > 1)
-  peft                 PEFT unmerged, adapter on for every row
-  peft_adapter_names   PEFT's mixed-batch path: per-row `adapter_names` (half open for B > 1)
-  two_pass             the official routing: a gate forward with the adapter off and
-                       output_hidden_states=True, the gate MLP on hidden_states[1] at the last
-                       token, the decision read on the host, then the PEFT forward (prefill only;
-                       its decode steps are the PEFT ones)
-Prefill is one forward that builds the KV cache and keeps the last token's logits (as generate
-does). A decode step is one token forward against a cache of `tokens` context, rewound after each
-call so the context stays fixed.
-
-Graphed decode (GPU only, mode "graph"): base and the prism_fast route mixes also run one
-decode step captured as a CUDA graph (torch.cuda.graph, no compile) against a StaticCache and
-replayed per token, so launch overhead no longer hides the kernels; each replay appends one
-token (context T … T + 46, the same for every provider).
+Providers (baseline base): `base`; `persona_prompt` (base with a 230-token persona prompt);
+`prism_fast_gate` (single-pass routing, prefill); `prism_fast_open` / `_closed` / `_half` (routes
+forced); `peft` (unmerged, adapter on); `peft_adapter_names` (PEFT's per-row mixed batch);
+`two_pass` (the official routing: a gate forward, the decision on the host, then PEFT; prefill
+only). Prefill is one forward keeping the last token's logits; a decode step is one token
+against a cache of `tokens` context, rewound after each call. On a GPU, base and the prism_fast
+route mixes also run a decode step captured as a CUDA graph and replayed (mode "graph").
 """
 
 from __future__ import annotations
 
 import inspect
 import traceback
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from bench.common import (
-    MODELS,
-    QUANTILES,
-    Budget,
-    TimerConfig,
-    Timing,
-    make_gate,
-    measure,
-)
-from bench.models import load_model
+from bench.common import Budget, make_gate
+from bench.models import ADAPTER, add_peft_adapter, load_model
+from bench.timing import TimerConfig, Timing, measure, quantiles_us
+from prism_fast.testing.shapes import MODELS
 
-ADAPTER = "persona_expert"
 PERSONA_TOKENS = 230
 PROVIDERS = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",
              "prism_fast_half", "peft", "peft_adapter_names", "two_pass")
@@ -69,20 +43,6 @@ GPU_CASES = [E2ECase("decode", 1, 512), E2ECase("decode", 32, 512), E2ECase("pre
              E2ECase("prefill", 8, 512)]
 CPU_CASES = [E2ECase("decode", 1, 128), E2ECase("decode", 8, 128), E2ECase("prefill", 1, 256),
              E2ECase("prefill", 8, 64)]
-
-
-def add_peft_adapter(model, layers: int):
-    """PRISM's LoRA: r = 16, α = 32, seven projections of layers 1…N−1, random A and B."""
-    from peft import LoraConfig, get_peft_model
-
-    from prism_fast.hf import LORA_TARGETS
-
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=list(LORA_TARGETS),
-                        layers_to_transform=list(range(1, layers)), lora_dropout=0.0, bias="none",
-                        init_lora_weights=False, task_type="CAUSAL_LM")  # False: B random, not 0
-    with warnings.catch_warnings():  # PEFT calls a transformers 5 deprecated property: noise
-        warnings.simplefilter("ignore", FutureWarning)
-        return get_peft_model(model, config, adapter_name=ADAPTER).eval()
 
 
 class Forward:
@@ -125,16 +85,11 @@ def case_fn(call: Callable, fwd: Forward, case: E2ECase, ids: torch.Tensor,
 
 def graphed_decode(model, fwd: Forward, case: E2ECase, ids: torch.Tensor,
                    routes: list[int] | None = None) -> Timing:
-    """Per-token decode time of one decode step captured by hand as a CUDA graph and replayed
-    against a StaticCache (no torch.compile: the cudagraphs backend treats every weight as an
-    input it copies on each replay, and inductor compiles too long for the GPU check).
-
-    The StaticCache keeps its length in a device tensor that each step advances in place, so a
-    replay appends one token at the position held in the static `pos` tensor. `routes`: the
-    prism_fast model's forced routes; its first warm-up step runs with every route open, so
-    that the LoRA kernels the capture launches are compiled and loaded before it (with every
-    route closed, eager steps skip them, and a first load inside the capture would fail).
-    """
+    """Per-token time of one decode step captured as a CUDA graph (by hand: torch.compile's
+    backends copy every weight per replay or compile too long) and replayed against a
+    StaticCache, each replay appending one token at the static `pos`. `routes`: the prism_fast
+    model's forced routes; its first warm-up step opens every route so that the LoRA kernels
+    are loaded before the capture (loading inside it fails)."""
     from transformers import StaticCache
 
     import prism_fast
@@ -176,8 +131,60 @@ def graphed_decode(model, fwd: Forward, case: E2ECase, ids: torch.Tensor,
             times.append((start, end))
     torch.cuda.synchronize()
     del graph
-    us = np.array([s.elapsed_time(e) * 1e3 for s, e in times])
-    return Timing(*(float(v) for v in np.quantile(us, QUANTILES)))
+    return quantiles_us([s.elapsed_time(e) * 1e-3 for s, e in times])
+
+
+@dataclass
+class Timer:
+    """Times one provider on one case into a row (or its error), within the time budget."""
+
+    model_name: str
+    layers: int
+    fwd: Forward
+    providers: list[str]
+    device: torch.device
+    timer: TimerConfig
+    budget: Budget
+    log: Callable[[str], None]
+    rows: list[dict]
+    skipped: list[str] = field(default_factory=list)   # left out by the time budget
+
+    def __call__(self, provider: str, case: E2ECase, call: Callable, ids: torch.Tensor,
+                 extra: dict | None = None, mode: str = "eager",
+                 routes: list[int] | None = None) -> None:
+        if provider not in self.providers:
+            return
+        if self.budget.expired():
+            self.skipped.append(f"{provider} {case.kind} B={case.batch} {mode}")
+            return
+        gpu = self.device.type == "cuda"
+        what = f"{case.kind} B={case.batch} T={case.tokens}"
+        row = dict(bench="e2e", model=self.model_name, layers=self.layers, kind=case.kind,
+                   B=case.batch, T=case.tokens, provider=provider, mode=mode,
+                   case_key=f"e2e|{case.kind}|B={case.batch}|T={case.tokens}|{mode}")
+        try:
+            with torch.no_grad():
+                if gpu:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                tm = graphed_decode(call, self.fwd, case, ids, routes) if mode == "graph" else \
+                    measure(case_fn(call, self.fwd, case, ids, extra or {}), self.device, "eager",
+                            self.timer)
+            tokens = case.batch * (case.tokens if case.kind == "prefill" else 1)
+            row.update(median_us=tm.median_us, p20_us=tm.p20_us, p80_us=tm.p80_us,
+                       tok_per_s=tokens / tm.median_us * 1e6)
+            if gpu:
+                row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            self.log(f"[e2e] {what} {provider}: {tm.median_us / 1e3:.2f} ms")
+        except Exception as e:  # one broken provider must not cost the others their rows
+            row["error"] = f"{type(e).__name__}: {e}"
+            self.log(f"[e2e] {provider} {what} FAILED: {row['error']}\n"
+                     f"{traceback.format_exc(limit=3)}")
+        self.rows.append(row)
+
+
+def half(b: int) -> list[int]:
+    return [0 if i % 2 == 0 else -1 for i in range(b)]                  # open, closed, …
 
 
 def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers: list[str],
@@ -193,117 +200,75 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
         notes.append(f"e2e skipped: {type(e).__name__}: {e}"
                      + (" (install the [hf] extra)" if missing else ""))
         return
-    import prism_fast
-
     shape = MODELS[model_name]
-    gpu = device.type == "cuda"
     model, layers = load_model(model_name, layers, dtype, device)   # SmolLM2: real, own depth
-    fwd = Forward(model)
+    timed = Timer(model_name, layers, Forward(model), providers, device, timer, budget, log, rows)
     gate = make_gate(shape.hidden, dtype, device, always_open=True)
-    gate_state = gate.state_dict()        # gate.0.weight, gate.0.bias, gate.3.weight, gate.3.bias
     vocab_gen = torch.Generator(device="cpu").manual_seed(0)
     inputs = {c: torch.randint(0, shape.vocab, (c.batch, c.tokens), generator=vocab_gen).to(device)
               for c in cases}
     persona = torch.randint(0, shape.vocab, (1, PERSONA_TOKENS), generator=vocab_gen).to(device)
     log(f"[e2e] {model_name}, {layers} layers, {str(dtype).replace('torch.', '')}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on {device}")
-
-    skipped: list[str] = []   # left out by the time budget
-
-    def timed(provider: str, case: E2ECase, call: Callable, ids: torch.Tensor,
-              extra: dict | None = None, mode: str = "eager",
-              routes: list[int] | None = None) -> None:
-        if provider not in providers:
-            return
-        if budget.expired():
-            skipped.append(f"{provider} {case.kind} B={case.batch} {mode}")
-            return
-        row = dict(bench="e2e", model=model_name, layers=layers, kind=case.kind, B=case.batch,
-                   T=case.tokens, provider=provider, mode=mode,
-                   case_key=f"e2e|{case.kind}|B={case.batch}|T={case.tokens}|{mode}")
-        try:
-            with torch.no_grad():
-                if gpu:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                if mode == "graph":
-                    tm = graphed_decode(call, fwd, case, ids, routes)
-                else:
-                    tm = measure(case_fn(call, fwd, case, ids, extra or {}), device, "eager",
-                                 timer)
-            tokens = case.batch * (case.tokens if case.kind == "prefill" else 1)
-            row.update(median_us=tm.median_us, p20_us=tm.p20_us, p80_us=tm.p80_us,
-                       tok_per_s=tokens / tm.median_us * 1e6)
-            if gpu:
-                row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-            log(f"[e2e] {case.kind} B={case.batch} T={case.tokens} {provider}: "
-                f"{tm.median_us / 1e3:.2f} ms")
-        except Exception as e:  # one broken provider must not cost the others their rows
-            row["error"] = f"{type(e).__name__}: {e}"
-            log(f"[e2e] {provider} {case.kind} B={case.batch} T={case.tokens} FAILED: "
-                f"{row['error']}\n{traceback.format_exc(limit=3)}")
-        rows.append(row)
-
-    def half(b: int) -> list[int]:
-        return [0 if i % 2 == 0 else -1 for i in range(b)]                  # open, closed, …
-
-    # 1. The model before any adapter.
-    for case in cases:
+    for case in cases:                       # 1. the model before any adapter
         ids = inputs[case]
         timed("base", case, model, ids)
-        with_prompt = torch.cat([persona.expand(case.batch, -1), ids], dim=1)   # [B, 230 + T]
-        timed("persona_prompt", case, model, with_prompt)
-        if gpu and case.kind == "decode":
+        timed("persona_prompt", case, model,
+              torch.cat([persona.expand(case.batch, -1), ids], dim=1))   # [B, 230 + T]
+        if device.type == "cuda" and case.kind == "decode":
             timed("base", case, model, ids, mode="graph")
-
     peft_model = add_peft_adapter(model, layers)
-
-    # 2. prism_fast on the PEFT model (the drop-in case of SPEC's patch_model).
-    if any(p.startswith("prism_fast") for p in providers):
-        if not gpu:
-            notes.append("e2e: on CPU the prism_fast providers run patch_model's torch backend "
-                         "(its fast torch path, prism_fast/ops/gated_lora_torch.py), not the "
-                         "Triton kernels")
-        try:
-            prism_fast.patch_model(peft_model, gate=gate_state)
-        except Exception as e:
-            notes.append(f"e2e: prism_fast.patch_model failed ({type(e).__name__}: {e}): "
-                         "prism_fast end-to-end providers skipped")
-            log(notes[-1])
-        else:
-            for case in cases:
-                b, ids = case.batch, inputs[case]
-                forced = {"prism_fast_open": [0] * b, "prism_fast_closed": [-1] * b,
-                          "prism_fast_half": half(b) if b > 1 else None}
-                if case.kind == "prefill":
-                    prism_fast.set_routes(peft_model, None)    # the gate decides, in the forward
-                    timed("prism_fast_gate", case, peft_model, ids)
-                for provider, routes in forced.items():
-                    if routes is None:
-                        continue
-                    prism_fast.set_routes(peft_model, torch.tensor(routes, dtype=torch.int32,
-                                                                   device=device))
-                    timed(provider, case, peft_model, ids)
-                    if gpu and case.kind == "decode" and provider in GRAPHED:
-                        timed(provider, case, peft_model, ids, mode="graph", routes=routes)
-            prism_fast.unpatch_model(peft_model)
-
-    # 3. PEFT itself: unmerged, per-row adapter names, and the official two-pass routing.
-    for case in cases:
+    if any(p.startswith("prism_fast") for p in providers):   # 2. prism_fast on the PEFT model
+        prism_section(timed, peft_model, gate.state_dict(), cases, inputs, notes)
+    for case in cases:                       # 3. PEFT: unmerged, per-row names, two passes
         b, ids = case.batch, inputs[case]
         timed("peft", case, peft_model, ids)
         names = [ADAPTER if r == 0 else "__base__" for r in half(b)]
         timed("peft_adapter_names", case, peft_model, ids, {"adapter_names": names})
         if case.kind == "prefill":
-            timed("two_pass", case, two_pass(peft_model, gate, fwd), ids)
-
+            timed("two_pass", case, two_pass(peft_model, gate, timed.fwd), ids)
     notes.append("e2e: two_pass and prism_fast_gate are prefill-only rows: their decode steps are "
                  "those of peft / prism_fast_open (the decision is kept from the prefill)")
-    if skipped:
-        notes.append(f"e2e: time budget spent, left out: {', '.join(skipped)}")
+    if timed.skipped:
+        notes.append(f"e2e: time budget spent, left out: {', '.join(timed.skipped)}")
     del peft_model, model
-    if gpu:
+    if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def prism_section(timed: Timer, peft_model, gate_state: dict, cases: list[E2ECase],
+                  inputs: dict, notes: list[str]) -> None:
+    """prism_fast.patch_model on the PEFT model (the drop-in case): the gate deciding in the
+    prefill, then forced routes (open, closed, half), graphed on a GPU; unpatched after."""
+    import prism_fast
+
+    gpu = timed.device.type == "cuda"
+    if not gpu:
+        notes.append("e2e: on CPU the prism_fast providers run patch_model's torch backend "
+                     "(its fast torch path, prism_fast/ops/gated_lora_torch.py), not the "
+                     "Triton kernels")
+    try:
+        prism_fast.patch_model(peft_model, gate=gate_state)
+    except Exception as e:
+        notes.append(f"e2e: prism_fast.patch_model failed ({type(e).__name__}: {e}): "
+                     "prism_fast end-to-end providers skipped")
+        timed.log(notes[-1])
+        return
+    for case in cases:
+        b, ids = case.batch, inputs[case]
+        if case.kind == "prefill":
+            prism_fast.set_routes(peft_model, None)    # the gate decides, in the forward
+            timed("prism_fast_gate", case, peft_model, ids)
+        for provider, routes in (("prism_fast_open", [0] * b), ("prism_fast_closed", [-1] * b),
+                                 ("prism_fast_half", half(b) if b > 1 else None)):
+            if routes is None:
+                continue
+            prism_fast.set_routes(peft_model, torch.tensor(routes, dtype=torch.int32,
+                                                           device=timed.device))
+            timed(provider, case, peft_model, ids)
+            if gpu and case.kind == "decode" and provider in GRAPHED:
+                timed(provider, case, peft_model, ids, mode="graph", routes=routes)
+    prism_fast.unpatch_model(peft_model)
 
 
 def two_pass(peft_model, gate: torch.nn.Module, fwd: Forward) -> Callable:

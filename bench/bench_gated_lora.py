@@ -1,20 +1,15 @@
-"""Layer benchmarks: one gated-LoRA projection (or one decoder layer's seven) per case.
+"""Layer benchmarks (kernels/gated_lora.py): one gated-LoRA projection, or one decoder layer's
+seven, per case, each provider timed against `base` in the same process:
 
-Providers, each timed against `base` in the same process:
-  base        F.linear per projection: what the unpatched layer does.
-  prism_fast  the Triton op: `prism_fast.gated_lora_linear(..., backend="triton")` for one
-              projection, `torch.ops.prism_fast.gated_lora` (one multi-slice call) for q/k/v and
-              gate/up, which read the same input.
-  peft_style  base(x) + lora_B(lora_A(x)) · s per projection, adapter 0 on every row: what PEFT
-              does with one active adapter. It cannot skip closed rows, so its time does not
-              depend on the open share (one row per M, share = null).
-  torch_ref   the reference gated op (`backend="torch"`): dense LoRA for every adapter, then a
-              masked select. Independent of the open share as well.
+  base        F.linear per projection (the unpatched layer).
+  prism_fast  the Triton op: `gated_lora_linear(..., backend="triton")` for one projection,
+              `torch.ops.prism_fast.gated_lora` (one multi-slice call) for q/k/v and gate/up.
+  peft_style  base(x) + lora_B(lora_A(x)) · s, adapter 0 on every row (PEFT with one active
+              adapter): independent of the open share (one row per M, share = null).
+  torch_ref   the reference op (`backend="torch"`); also independent of the open share.
 
-Rows are laid out as serving lays them out: M ≤ 128 is a decode batch (x [M, K], one id per
-row, the open rows scattered at random); larger M is a prefill of B sequences of T tokens
-(x [B, T, K], one id per sequence, B = max(4, M // 512)), where a closed sequence lets the
-kernels skip its row tiles.
+M ≤ 128 is a decode batch (x [M, K], one id per row, open rows at random); larger M a prefill of
+B sequences of T tokens (x [B, T, K], one id per sequence, B = max(4, M // 512)).
 """
 
 from __future__ import annotations
@@ -27,9 +22,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, MODELS, Budget, TimerConfig, measure
+from bench.common import DTYPES, Budget
+from bench.timing import TimerConfig, measure
+from prism_fast.testing.shapes import MODELS
 
 PROVIDERS = ("base", "prism_fast", "peft_style", "torch_ref")
+# The case fields a provider's time does not depend on (measured once, reported with them null).
+IGNORES = {"base": ("rank", "adapters", "share"), "prism_fast": (),
+           "peft_style": ("adapters", "share"), "torch_ref": ("share",)}
 GPU_ONLY = {"prism_fast"}  # Triton on CPU is only the interpreter: no timing to report
 DECODE_MAX_M = 128
 SCALE = 2.0  # α / r with α = 2r, as PRISM's r = 16, α = 32
@@ -225,14 +225,8 @@ def lora_rows(case: LayerCase, provider: str) -> tuple[int, int]:
 
 def timing_key(case: LayerCase, provider: str, mode: str) -> tuple:
     """What a provider's time depends on: shared rows are measured once and reported once."""
-    key = (provider, case.model, case.proj, case.m, case.dtype, mode)
-    if provider == "base":
-        return key
-    if provider == "peft_style":
-        return (*key, case.rank)
-    if provider == "torch_ref":
-        return (*key, case.rank, case.adapters)
-    return (*key, case.rank, case.adapters, case.share)
+    return (provider, mode, *(None if k in IGNORES[provider] else v
+                              for k, v in asdict(case).items()))
 
 
 def run_layer_sweep(cases: list[LayerCase], providers: list[str], modes: list[str],
@@ -262,13 +256,9 @@ def run_layer_sweep(cases: list[LayerCase], providers: list[str], modes: list[st
             row = dict(bench="layer", **asdict(case), provider=provider, mode=mode, B=b, T=t,
                        n_open=case.n_open(),
                        case_key=f"layer|{case.model}|{case.proj}|M={case.m}|{case.dtype}|{mode}")
-            # Share-independent providers are reported once, with the fields they ignore nulled.
-            if provider != "prism_fast":
-                row.update(share=None, n_open=None)
-            if provider in ("base", "peft_style"):
-                row.update(adapters=None)
-            if provider == "base":
-                row.update(rank=None)
+            row.update({k: None for k in IGNORES[provider]})   # reported once, see IGNORES
+            if "share" in IGNORES[provider]:
+                row["n_open"] = None
             rows.append(row)
             try:
                 tm = measure(case_fn(provider, groups), device, mode, timer)

@@ -2,37 +2,25 @@
 
     python -m bench.bench_host [--layers 8] [--batch 1] [--rounds 2000] [--triton-path]
 
-Runs anywhere (no GPU needed): Triton compiles nothing and launches nothing. Its active driver
-is replaced by one that reports an sm_90 device and stream 0, the JIT function's `compile` by
-one that returns a stand-in compiled kernel, and that kernel's `run` (the C launcher that
-would call cuLaunchKernel) by a counter (prism_fast.testing.noop_triton, which the launch
-cache's keying test, tests/kernels/launch_keys.py, shares). Everything else is the real code,
-on CPU tensors:
-
-* counted: all of prism_fast's Python on the decode path (the patched projections, routing,
-  `gated_lora_linear_triton`, the launch plan's key and lookup, the fp32 buffer allocation) and
-  Triton's launch path as far as it runs on the host: either `JITFunction.run` (binder,
-  specialisation, cache key and lookup, grid, launch metadata) when launches go through
-  `kernel[grid](...)`, or the cached direct `CompiledKernel.run` call; the base `F.linear`
-  calls are counted in both the base and the patched forward and cancel out.
-* not counted: the C launcher itself (argument packing and cuLaunchKernel, ≈ 2-4 µs per
-  launch on a GPU host, the same for any Python path) and any device time.
-
-The per-group figure is (patched forward − unpatched forward) / launch groups: the median over
-rounds of the difference between the two forwards timed back to back in each round, for one
-decode step of an L-layer Llama (hidden 64, LoRA on q/k/v, o,
-gate/up, down of layers 1…L−1: 4 launch groups per layer), every route open. CPU host time:
-not a GPU result, and scaled by this machine's core speed.
+Runs anywhere: Triton's driver reports an sm_90 device, `compile` returns a stand-in kernel and
+its `run` (the C launcher) only counts (prism_fast.testing.noop_triton). Counted: prism_fast's
+Python on the decode path and Triton's host launch path (`JITFunction.run`, or the cached direct
+`CompiledKernel.run`); not counted: the C launcher (≈ 2-4 µs per launch on a GPU host) and any
+device time. Per launch group: the median over rounds of (patched − unpatched forward, timed
+back to back) / groups, one decode step of an L-layer Llama (hidden 64, LoRA on q/k/v, o,
+gate/up, down of layers 1…L−1), every route open. CPU host time: not a GPU result.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 # Triton's compiled path, not its interpreter: this benchmark stubs what needs a GPU.
 os.environ.pop("TRITON_INTERPRET", None)
@@ -40,6 +28,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from bench import timing  # noqa: E402
 from prism_fast.testing.noop_triton import install_noop_triton  # noqa: E402
 
 
@@ -48,33 +37,31 @@ def _models(layers: int, dtype: torch.dtype):
     temporary directory and loaded as a user would), so both run the same HF code."""
     import tempfile
 
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import prism_fast
-    from prism_fast.hf import LORA_TARGETS
+    from bench.models import add_peft_adapter
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     base = LlamaForCausalLM(config).to(dtype).eval()
-    lora = LoraConfig(r=16, lora_alpha=32, layers_to_transform=list(range(1, layers)),
-                      target_modules=list(LORA_TARGETS))
-    peft = get_peft_model(copy.deepcopy(base), lora, adapter_name="persona_expert")
+    peft = add_peft_adapter(copy.deepcopy(base), init_lora_weights=True, task_type=None)
     model = copy.deepcopy(base)
     with tempfile.TemporaryDirectory() as tmp:
         peft.save_pretrained(tmp)
-        # patch_model's Triton backend on CPU tensors asks for TRITON_INTERPRET=1; the flag is
-        # read when it resolves the backend, after triton was imported in compiled mode above.
+        # patch_model takes the Triton backend for CPU tensors only from an interpreter: it is
+        # made to believe in one while it resolves the backend (the kernels stay compiled).
         os.environ["TRITON_INTERPRET"] = "1"
         try:
-            prism_fast.patch_model(model, f"{tmp}/persona_expert", backend="triton")
+            with mock.patch("prism_fast.ops.backend.interpreted", lambda: True):
+                prism_fast.patch_model(model, f"{tmp}/persona_expert", backend="triton")
         finally:
             os.environ.pop("TRITON_INTERPRET", None)
     return base, model
 
 
-def _decode_step(model, ids: torch.Tensor, cache, n_past: int) -> float:
+def _decode_step(model, ids: torch.Tensor, cache) -> float:
     """Seconds of one decode forward; the cache is cropped back so every step is alike."""
     start = time.perf_counter()
     model(input_ids=ids, past_key_values=cache, use_cache=True)
@@ -83,7 +70,7 @@ def _decode_step(model, ids: torch.Tensor, cache, n_past: int) -> float:
     return took
 
 
-def measure(layers: int, batch: int, rounds: int, triton_path: bool) -> dict:
+def measure(layers: int, batch: int, n_rounds: int, triton_path: bool) -> dict:
     """Median host µs of one decode step, base and patched, interleaved; per launch group."""
     import prism_fast
     from prism_fast.kernels import gated_lora_launch
@@ -105,14 +92,14 @@ def measure(layers: int, batch: int, rounds: int, triton_path: bool) -> dict:
             caches.append(cache)
         for _ in range(20):   # warm-up: plans, compiled stand-ins, allocator
             for model, cache in zip((base, patched), caches):
-                _decode_step(model, step, cache, prompt.shape[1])
+                _decode_step(model, step, cache)
         n0 = sum(k.launches for k in compiled)
-        _decode_step(patched, step, caches[1], prompt.shape[1])
+        _decode_step(patched, step, caches[1])
         launches = sum(k.launches for k in compiled) - n0
-        times: dict[str, list[float]] = {"base": [], "patched": []}
-        for _ in range(rounds):
-            for name, model, cache in (("base", base, caches[0]), ("patched", patched, caches[1])):
-                times[name].append(_decode_step(model, step, cache, prompt.shape[1]))
+        times = timing.rounds({name: functools.partial(_decode_step, model, step, cache)
+                               for name, model, cache in (("base", base, caches[0]),
+                                                          ("patched", patched, caches[1]))},
+                              n_rounds, warmup=0)
     groups = 4 * (layers - 1)
     base_us = statistics.median(times["base"]) * 1e6
     patched_us = statistics.median(times["patched"]) * 1e6

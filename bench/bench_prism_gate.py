@@ -1,10 +1,7 @@
-"""Gate benchmark: `prism_fast.prism_gate` against PRISM's torch gate MLP.
+"""Gate benchmark (kernels/prism_gate.py): `prism_fast.prism_gate` against PRISM's torch gate.
 
-Providers (baseline: torch_mlp):
-  torch_mlp   nn.Sequential(Linear(H, 256), GELU, Dropout, Linear(256, 2)) in eval mode, then
-              argmax − 1: the official gate, as the reference code runs it.
-  prism_fast  the fused Triton kernel (`backend="triton"`), one launch.
-  torch_ref   `prism_fast.prism_gate(..., backend="torch")`: the plain-PyTorch reference op.
+Providers (baseline torch_mlp): `torch_mlp` the official nn.Sequential gate in eval mode, then
+argmax − 1; `prism_fast` the fused Triton kernel (one launch); `torch_ref` the PyTorch op.
 """
 
 from __future__ import annotations
@@ -14,7 +11,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import DTYPES, MODELS, Budget, TimerConfig, make_gate, measure
+from bench.common import DTYPES, Budget, make_gate
+from bench.timing import TimerConfig, measure
+from prism_fast.testing.shapes import MODELS
 
 PROVIDERS = ("torch_mlp", "prism_fast", "torch_ref")
 GPU_ONLY = {"prism_fast"}

@@ -2,27 +2,15 @@
 
     python -m bench --serving [--quick] [--engine-sweep]     (or python -m bench.bench_serving)
 
-A stream of N chat requests (questions of bench/contexts.py, answers of varied lengths, greedy,
-EOS off so that every case generates the same tokens count) goes through transformers' own
-engine (`init_continuous_batching`, paged KV cache) in each case:
-
-  base             the unpatched model, no context
-  static_generate  the same stream through left-padded `generate` in batches of 8 (no engine)
-  prompted         the context (C tokens) as every request's system message, prefix sharing off:
-                   every prompt recomputed
-  prompted_shared  the same, with the engine's prefix sharing on: the context's blocks computed
-                   once and shared
-  prism_open       no context; the PEFT model patched by prism_fast, every route forced open
-  prism_half       half the requests open, half closed (forced, alternating)
-  prism_closed     every route closed (the base model's computation)
-
-Per case: throughput (generated tokens / wall time from the first request's arrival to the last
-answer), time to first token and per-token latency at p50 / p99, prompt tokens taken from shared
-blocks, peak KV blocks held. Then the decode crossover (bench/serving_crossover.py): PRISM open
-against the cached prompt at C = 200 / 1k / 4k, B = 1 and 8, with the byte floor. --engine-sweep
-adds a sweep of the engine's settings on the base model. On CPU: SmolLM2-135M-Instruct fp32,
-torch backend; CPU numbers are CPU numbers, never GPU results. Results:
-<out>/serving-cpu-<date>.{json,md,png}, written atomically; no result, no file.
+A stream of chat requests (bench/contexts.py's questions, answers of varied lengths, greedy, EOS
+off) through transformers' engine (`init_continuous_batching`, paged KV cache) per case:
+`base`; `static_generate` (left-padded `generate` in batches of 8, no engine); `prompted` (the
+context of C tokens as every system message, prefix sharing off) and `prompted_shared` (on);
+`prism_open` / `prism_half` / `prism_closed` (no context, the patched PEFT model, routes
+forced). Per case: throughput, TTFT and per-token latency at p50 / p99, prompt tokens taken from
+shared blocks, peak KV blocks. Then the decode crossover (bench/serving_crossover.py), and with
+--engine-sweep a sweep of the engine's settings. CPU: SmolLM2-135M-Instruct fp32, torch
+backend. Results: <out>/serving-cpu-<date>.{json,md,png}, written atomically.
 """
 
 from __future__ import annotations
@@ -30,20 +18,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from bench import serving_crossover, serving_report
+from bench import report, serving_crossover, serving_report
 from bench.serving_engine import ATTNS, Engine, engine_sweep, run_case, static_generate, sweep_grid
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("base", "static_generate", "prompted", "prompted_shared", "prism_open", "prism_half",
          "prism_closed")
 ANSWERS = (16, 48, 32, 24)          # max new tokens, cycled over the stream
@@ -56,16 +41,14 @@ QUICK = dict(requests=4, contexts=[200], cross=[200], decode_tokens=6, serial=1)
 def build():
     """(base model, patched PEFT model, tokenizer, byte floor), SmolLM2-135M fp32 on CPU."""
     import prism_fast
-    from bench.bench_e2e import add_peft_adapter
-    from prism_fast.testing.smollm2 import load_smollm2
+    from bench.bench_decode_floor import byte_floor
+    from bench.models import smollm2_with_adapter
 
-    base, tokenizer = load_smollm2(torch.float32)
-    prism, _ = load_smollm2(torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prism = add_peft_adapter(prism, prism.config.num_hidden_layers)
-    floor = serving_crossover.byte_floor(prism)     # before patching repacks the adapter
-    return base, prism_fast.patch_model(prism, backend="torch"), tokenizer, floor
+    base, prism, tokenizer = smollm2_with_adapter(torch.float32)
+    prism = prism_fast.patch_model(prism, backend="torch")
+    f = byte_floor(base, prism)
+    return base, prism, tokenizer, {"adapter_mb": f["adapter_bytes"] / 1e6,
+                                    "base_mb": f["weight_bytes"] / 1e6, "floor": f["floor"]}
 
 
 def encode(tokenizer, question: str, context: str | None) -> list[int]:
@@ -104,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=int, default=Engine.max_batch_tokens)
     p.add_argument("--page-size", type=int, default=Engine.page_size)
     p.add_argument("--attn", default=Engine.attn, help=f"one of {', '.join(ATTNS)}")
-    p.add_argument("--out", type=Path, default=RESULTS / "cpu")
+    p.add_argument("--out", type=Path, default=report.RESULTS / "cpu")
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else DEFAULT).items():
         if getattr(args, k, None) is None:
@@ -185,14 +168,11 @@ def main(argv=None) -> int:
                                  *(argv if argv is not None else sys.argv[1:])]),
             "quick": args.quick, "elapsed_s": time.monotonic() - started,
             "load_average": [round(load, 2), round(os.getloadavg()[0], 2)]}
-    stem = args.out / f"serving-cpu-{date}"
-    result = {"meta": meta, "rows": rows, "crossover": cross, "engine_sweep": sweep,
-              "gpu_rows": serving_crossover.GPU_ROWS}
-    serving_report.write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1))
     text = serving_report.markdown(meta, rows, cross, sweep or [])
-    serving_report.write_atomic(stem.with_suffix(".md"), text)
-    if cross and not serving_report.plot(cross, stem.with_suffix(".png")):
-        log("[serving] plot skipped: matplotlib is not installed")
+    report.write(args.out / f"serving-cpu-{date}",
+                 {"meta": meta, "rows": rows, "crossover": cross, "engine_sweep": sweep,
+                  "gpu_rows": serving_crossover.GPU_ROWS}, text,
+                 (lambda path: serving_report.plot(cross, path)) if cross else None)
     print(text)
     return 0
 

@@ -5,42 +5,31 @@ output_hidden_states vs embeddings + layer 0 only).
     python -m bench.bench_train                      # SmolLM2-135M-Instruct (real weights), CPU
     python -m bench.bench_train --model llama3-8b    # random-init Llama-3-8B shape, bf16 (GPU)
 
-Three tables:
-1. **Stage B step** on the model: time per training sample (forward + backward) and the step's
-   measured peak memory, for the official step (batch 1), prism_fast at micro-batch 1 (the top-k
-   loss alone changes) and the trainer's step of 8 samples (`prism_fast.train.step_backward`:
-   padded forwards of at most `max_batch_tokens`).
-2. **The loss alone** (LM head + loss, forward + backward, from the final hidden states) at the
-   head shapes of SmolLM2-135M, Llama-3-8B and Qwen2.5-7B: the official one sample's [T, V]
-   logits against prism_fast's top-k loss over a micro-batch of 8 samples. Its share of the
-   official step bounds what removing the head can gain (Amdahl).
-3. **Gate features**: full forward vs layer 0 only.
-
-Times are medians of `perf_counter` around each call, in one process, after a warm-up, the
-variants of a row timed in interleaved rounds (this 2-core CPU drifts by up to ±10 % between
-runs). Peak memory is measured in a separate call (`bench.common.peak_memory`): on CUDA the
-allocator's `max_memory_allocated`, on CPU every tensor storage the call creates while it is
-alive; both above what was allocated before the call (the model's weights are not in it). On
-CPU the top-k loss runs its torch path (the Triton kernel would run under the interpreter,
-which is no speed measurement); on CUDA the Triton kernel.
+Tables: the Stage B step (time per sample and peak memory: official batch 1, prism_fast at
+micro-batch 1 and the trainer's step of 8); the LM head + loss alone at the head shapes of
+SmolLM2-135M, Llama-3-8B and Qwen2.5-7B (its share of the official step bounds what removing the
+head can gain); gate features. Medians of interleaved rounds (bench.timing); peak memory in a
+separate call (bench.common.peak_memory), above what was allocated before it. On CPU the top-k
+loss runs its torch path, on CUDA the Triton kernel.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import CPU_LABEL, MODELS, peak_memory, sync
+from bench import report
+from bench.common import CPU_LABEL, peak_memory
 from bench.models import load_model
+from bench.timing import rounds, seconds
 from prism_fast.ops import topk_distill_loss
 from prism_fast.reference import official_stage_b_loss
+from prism_fast.testing.shapes import MODELS
 from prism_fast.training import (
     TEACHER_TOPK,
     TrainConfig,
@@ -60,19 +49,9 @@ def _x(ratio: float) -> str:
 
 
 def _medians(calls: dict, reps: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each call, timed in interleaved rounds (one of each per round, after a
-    warm-up of each) so that the machine's drift falls on every call alike."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for fn in calls.values():
-        fn()
-        sync(device)
-    for _ in range(reps):
-        for name, fn in calls.items():
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds of each call over interleaved rounds, after a warm-up round."""
+    runs = rounds({name: seconds(fn, device) for name, fn in calls.items()}, reps)
+    return {name: statistics.median(ts) for name, ts in runs.items()}
 
 
 def _official_loss(logits: torch.Tensor, s: dict, temperature: float = 2.0) -> torch.Tensor:
@@ -268,10 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     stem = Path(a.out or ("bench/results/cpu/train" if device.type == "cpu"
                           else f"bench/results/train-{a.model}"))
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"meta": meta, "stage_b": stage_b, "loss": loss, "gate": gate}, indent=1) + "\n")
+    report.write(stem, {"meta": meta, "stage_b": stage_b, "loss": loss, "gate": gate}, text)
 
 
 if __name__ == "__main__":

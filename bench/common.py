@@ -1,73 +1,28 @@
-"""Shared pieces of the benchmarks: device, timing, measured device limits, shapes, budget.
-
-Timing follows one rule everywhere: on a GPU, `triton.testing.do_bench` (eager, L2 flushed before
-every call) or `triton.testing.do_bench_cudagraph` (the same calls captured in one CUDA graph, so
-host launch overhead disappears), reporting the median and the 20th / 80th percentiles. On a CPU
-the same quantiles come from `time.perf_counter` around each call; such numbers are labelled
-"CPU: not a GPU result" wherever they are written.
-"""
+"""Shared pieces of the benchmarks: labels, the --device rule and run metadata, a time budget,
+the gate, peak memory (shapes: prism_fast.testing.shapes; timing: bench/timing.py; reports:
+bench/report.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import os
+import platform
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from bench import report
 from prism_fast.training import BinaryGate
 
 CPU_LABEL = "CPU: not a GPU result"
-QUANTILES = [0.5, 0.2, 0.8]  # median, p20, p80: the order do_bench returns them in
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The projection sizes of one decoder architecture (and enough to build it with HF)."""
-
-    name: str
-    hidden: int
-    kv: int           # width of k_proj / v_proj = kv_heads · head_dim
-    inter: int        # MLP intermediate size
-    qkv_bias: bool    # Qwen2 has biases on q/k/v, Llama has none
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-
-    def groups(self, proj: str) -> list[tuple[int, list[int], bool]]:
-        """The op calls a projection name stands for: [(K, [N_s per slice], bias)].
-
-        Single projections are one slice; "qkv" / "gate_up" are the shared-input multi-slice
-        calls; "layer" is one decoder layer: qkv, o, gate_up, down (the seven projections).
-        """
-        h, kv, i, qb = self.hidden, self.kv, self.inter, self.qkv_bias
-        table = {
-            "q": [(h, [h], qb)], "k": [(h, [kv], qb)], "v": [(h, [kv], qb)], "o": [(h, [h], False)],
-            "gate": [(h, [i], False)], "up": [(h, [i], False)], "down": [(i, [h], False)],
-            "qkv": [(h, [h, kv, kv], qb)], "gate_up": [(h, [i, i], False)],
-        }
-        table["layer"] = table["qkv"] + table["o"] + table["gate_up"] + table["down"]
-        return table[proj]
-
-
-MODELS = {
-    "llama3-8b": ModelShape("llama3-8b", 4096, 1024, 14336, False, 32, 32, 8, 128256),
-    "qwen2.5-7b": ModelShape("qwen2.5-7b", 3584, 512, 18944, True, 28, 28, 4, 152064),
-    # The real model of the CPU runs (bench/models.py): SmolLM2-135M-Instruct, Llama architecture.
-    "smollm2-135m": ModelShape("smollm2-135m", 576, 192, 1536, False, 30, 9, 3, 49152),
-    # CPU-sized stand-in: same structure (GQA, 7 projections), small enough for 2 cores.
-    "tiny": ModelShape("tiny", 256, 64, 704, False, 4, 4, 1, 1024),
-}
 PROJECTIONS = ("layer", "qkv", "gate_up", "q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -178,80 +133,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return mem.peak_bytes
 
 
-@dataclass
-class Timing:
-    median_us: float
-    p20_us: float
-    p80_us: float
-
-
-@dataclass
-class TimerConfig:
-    warmup_ms: float
-    rep_ms: float
-    graph_rep_ms: float
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn: Callable[[], object], device: torch.device, mode: str, cfg: TimerConfig) -> Timing:
-    """Quantiles of one call of `fn` in µs. mode: "eager" or "graph" (CUDA graph, GPU only)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        if mode == "graph":
-            q = triton.testing.do_bench_cudagraph(fn, rep=cfg.graph_rep_ms, quantiles=QUANTILES)
-        else:
-            q = triton.testing.do_bench(fn, warmup=cfg.warmup_ms, rep=cfg.rep_ms,
-                                        quantiles=QUANTILES)
-        return Timing(*(v * 1e3 for v in q))
-    if mode != "eager":
-        raise ValueError(f"mode: {mode!r} needs a CUDA device; on CPU only 'eager' exists")
-    return _cpu_quantiles(fn, cfg)
-
-
-def _cpu_quantiles(fn: Callable[[], object], cfg: TimerConfig) -> Timing:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    estimate = max(time.perf_counter() - t0, 1e-7)
-    for _ in range(max(1, int(cfg.warmup_ms * 1e-3 / estimate))):
-        fn()
-    times = []
-    # At least 5 samples so that p20/p80 mean something, at most 10k so tiny ops stay bounded.
-    for _ in range(min(10_000, max(5, int(cfg.rep_ms * 1e-3 / estimate)))):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    q = np.quantile(np.array(times), QUANTILES) * 1e6
-    return Timing(*(float(v) for v in q))
-
-
-def device_limits(device: torch.device, dtype: torch.dtype, cfg: TimerConfig) -> dict:
-    """Measured copy bandwidth (GB/s) and dense matmul throughput (TFLOP/s) of this device.
-
-    The achieved GB/s and TFLOP/s of every row are reported as a share of these, so "% of peak"
-    means "of what this device did in the same process", not of a datasheet.
-    """
-    gpu = device.type == "cuda"
-    copy_bytes = (1 << 30) if gpu else (64 << 20)
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    t_copy = measure(lambda: dst.copy_(src), device, "eager", cfg).median_us
-    n = 8192 if gpu else 1024
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    t_mm = measure(lambda: a @ b, device, "eager", cfg).median_us
-    return {
-        "copy_gbps": 2 * copy_bytes / t_copy / 1e3,  # read + write
-        "matmul_tflops": 2 * n**3 / t_mm / 1e6,
-        "copy_bytes": copy_bytes, "matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""),
-    }
-
-
 def make_gate(hidden: int, dtype: torch.dtype, device: torch.device, *,
               always_open: bool = False) -> BinaryGate:
     """A random gate in eval mode. always_open: the lora class wins for every input, so that
@@ -262,3 +143,39 @@ def make_gate(hidden: int, dtype: torch.dtype, device: torch.device, *,
             gate.gate[3].weight.mul_(1e-3)
             gate.gate[3].bias.copy_(torch.tensor([-4.0, 4.0]))
     return gate
+
+
+def pick_device(choice: str) -> torch.device:
+    """--device: "auto" is CUDA where there is one, else the CPU; "cuda" needs one."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to torch "
+                         "(torch.cuda.is_available() is False); use --device cpu or auto")
+    return torch.device(choice)
+
+
+def device_meta(device: torch.device) -> dict:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        from prism_fast.kernels import gated_lora
+
+        tuned = gated_lora.config_path(props.name)
+        return dict(device=props.name, slug=props.name.replace(" ", "_"), gpu=True,
+                    label="GPU", capability=f"{props.major}.{props.minor}",
+                    sms=props.multi_processor_count,
+                    tuned_config=str(tuned) if tuned.exists() else None)
+    return dict(device=f"CPU ({platform.processor() or platform.machine()}, "
+                       f"{torch.get_num_threads()} threads)",
+                slug="cpu", gpu=False, label=CPU_LABEL, tuned_config=None)
+
+
+def run_meta(args, device: torch.device, prefix: str, argv: list[str] | None
+             ) -> tuple[Path, dict]:
+    """(results' path stem, metadata) of a `python -m bench` run: --out (default bench/results,
+    or its cpu/ folder off a GPU), checked writable before anything is measured."""
+    out_dir = args.out or (report.RESULTS if device.type == "cuda" else report.RESULTS / "cpu")
+    report.check_writable(out_dir)
+    dev = device_meta(device)
+    meta = {**dev, **report.run_meta("python -m bench", argv)}
+    return out_dir / f"{prefix}{dev['slug']}-{meta['date'].replace('-', '')}", meta

@@ -1,25 +1,16 @@
 """The decode-path table: every gated-LoRA path against the base F.linear, on a GPU.
 
-    python -m bench.gpu_decode_paths [--out DIR] [--time-budget S]
-                                     [--models llama3-8b qwen2.5-7b]
+    python -m bench.gpu_decode_paths [--out DIR] [--time-budget S] [--models llama3-8b qwen2.5-7b]
 
-For each projection group of one decoder layer (q/k/v, o, gate/up, down) of each model
-(Llama-3-8B, Qwen2.5-7B), each decode size M ∈ {1, 8, 32, 64} and each mode (CUDA graph
-first, for every model, then eager), times:
-  base    the group's F.linear calls alone (what the unpatched layer does)
-  split   base + the LoRA term by SHRINK then EXPAND (the default)
-  fused   base + FUSED (one launch; every program recomputes its slice's shrink)
-  coop    base + COOP (one launch, grid barrier; experimental), where its grid fits
-  fused_base  the opt-in fused kernel alone (patch_model(..., fuse_base=True)): base
-          projection and LoRA in one launch (kernels/fused_base_lora.py), its own base rounding
-bf16, r = 16, one adapter, every row open. The paths are prism_fast.tune's candidates, launched
-as it launches them (prism_fast.tuning.projection_runner: F.linear, then GatedLoraLauncher with
-the path's config forced, the launcher a patched model's layer takes in eager mode; the fused
-base kernel as tune times it for fuse_base models); no global is switched.
-Medians of triton.testing's do_bench / do_bench_cudagraph; ratios to base in the same process.
-Writes decode_paths.json and prints its table (markdown); `--md` also writes decode_paths.md.
-GPU only
-(written against torch 2.11 / Triton 3.6; unrun on a GPU so far).
+For each projection group of one decoder layer (q/k/v, o, gate/up, down) of Llama-3-8B and
+Qwen2.5-7B, M ∈ {1, 8, 32, 64}, CUDA graph first (every model) then eager: `base` (the group's
+F.linear calls) and base + the LoRA term by each of prism_fast.tune's candidate paths (split,
+fused, coop where its grid fits), launched as it launches them (prism_fast.tuning.projection_runner),
+and `fused_base` (the opt-in one-launch base + LoRA kernel, its own rounding, as tune times it
+for fuse_base models). bf16, r = 16, one
+adapter, every row open. Graphed times come from prism_fast.tuning.graph_time_us (the timer
+`prism_fast.tune` decides with), eager ones from do_bench; ratios to base in the same process.
+Writes decode_paths.json and prints its table (`--md`: also decode_paths.md). GPU only.
 """
 
 from __future__ import annotations
@@ -33,9 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import MODELS, Budget, TimerConfig, measure
+from bench import report
+from bench.common import Budget
+from bench.timing import TimerConfig, measure
 from prism_fast import tuning
 from prism_fast.kernels import gated_lora as gl
+from prism_fast.testing.shapes import MODELS
 
 MS = (1, 8, 32, 64)
 RANK = 16
@@ -74,6 +68,12 @@ def group_fns(k: int, ns: list[int], m: int, path: str, device: torch.device):
     return base, lora, check
 
 
+def time_us(fn, device: torch.device, mode: str, cfg: TimerConfig) -> float:
+    if mode == "graph":
+        return tuning.graph_time_us(fn, device)
+    return measure(fn, device, "eager", cfg).median_us
+
+
 def run(models: list[str], out: Path, budget: Budget, cfg: TimerConfig) -> list[dict]:
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
@@ -95,12 +95,12 @@ def run(models: list[str], out: Path, budget: Budget, cfg: TimerConfig) -> list[
                         continue
                     base, lora, check = group_fns(k, ns, m, path, device)
                     if "base_us" not in row:
-                        row["base_us"] = measure(base, device, mode, cfg).median_us
+                        row["base_us"] = time_us(base, device, mode, cfg)
                     try:
                         err = check()
                         if not err <= 2e-2:
                             raise RuntimeError(f"relative error {err:.3g}")
-                        row[path] = measure(lora, device, mode, cfg).median_us
+                        row[path] = time_us(lora, device, mode, cfg)
                     except Exception as e:   # report, keep going: one path must not sink all
                         row[path] = None
                         row[f"{path}_error"] = f"{type(e).__name__}: {e}"[:200]
@@ -110,25 +110,20 @@ def run(models: list[str], out: Path, budget: Budget, cfg: TimerConfig) -> list[
 
 
 def write(rows: list[dict], out: Path, gpu: str, md: bool = False) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_paths.json").write_text(json.dumps(
+    report.write_atomic(out / "decode_paths.json", json.dumps(
         {"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
-    lines = [f"# Decode paths, {gpu}, bf16, r = {RANK}, every row open (µs, median; × base)",
-             "fused base: the opt-in one-launch kernel, base included (not + base)", "",
-             "| model | mode | group | M | base | + split | + fused | + coop | fused base |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cells = []
-        for path in COLUMNS:
-            t = r.get(path)
-            cells.append("—" if t is None else f"{t:.1f} ({t / r['base_us']:.2f}×)")
-        lines.append(f"| {r['model']} | {r['mode']} | {r['group']} | {r['M']} | "
-                     f"{r['base_us']:.1f} | " + " | ".join(cells) + " |")
+    body = [[r["model"], r["mode"], r["group"], str(r["M"]), f"{r['base_us']:.1f}",
+             *("—" if r.get(p) is None else f"{r[p]:.1f} ({r[p] / r['base_us']:.2f}×)"
+               for p in COLUMNS)] for r in rows]
     errors = [f"- {r['model']} {r['mode']} {r['group']} M={r['M']} {p}: {r[p + '_error']}"
               for r in rows for p in COLUMNS if p + "_error" in r]
-    text = "\n".join(lines + ([""] + errors if errors else [])) + "\n"
+    text = "\n".join([
+        f"# Decode paths, {gpu}, bf16, r = {RANK}, every row open (µs, median; × base)",
+        "fused base: the opt-in one-launch kernel, base included (not + base)", "",
+        report.table(["model", "mode", "group", "M", "base", "+ split", "+ fused", "+ coop",
+                      "fused base"], body), *([""] + errors if errors else [])]) + "\n"
     if md:
-        (out / "decode_paths.md").write_text(text)
+        report.write_atomic(out / "decode_paths.md", text)
     return text
 
 

@@ -22,18 +22,6 @@ GPU_ROWS = {"contexts": (200, 1024, 4096, 16384, 32768),
             "models": ("smollm2-135m fp32", "llama3-8b (random weights, bf16, Triton)")}
 
 
-def byte_floor(peft_model) -> dict:
-    """Bytes a decode step must read: the adapter's (once per batch) over the base weights'.
-    Of the PEFT model before patching (its lora_ parameters by name)."""
-    prism = peft_model
-    adapter = sum(p.numel() * p.element_size() for n, p in prism.named_parameters() if "lora_" in n)
-    base = sum(p.numel() * p.element_size() for n, p in prism.named_parameters()
-               if "lora_" not in n)
-    if adapter == 0:
-        raise ValueError("peft_model: expected LoRA parameters (names with lora_), found none")
-    return {"adapter_mb": adapter / 1e6, "base_mb": base / 1e6, "floor": 1 + adapter / base}
-
-
 def decode_gaps(outputs: dict) -> list[float]:
     """Gaps between tokens after the last request of the batch got its first token."""
     settled = max(o.timestamps[0] for o in outputs.values())

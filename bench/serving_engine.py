@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from bench.timing import TokenStamps
+
 ATTNS = ("sdpa", "paged|eager")     # the implementations the engine accepts for an fp32 CPU model
 
 
@@ -138,17 +140,6 @@ def metrics(requests: int, tokens: int, wall: float, ttft: list[float], gaps: li
             "tpot_p99_ms": 1e3 * percentile(gaps, 0.99) if gaps else None}
 
 
-class _Clock:
-    """A logits processor that only notes when each step's logits exist (one call per token)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
-        return scores
-
-
 def static_generate(model, prompts: list[list[int]], answers: list[int], pad_id: int,
                     batch: int = 8) -> dict:
     """Left-padded `generate` in batches of `batch`, in arrival order: a batch waits for the
@@ -163,7 +154,7 @@ def static_generate(model, prompts: list[list[int]], answers: list[int], pad_id:
         width = max(map(len, rows))
         ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])       # (b, width)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        clock, steps = _Clock(), max(wants)
+        clock, steps = TokenStamps(), max(wants)
         config = GenerationConfig(do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
                                   pad_token_id=pad_id)
         with torch.inference_mode():

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from bench import bench_e2e, bench_gated_lora, bench_prism_gate
-from bench.common import DTYPES, MODELS, make_gate
-from bench.models import build_model
+from bench.common import DTYPES, make_gate
+from bench.models import add_peft_adapter, build_model
+from prism_fast.testing.shapes import MODELS
 
 pytest.importorskip("pytest_benchmark")
 
@@ -101,7 +102,7 @@ def models():
     layers = 4
     dtype = torch.bfloat16 if GPU else torch.float32
     base = build_model(MODELS[MODEL], layers, dtype, DEVICE)
-    peft_model = bench_e2e.add_peft_adapter(copy.deepcopy(base), layers)
+    peft_model = add_peft_adapter(copy.deepcopy(base), layers)
     gate = make_gate(MODELS[MODEL].hidden, dtype, DEVICE, always_open=True)
     return base, peft_model, gate.state_dict()
 
@@ -153,7 +154,7 @@ def test_cli_device_cuda_without_cuda():
 
 
 def test_cli_out_unwritable_is_found_before_measuring(tmp_path, monkeypatch):
-    import bench.__main__ as cli
+    import bench.sweep as cli
 
     monkeypatch.setattr(cli, "device_limits", lambda *a: pytest.fail("measuring started"))
     (tmp_path / "a_file").write_text("")
@@ -164,8 +165,8 @@ def test_cli_out_unwritable_is_found_before_measuring(tmp_path, monkeypatch):
 def test_interrupt_in_the_gate_section_keeps_what_was_measured(tmp_path, monkeypatch):
     """Ctrl-C in the middle of the gate section: the gates timed so far are in the JSON, the
     markdown and the plot, and no row is left without a time."""
-    import bench.__main__ as cli
-    from bench.common import Timing
+    import bench.sweep as cli
+    from bench.timing import Timing
 
     gate_calls = []
 

@@ -2,22 +2,15 @@
 
     python -m bench.tune_gated_lora [--out FILE] [--time-budget S]
 
-Writes the per-GPU table that `pick_config` reads (kernels/configs/<device name, spaces, / → _>.json)
-in its format: keys "<entry>:<next power of 2 of M>", where "fused", "shrink" and "expand" hold
-block sizes merged over the heuristic defaults (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, num_warps)
-and "split_k" an integer. The decode path is split (shrink + expand) unless an A slice, K·R,
-is at most "fused_max_a_elems" (default 0: never fused, as the H200 evidence in
-shared/EVIDENCE.md favours), tuned first over the decode sizes M ≤ 64. The table's format and
-who reads it: kernels/gated_lora_config.py. prism_fast.tune(model) writes per-group path
-choices in the same format to the user cache, which take precedence over this table's; both
-time a path the same way (prism_fast.tuning's group_inputs, launcher and CUDA-graph timer).
-
-One table entry serves every shape, so each candidate is scored by its summed time over one
-Llama-3-8B decoder layer's op calls (q/k/v, o, gate/up, down; r = 16, L = 1, bf16, every row
-open) that take the stage, checked against the reference, and kept only where it beats the
-current choice by more than prism_fast.tuning.MIN_GAIN (3 %). Entries of an existing table are
-kept unless beaten. The fused stage keeps its heuristic BLOCK_R: it must cover the R columns of
-a slice of u.
+Writes the per-GPU table that `pick_config` reads (kernels/configs/<device name>.json; format
+and reader: kernels/gated_lora_config.py): "fused_max_a_elems" (the K·R up to which decode calls
+take the fused path), then per "<entry>:<next power of 2 of M>" the block sizes of the "fused",
+"shrink" and "expand" stages and "split_k". One entry serves every shape, so a candidate is
+scored by its summed time over one Llama-3-8B layer's calls (r = 16, L = 1, bf16, every row
+open) that take the stage, checked against the reference, timed as prism_fast.tune times paths
+(prism_fast.tuning's group_inputs and CUDA-graph timer), and kept only where it beats the
+current choice by more than prism_fast.tuning.MIN_GAIN. Entries of an existing table are kept
+unless beaten; the user cache's tables from prism_fast.tune take precedence over this one.
 """
 
 from __future__ import annotations

@@ -156,8 +156,9 @@ def config_for(m: int, k: int, ns: tuple[int, ...], r: int, sms: int) -> dict:
     """Block sizes of one decode call (heuristic; no GPU timing yet). One row tile covers all
     M ≤ 64 rows, so W is streamed exactly once; every program also streams its slice of A
     (R × K), so N tiles are widened to 128 where that still leaves ≥ 1 program per SM.
-    Every choice here compiles for sm_90 without register spills (bench/kernel_resources.py,
-    checked in CI): 64 rows × rank 128 spilled 152 B with 64-wide N and K tiles."""
+    Every choice here compiles for sm_90 without register spills
+    (prism_fast.testing.kernel_resources, checked in CI): 64 rows × rank 128 spilled 152 B
+    with 64-wide N and K tiles."""
     expect(1 <= m <= MAX_ROWS, ValueError,
            lambda: f"x: the fused base kernel takes 1 to {MAX_ROWS} rows, got {m}")
     bm = max(16, triton.next_power_of_2(m))

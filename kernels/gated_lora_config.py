@@ -239,7 +239,7 @@ def base_path(m: int, k: int, ns: tuple[int, ...], r: int, table: dict) -> str:
 
 def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sms: int,
                table: dict | None = None, path: str | None = None) -> dict:
-    """`pick_config` for a named GPU with `sms` multiprocessors (bench/kernel_resources.py
+    """`pick_config` for a named GPU with `sms` multiprocessors (prism_fast.testing.kernel_resources
     compiles these for a GPU that is not here). `table` replaces the GPU's tuned table; `path`
     forces the path of a decode call (M ≤ 64). COOP falls back to SPLIT where its grid would
     exceed one program per SM (its barrier needs every program resident)."""
@@ -248,9 +248,9 @@ def config_for(m: int, k: int, ns: tuple[int, ...], r: int, device_name: str, sm
     sr, n_max = len(ns) * r, max(ns)
     path = decode_path(m, k, ns, r, table, path)
     # Block sizes and warps keep every variant the sweep's shapes use free of register spills
-    # on sm_90 under Triton 3.6 and 3.9 (bench/kernel_resources.py, checked in CI): 64-row
-    # tiles with 4 warps spill up to 2.4 KB per thread, and a K tile of 128 in the fused decode
-    # kernel takes 233 registers (3.6) against 128 for a K tile of 64.
+    # on sm_90 under Triton 3.6 and 3.9 (prism_fast.testing.kernel_resources, checked in
+    # CI): 64-row tiles with 4 warps spill up to 2.4 KB per thread, and a K tile of 128 in
+    # the fused decode kernel takes 233 registers (3.6) against 128 for a K tile of 64.
     if path == "fused":
         br = max(16, triton.next_power_of_2(r))   # one slice's R columns of u per program
         # Every program streams its A slice, whatever its N tile: wider tiles where 64 would

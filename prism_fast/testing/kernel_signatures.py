@@ -1,6 +1,6 @@
 """Triton compile signatures of prism_fast's kernels, for compiling them for a GPU target that
 is not here (Triton's code generator, no GPU needed): tests/kernels/test_compile_sm90.py
-compiles every variant, bench/kernel_resources.py reads ptxas's report of each."""
+compiles every variant, kernel_resources.py reads ptxas's report of each."""
 
 from __future__ import annotations
 
