@@ -42,28 +42,24 @@ class Group:
 
     def run(self, slot: int, x: torch.Tensor, ids: torch.Tensor, triton: bool) -> torch.Tensor:
         """Slot `slot`'s output for x, base + gated LoRA; slot 0 computes the whole group."""
-        members = self.members
-        if slot == 0 or len(members) == 1:
-            lane = None if self._prepared is None else self._prepared.lane
-            if lane is not None and lane.fits(x, ids) and self.holds(lane) \
-                    and not torch.compiler.is_compiling():
-                return self.keep(self.slots, x, lane(x))       # a decode step, all open
         weight = self.operands([slot])[0][0]
         if x.dtype != weight.dtype:
             raise TypeError(f"x: expected dtype {weight.dtype} (the layer's), got {x.dtype}")
-        if slot != 0 and len(members) > 1:
+        if slot != 0 and len(self.members) > 1:
             # No output of slot 0's call on this x to take (forward tried): this slice alone.
-            slots = [slot]
-            lora_a, lora_b, scaling = self.slice_args(slot)
-            launcher = None
-        else:
-            slots = self.slots
-            lora_a, lora_b, scaling = self.lora_a, self.lora_b, self.scaling
-            launcher = self.launcher if triton else self.prepared()
-        weights, biases = self.operands(slots)
-        ys = ops.gated_lora_group(x, weights, biases, lora_a, lora_b, scaling, ids, triton,
-                                  launcher, self.fuse_kernel)
-        return self.keep(slots, x, ys)
+            weights, biases = self.operands([slot])
+            ys = ops.gated_lora_group(x, weights, biases, *self.slice_args(slot), ids, triton,
+                                      None, self.fuse_kernel)
+            return self.finish([slot], ys)[0]
+        weights, biases = self.operands(self.slots)
+        launcher = self.launcher if triton else self.prepared()
+        ys = ops.gated_lora_group(x, weights, biases, self.lora_a, self.lora_b, self.scaling, ids,
+                                  triton, launcher, self.fuse_kernel)
+        return self.keep(x, ys)
+
+    def lane(self) -> ops.Lane | None:
+        """The PyTorch path's kept decode-step operands (gated_lora_torch.Lane), if any."""
+        return None if self._prepared is None else self._prepared.lane
 
     @property
     def slots(self) -> list[int]:
@@ -78,10 +74,10 @@ class Group:
                 return False
         return True
 
-    def keep(self, slots: list[int], x: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
-        """Slot slots[0]'s layer output; the others' kept for their forward on this same x."""
-        ys = self.finish(slots, ys)
-        if len(slots) > 1:
+    def keep(self, x: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
+        """Slot 0's layer output; the others' kept for their forward on this same x."""
+        ys = self.finish(self.slots, ys)
+        if len(ys) > 1:
             self.pending_x, self.pending = x, [None, *ys[1:]]
         return ys[0]
 
@@ -115,10 +111,11 @@ class Group:
 
     def take(self, slot: int, x: torch.Tensor) -> torch.Tensor | None:
         """Slot `slot`'s output computed with slot 0's call on this same x, if there is one."""
-        if self.pending_x is not x or self.pending[slot] is None:
+        if self.pending_x is not x:
             return None
-        y, self.pending[slot] = self.pending[slot], None
-        if slot == len(self.members) - 1 or all(p is None for p in self.pending[1:]):
+        pending = self.pending
+        y, pending[slot] = pending[slot], None
+        if slot == len(pending) - 1:
             self.pending_x, self.pending = None, []
         return y
 
@@ -164,11 +161,15 @@ class GatedLoraLinear(nn.Module):
         if routing.skip_lora():
             return self.group.base(self.slot, x)
         group = self.group
-        if self.slot and group.pending_x is x:   # slot 0 ran the group on this x
-            y = group.take(self.slot, x)
-            if y is not None:
-                return y
-        return group.run(self.slot, x, routing.ids_for(x), routing.triton)
+        if self.slot:
+            y = group.take(self.slot, x)          # slot 0 ran the group on this x
+            return group.run(self.slot, x, routing.ids_for(x), routing.triton) if y is None \
+                else y
+        ids = routing.ids_for(x)
+        lane = None if torch.compiler.is_compiling() else group.lane()   # eager only
+        if lane is not None and lane.fits(x, ids) and group.holds(lane):
+            return group.keep(x, lane(x))         # a decode step, every row open
+        return group.run(0, x, ids, routing.triton)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
