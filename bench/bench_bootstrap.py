@@ -28,7 +28,7 @@ import torch
 
 from bench.common import CPU_LABEL
 from bench.report import table, write
-from prism_fast.bootstrap import BootstrapConfig, GenConfig, bootstrap
+from prism_fast.bootstrap import BootstrapConfig, GenConfig, NothingToTrain, bootstrap
 from prism_fast.bootstrap import official as O
 from prism_fast.bootstrap.generate import encode_chats, generate
 from prism_fast.testing.smollm2 import load_smollm2
@@ -136,8 +136,11 @@ def full_run(model, tok, queries: int, answer_tokens: int, g: GenConfig) -> dict
     base = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        s = bootstrap(model, tok, PERSONA, Path(d) / "run", cfg, TrainConfig(), progress=True,
-                      reload=lambda: base)
+        try:
+            s = bootstrap(model, tok, PERSONA, Path(d) / "run", cfg, TrainConfig(),
+                          progress=True, reload=lambda: base)
+        except NothingToTrain:     # a model that cannot judge: Stages 1–2 and their summary
+            s = json.loads((Path(d) / "run" / "summary.json").read_text())
         s["total_seconds"] = time.perf_counter() - t0
     return s
 
@@ -172,8 +175,9 @@ def report(meta: dict, rows: list[dict], greedy: list[dict], full: dict | None) 
                      f"(first differing positions {g['first_diff_positions']})")
     if full:
         lines += ["", "Whole bootstrap (`prism_fast.bootstrap`, default path):", "",
-                  "```", json.dumps({k: full[k] for k in ("stage1", "stage2", "train", "seconds",
-                                                          "total_seconds")}, indent=1), "```"]
+                  "```", json.dumps({k: full.get(k) for k in ("stage1", "stage2", "train", "stopped",
+                                                              "seconds", "total_seconds")},
+                                    indent=1), "```"]
     return "\n".join(lines) + "\n"
 
 
