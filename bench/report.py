@@ -91,6 +91,7 @@ def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
         tmp.write(text)
+    os.chmod(tmp.name, 0o644)     # a results file, not the temporary file's private 0600
     os.replace(tmp.name, path)
 
 
