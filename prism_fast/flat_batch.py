@@ -78,6 +78,7 @@ class FlatBatch:
         self.tokens = 0
         self.deciding: list = []             # (FutureRequestState, tokens before its chunk)
         self.all_closed = False
+        self._views: dict[tuple, torch.Tensor] = {}   # (gated?, shape) → view of a buffer
 
     def prepare(self, requests, num_tokens: int, book: RouteBook) -> None:
         """Host side, before the forward: known routes per token, and where the gate decides."""
@@ -130,7 +131,11 @@ class FlatBatch:
         if t != self.tokens:
             raise ValueError(f"x: expected {self.tokens} tokens of the flattened batch, got "
                              f"{tuple(x.shape)}")
-        ids = (self.gated if self.n_rows else self.known)[:t].view(x.shape[:-1])
+        key = (self.n_rows > 0, x.shape[:-1])
+        ids = self._views.get(key)
+        if ids is None:   # one view per shape, kept: every layer's op then sees the same tensor
+            ids = (self.gated if self.n_rows else self.known)[:t].view(x.shape[:-1])
+            self._views[key] = ids
         return ids if ids.device == x.device else ids.to(x.device, non_blocking=True)
 
     def collect(self, book: RouteBook) -> list:

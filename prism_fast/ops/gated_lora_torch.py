@@ -86,6 +86,12 @@ def tracing(x: torch.Tensor | None = None) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+# (ids, version, adapters, plan) of the last ids grouped with caching on: the other groups of
+# the same forward read the same routes tensor (continuous batching's per-token ids change every
+# forward, so each group's own cache misses once per forward; this makes it once per forward).
+_last_plan: tuple = (None, -1, 0, [])
+
+
 def _groups(ids: torch.Tensor, n_adapters: int) -> list[tuple[int, torch.Tensor | None]]:
     """[(adapter, indices of its entries or None for "all of them")] for valid ids only."""
     if ids.numel() <= _LIST_IDS:
@@ -145,7 +151,15 @@ class Prepared:
             version = None
         if version is not None and ids is self._ids and version == self._version:
             return self._plan
-        plan = _groups(ids, self.n_adapters)
+        global _last_plan
+        last = _last_plan
+        if version is not None and last[0] is ids and last[1] == version \
+                and last[2] == self.n_adapters:
+            plan = last[3]                 # another group of this forward grouped these ids
+        else:
+            plan = _groups(ids, self.n_adapters)
+            if version is not None:
+                _last_plan = (ids, version, self.n_adapters, plan)
         if version is not None:
             self._ids, self._version, self._plan = ids, version, plan
         return plan

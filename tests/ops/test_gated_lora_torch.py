@@ -187,3 +187,28 @@ def test_uniform_route_on_2d_and_strided_input():
         for y, e in zip(ys, per_slice(x, weights, biases, parts, ids, float64_ref)):
             assert y.shape == e.shape
             assert rel_err(y, e) <= REL_TOL[torch.float32]
+
+
+def test_groups_of_one_forward_share_the_grouping_of_its_ids(monkeypatch):
+    """Continuous batching gives every forward new per-token ids: the groups of one forward
+    group them once between them, and any write to the ids groups them again."""
+    from prism_fast.ops import gated_lora_torch as gt
+
+    k = 12
+    calls = []
+    real = gt._groups
+    monkeypatch.setattr(gt, "_groups", lambda ids, n: calls.append(n) or real(ids, n))
+    cases = [multi_slice_case([6, 3], k, 2, 2, torch.float32, bias=False) for _ in range(3)]
+    prepared = [Prepared(a, b, s, slice_offsets(w)) for w, _, a, b, s, _ in cases]
+    ids = torch.tensor([1, -1, 0, 1])
+    for step, routes in enumerate(([1, -1, 0, 1], [0, 0, -1, 1])):
+        ids.copy_(torch.tensor(routes))
+        x = torch.randn(4, k)
+        for (weights, biases, _, _, _, parts), p in zip(cases, prepared):
+            ys = p(x, weights, biases, ids)
+            for y, e in zip(ys, per_slice(x, weights, biases, parts, ids, float64_ref)):
+                assert rel_err(y, e) <= REL_TOL[torch.float32]
+        assert len(calls) == step + 1          # once per write, not once per group
+    other = multi_slice_case([6, 3], k, 3, 2, torch.float32, bias=False)   # 3 adapters
+    Prepared(*other[2:5], slice_offsets(other[0]))(torch.randn(4, k), other[0], other[1], ids)
+    assert len(calls) == 3
