@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -83,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-sweep", action="store_true",
                    help="also sweep the engine's settings (attention, tokens per step, page)")
     p.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: burst)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="the stream's cases run this many times, interleaved; medians")
     p.add_argument("--cases", default=",".join(CASES), type=lambda s: s.split(","))
     p.add_argument("--max-batch-tokens", type=int, default=Engine.max_batch_tokens)
     p.add_argument("--page-size", type=int, default=Engine.page_size)
@@ -96,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad or args.attn not in ATTNS:
         p.error(f"--cases: expected names among {', '.join(CASES)}, got {bad}; --attn: expected "
                 f"one of {', '.join(ATTNS)}, got {args.attn!r}")
-    numbers = {"--requests": [args.requests], "--contexts": args.contexts,
+    numbers = {"--requests": [args.requests], "--rounds": [args.rounds], "--contexts": args.contexts,
                "--crossover-contexts": args.cross, "--max-batch-tokens": [args.max_batch_tokens],
                "--page-size": [args.page_size]}
     for flag, values in numbers.items():
@@ -112,8 +116,9 @@ def stream(args, base, prism, tokenizer, engine: Engine, log) -> list[dict]:
 
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
     answers = [ANSWERS[i % len(ANSWERS)] for i in range(args.requests)]
-    rows = []
-    for case, context in plan(args.cases, args.contexts):
+    runs: dict[tuple[str, int | None], list[dict]] = {}
+    for _, (case, context) in itertools.product(range(args.rounds),
+                                                plan(args.cases, args.contexts)):
         text = context_text(tokenizer, context) if context else None
         prompts = [encode(tokenizer, q, text) for q in questions]
         routes = {"prism_open": [0] * len(prompts), "prism_closed": [-1] * len(prompts),
@@ -126,8 +131,19 @@ def stream(args, base, prism, tokenizer, engine: Engine, log) -> list[dict]:
         else:
             model = prism if case.startswith("prism") else base
             row = run_case(model, prompts, answers, routes, case != "prompted", args.rate, engine)
-        rows.append({"case": case, "context": context, **row})
-    return rows
+        runs.setdefault((case, context), []).append(row)
+    return [{"case": case, "context": context, **median_row(rs), "rounds": len(rs)}
+            for (case, context), rs in runs.items()]
+
+
+def median_row(rows: list[dict]) -> dict:
+    """Each numeric field's median over the rounds (the others, and equal values, as given)."""
+    out = {}
+    for key, first in rows[0].items():
+        values = [r[key] for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        out[key] = statistics.median(values) if numeric and len(set(values)) > 1 else first
+    return out
 
 
 def main(argv=None) -> int:
@@ -162,7 +178,8 @@ def main(argv=None) -> int:
     date = datetime.date.today().strftime("%Y%m%d")
     meta = {"device": f"CPU ({platform.processor() or platform.machine()}, "
                       f"{torch.get_num_threads()} threads)", "model": "SmolLM2-135M-Instruct fp32",
-            "requests": args.requests, "answers": list(ANSWERS), "rate": args.rate, "date": date,
+            "requests": args.requests, "rounds": args.rounds, "answers": list(ANSWERS),
+            "rate": args.rate, "date": date,
             "engine": engine.label(), "engine_settings": dataclasses.asdict(engine),
             "command": " ".join(["python -m bench.bench_serving",
                                  *(argv if argv is not None else sys.argv[1:])]),

@@ -50,7 +50,8 @@ def markdown(meta: dict, rows: list[dict], cross: dict | None, sweep: list[dict]
         lines += [f"**{headline(cross)}**", ""]
     lines += [f"{meta['model']}, {meta['requests']} requests, answers {meta['answers']} tokens "
               f"(cycled), arrival rate {meta['rate'] or 'all at once'}, engine: {meta['engine']}, "
-              f"{meta['date']}, {meta['elapsed_s']:.0f} s, load average {meta['load_average']}.",
+              f"{meta['date']}, {meta['elapsed_s']:.0f} s, load average {meta['load_average']}; "
+              f"the stream's cases in {meta.get('rounds', 1)} interleaved round(s), medians.",
               "", "## The stream", "", stream_table(rows), "",
               "`static_generate`: left-padded `generate` in batches of 8 in arrival order (a batch "
               "runs to its longest answer; only each request's own answer is counted). Peak KV "

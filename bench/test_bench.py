@@ -209,13 +209,24 @@ def test_serving_crossover_interpolates():
 
 @pytest.mark.parametrize("argv, words", [
     (["--attn", "flash"], "--attn"), (["--cases", "nope"], "--cases"),
-    (["--crossover-contexts", "1024,200"], "increasing"), (["--requests", "0"], "--requests")])
+    (["--crossover-contexts", "1024,200"], "increasing"), (["--requests", "0"], "--requests"),
+    (["--rounds", "0"], "--rounds")])
 def test_serving_bad_options(argv, words, capsys):
     from bench import bench_serving
 
     with pytest.raises(SystemExit):
         bench_serving.parse_args(argv)
     assert words in capsys.readouterr().err
+
+
+def test_serving_rounds_merge_to_medians():
+    from bench.bench_serving import median_row
+
+    rows = [{"throughput_tok_s": 10.0, "prompt_tokens": 736, "peak_kv_mb": None, "x": "a"},
+            {"throughput_tok_s": 30.0, "prompt_tokens": 736, "peak_kv_mb": None, "x": "a"},
+            {"throughput_tok_s": 20.0, "prompt_tokens": 736, "peak_kv_mb": None, "x": "a"}]
+    assert median_row(rows) == {"throughput_tok_s": 20.0, "prompt_tokens": 736,
+                                "peak_kv_mb": None, "x": "a"}
 
 
 @pytest.mark.real
