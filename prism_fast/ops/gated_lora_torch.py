@@ -264,6 +264,7 @@ class Lane:
 
     def __init__(self, prepared: Prepared, x: torch.Tensor, weights, biases, adapter: int):
         self.ids, self.version = prepared._ids, prepared._version    # the routes' plan
+        self.plan, self.n_adapters = prepared._plan, prepared.n_adapters   # [(adapter, None)]
         self.k, self.thread = prepared.k, threading.get_ident()
         self.rows = x.numel() // self.k
         self.weights, self.biases = tuple(weights), tuple(biases)
@@ -274,10 +275,16 @@ class Lane:
                               prepared._cut(self.u, prepared.n_slices), prepared.b_t[adapter]))
 
     def fits(self, x: torch.Tensor, ids: torch.Tensor) -> bool:
-        """The same routes (tensor and version), thread and rows; fp32, no autograd. The caller
-        checks that the weights are still `self.weights` and `self.biases`."""
-        return (ids is self.ids and ids._version == self.version
-                and x.dtype == torch.float32 and not x.requires_grad
+        """The same routes (tensor and version, or ids another group of this forward grouped
+        into the same plan: continuous batching's per-token ids are new every forward), thread
+        and rows; fp32, no autograd. The caller checks that the weights are still
+        `self.weights` and `self.biases`."""
+        if ids is not self.ids or ids._version != self.version:
+            last = _last_plan
+            if last[0] is not ids or last[1] != ids._version or last[2] != self.n_adapters \
+                    or last[3] != self.plan:
+                return False
+        return (x.dtype == torch.float32 and not x.requires_grad
                 and x.numel() == self.rows * self.k
                 and threading.get_ident() == self.thread)
 

@@ -127,3 +127,23 @@ def test_disabled_adapters_and_closed_routes_skip_the_lane():
         assert torch.equal(_step(pm, ids, cache).logits, base)
     prism_fast.set_routes(pm, [-1, -1])
     assert torch.equal(_step(pm, ids, cache).logits, base)
+
+
+def test_lanes_follow_ids_rewritten_every_forward_while_the_plan_holds():
+    """Continuous batching rewrites its per-token ids every forward: a group's lane still
+    serves while the ids (grouped by the forward's first group) keep the same plan."""
+    first, second = _case(), _case()
+    ids = torch.tensor([0, 0])
+    x = torch.randn(2, 1, 17)
+    for weights, biases, prepared, _ in (first, second):
+        prepared(x, weights, biases, ids)                  # both lanes built on version v
+    lane = second[2].lane
+    ids.copy_(torch.tensor([0, 0]))                        # the next forward: same routes
+    assert not lane.fits(x, ids)                           # nobody grouped them yet
+    first[2](x, first[0], first[1], ids)                   # the forward's first group does
+    assert lane.fits(x, ids)
+    ids.copy_(torch.tensor([0, -1]))                       # a row closes
+    first[2](x, first[0], first[1], ids)
+    assert not lane.fits(x, ids)
+    ys = second[2](x, second[0], second[1], ids)           # the general path: row 1 exact
+    assert torch.equal(ys[0][1], torch.nn.functional.linear(x, second[0][0], second[1][0])[1])
