@@ -2,7 +2,9 @@
 
 Projections that read the same input (q/k/v, gate/up) form a group: the first one called runs
 one multi-slice op for the whole group and hands the others their outputs. Every LoRA call of
-a patched layer goes through `ops.gated_lora_group`, in `Group.run` only.
+a patched layer goes through `ops.gated_lora_group`, in `Group.run` only, except an eager
+decode step whose rows are all open on one adapter: the PyTorch path kept its operands in a
+lane (gated_lora_torch.Lane), which the forward calls directly while it fits.
 """
 
 from __future__ import annotations
