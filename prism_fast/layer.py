@@ -44,16 +44,16 @@ class Group:
 
     def run(self, slot: int, x: torch.Tensor, ids: torch.Tensor, triton: bool) -> torch.Tensor:
         """Slot `slot`'s output for x, base + gated LoRA; slot 0 computes the whole group."""
-        weight = self.operands([slot])[0][0]
-        if x.dtype != weight.dtype:
-            raise TypeError(f"x: expected dtype {weight.dtype} (the layer's), got {x.dtype}")
-        if slot != 0 and len(self.members) > 1:
-            # No output of slot 0's call on this x to take (forward tried): this slice alone.
-            weights, biases = self.operands([slot])
+        # Slot 0 runs the whole group; another slot with no output of slot 0's call on this x
+        # to take (forward tried) runs its slice alone.
+        alone = slot != 0 and len(self.members) > 1
+        weights, biases = self.operands([slot] if alone else self.slots)  # weights[0]: slot's
+        if x.dtype != weights[0].dtype:
+            raise TypeError(f"x: expected dtype {weights[0].dtype} (the layer's), got {x.dtype}")
+        if alone:
             ys = ops.gated_lora_group(x, weights, biases, *self.slice_args(slot), ids, triton,
                                       None, self.fuse_kernel)
             return self.finish([slot], ys)[0]
-        weights, biases = self.operands(self.slots)
         launcher = self.launcher if triton else self.prepared()
         ys = ops.gated_lora_group(x, weights, biases, self.lora_a, self.lora_b, self.scaling, ids,
                                   triton, launcher, self.fuse_kernel)

@@ -92,6 +92,16 @@ def tracing(x: torch.Tensor | None = None) -> bool:
 _last_plan: tuple = (None, -1, 0, [])
 
 
+def _grouped(ids: torch.Tensor, n_adapters: int) -> list | None:
+    """The plan another group of this forward made of these ids (their current version), if
+    any. Their version is read only once they are the tensor kept (inference-mode tensors
+    have none, and are never kept)."""
+    last = _last_plan
+    if last[0] is ids and last[1] == ids._version and last[2] == n_adapters:
+        return last[3]
+    return None
+
+
 def _groups(ids: torch.Tensor, n_adapters: int) -> list[tuple[int, torch.Tensor | None]]:
     """[(adapter, indices of its entries or None for "all of them")] for valid ids only."""
     if ids.numel() <= _LIST_IDS:
@@ -152,11 +162,8 @@ class Prepared:
         if version is not None and ids is self._ids and version == self._version:
             return self._plan
         global _last_plan
-        last = _last_plan
-        if version is not None and last[0] is ids and last[1] == version \
-                and last[2] == self.n_adapters:
-            plan = last[3]                 # another group of this forward grouped these ids
-        else:
+        plan = None if version is None else _grouped(ids, self.n_adapters)
+        if plan is None:
             plan = _groups(ids, self.n_adapters)
             if version is not None:
                 _last_plan = (ids, version, self.n_adapters, plan)
@@ -279,11 +286,9 @@ class Lane:
         into the same plan: continuous batching's per-token ids are new every forward), thread
         and rows; fp32, no autograd. The caller checks that the weights are still
         `self.weights` and `self.biases`."""
-        if ids is not self.ids or ids._version != self.version:
-            last = _last_plan
-            if last[0] is not ids or last[1] != ids._version or last[2] != self.n_adapters \
-                    or last[3] != self.plan:
-                return False
+        if (ids is not self.ids or ids._version != self.version) \
+                and _grouped(ids, self.n_adapters) != self.plan:
+            return False
         return (x.dtype == torch.float32 and not x.requires_grad
                 and x.numel() == self.rows * self.k
                 and threading.get_ident() == self.thread)
