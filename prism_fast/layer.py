@@ -4,7 +4,8 @@ Projections that read the same input (q/k/v, gate/up) form a group: the first on
 one multi-slice op for the whole group and hands the others their outputs. Every LoRA call of
 a patched layer goes through `ops.gated_lora_group`, in `Group.run` only, except an eager
 decode step whose rows are all open on one adapter: the PyTorch path kept its operands in a
-lane (gated_lora_torch.Lane), which the forward calls directly while it fits.
+lane (gated_lora_torch.Lane), which the forward calls directly while it fits; and a forward
+that runs on merged copies (merge_open=True; ops/gated_lora_merged.py): F.linear alone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from prism_fast import ops
 from prism_fast.loading import Persona
 from prism_fast.ops import gated_lora_fused_base as fused_base
+from prism_fast.ops import gated_lora_merged as merged
 
 if TYPE_CHECKING:
     from prism_fast.routing import Routing
@@ -37,6 +39,7 @@ class Group:
         self.launcher = ops.GatedLoraLauncher(lora_a, lora_b, scaling)
         self._prepared: ops.Prepared | None = None   # the torch path's, on its first eager call
         self.fuse_kernel = False   # patch_model(fuse_base=True): Triton's fused decode kernel
+        self.merged: merged.Merged | None = None    # patch_model(merge_open=True)
 
     def slice_args(self, s: int):
         r, lo, hi = self.rank, self.offsets[s], self.offsets[s + 1]
@@ -103,10 +106,21 @@ class Group:
         self.prepared().fused = fused_base.fuse([w for w, _ in pairs], [b for _, b in pairs],
                                                 self.lora_a, self.rank)
 
+    def merge_open(self) -> None:
+        """Keep per adapter a merged copy W + ΔW of the members' weights, which all-open
+        forwards then run on (ops/gated_lora_merged.py); built now, where the weights qualify."""
+        prepared = self.prepared()
+        self.merged = merged.Merged(prepared.a_t, prepared.b_t)
+        weights = self.operands(self.slots)[0]
+        if all(merged.qualifies(w) for w in weights):
+            self.merged.build(weights)
+
     def unfuse(self) -> None:
-        """The members' parameters on storage of their own again (unpatch_model)."""
+        """The members' parameters on storage of their own again, merged copies dropped
+        (unpatch_model)."""
         if self._prepared is not None:
             self._prepared.lane = None           # built on the weights being moved
+        self.merged = None
         if self.fused is not None:
             self.fused.release()
             self._prepared.fused = None
@@ -163,6 +177,9 @@ class GatedLoraLinear(nn.Module):
         if routing.skip_lora():
             return self.group.base(self.slot, x)
         group = self.group
+        adapter = routing.merged                  # this forward: all open on one adapter
+        if adapter >= 0:
+            return F.linear(x, group.merged.copies[adapter][self.slot], self.weight_bias()[1])
         if self.slot:
             y = group.take(self.slot, x)          # slot 0 ran the group on this x
             return group.run(self.slot, x, routing.ids_for(x), routing.triton) if y is None \

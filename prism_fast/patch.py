@@ -20,6 +20,7 @@ from prism_fast.kernels._checks import FLOATS
 from prism_fast.layer import GatedLoraLinear, Group, stack
 from prism_fast.loading import Persona, PrismAdapter, load_gate, load_prism
 from prism_fast.ops import gated_lora_fused_base as fused_base
+from prism_fast.ops import gated_lora_merged as merged
 from prism_fast.ops import use_triton
 from prism_fast.overrides import ROUTES_KWARG, Overrides, override_methods
 from prism_fast.peft_loading import personas_from_peft_model
@@ -38,7 +39,8 @@ class _Patch:
 
 
 def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
-                adapter_dtype: torch.dtype | None = None, fuse_base: bool = False):
+                adapter_dtype: torch.dtype | None = None, fuse_base: bool = False,
+                merge_open: bool = False):
     """Swap the persona-targeted nn.Linear modules of `model` for gated LoRA ones, in place.
 
     adapter: a PRISM output dir, a PEFT adapter dir, a list of them, a `load_prism` result, or
@@ -52,9 +54,18 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     the accuracy bounds of open rows, not bit-identical to the unpatched model. PyTorch path
     (fp32 CPU weights): each group's weights move into one buffer with adapter 0's A, so that
     all-open calls are one GEMM (ops/gated_lora_fused_base.py); closed rows stay bit-exact.
+    merge_open: opt-in, PyTorch path with fp32 CPU weights. Each group keeps, per adapter, a
+    merged copy W + scaling·BA of its weights; a call whose rows are all open on one adapter
+    runs F.linear on it (an open route then costs what the base model costs), at the memory of
+    one more copy of the targeted weights per adapter (ops/gated_lora_merged.py). Closed and
+    mixed calls are unchanged; closed rows stay bit-exact.
     """
-    if not isinstance(fuse_base, bool):
-        raise TypeError(f"fuse_base: expected True or False, got {fuse_base!r}")
+    for name, flag in (("fuse_base", fuse_base), ("merge_open", merge_open)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected True or False, got {flag!r}")
+    if fuse_base and merge_open:
+        raise ValueError("merge_open: True takes over the all-open calls that fuse_base=True "
+                         "fuses; pass one of them, got both")
     if adapter_dtype is not None and adapter_dtype not in FLOATS:
         raise (ValueError if isinstance(adapter_dtype, torch.dtype) else TypeError)(
             f"adapter_dtype: expected None (each layer's dtype) or a floating dtype "
@@ -75,8 +86,13 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
                              f"PyTorch path contiguous fp32 CPU weights with rows of a multiple "
                              f"of 16 elements; got backend={backend!r} and {path}.weight "
                              f"{tuple(w.shape)} {w.dtype} on {w.device}")
+    if merge_open:
+        _check_merge_open(targets, routing, backend)
     groups = _group(targets, model_type)
     plan = sharding.tp_plan(root, targets, peft=bool(wrapped))
+    if merge_open and plan is not None:
+        raise ValueError("merge_open: True is not supported under tensor parallelism (the "
+                         "model's projections are sharded); got a sharded model")
     if plan is not None:
         sharding.check_groups(plan, groups)
     # Everything is checked: from here on, nothing can fail half-way.
@@ -84,6 +100,11 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
                   fuse_cpu=fuse_base and not routing.triton)
     for _, _, _, ours in swaps:
         ours.group.fuse_kernel = fuse_base and routing.triton
+    if merge_open:
+        groups_merged = list({id(o.group): o.group for *_, o in swaps}.values())
+        for group in groups_merged:
+            group.merge_open()
+        routing.merging = merged.Merging(groups_merged)
     _allow_routes_kwarg(model)   # the refusal an earlier unpatch_model left
     overrides = override_methods(model, root, routing, swaps)
     overrides.hooks += install_hooks(routing, decoder, layers[0])
@@ -133,6 +154,17 @@ def _check(root, layers, personas: list[Persona], wrapped: dict, gate_state, mod
         gate_state, root, len(personas), targets, layer0_device, first.weight.dtype)
     return targets, Routing(n_adapters=len(personas), triton=triton, device=layer0_device,
                             gate=checked_gate)
+
+
+def _check_merge_open(targets: dict[str, nn.Linear], routing: Routing, backend: str) -> None:
+    """merge_open needs the PyTorch path's host-side routes: fp32 weights on the CPU."""
+    odd = [(p, t.weight) for p, t in targets.items()
+           if not merged.qualifies(t.weight) or t.weight.device.type != "cpu"]
+    if routing.triton or odd:
+        path, w = odd[0] if odd else next((p, t.weight) for p, t in targets.items())
+        raise ValueError(f"merge_open: True needs the PyTorch path (backend='torch' or 'auto' "
+                         f"on the CPU) and fp32 CPU weights; got backend={backend!r} and "
+                         f"{path}.weight {w.dtype} on {w.device}")
 
 
 def _group(targets: dict[str, nn.Linear], model_type: str) -> list[list[str]]:

@@ -70,6 +70,9 @@ class Routing:
     disabled: bool = False                         # PEFT's disable_adapter(): the base model
     flat: object | None = None                     # continuous batching: this forward's per-token
                                                    # routes (flat_batch.FlatBatch), else None
+    merging: object | None = None                  # merge_open: gated_lora_merged.Merging
+    merged: int = -1                               # this forward runs on adapter l's merged
+                                                   # copies (decided after layer 0), else −1
 
     # ---- what the patched projections read ---------------------------------------------
 
@@ -173,12 +176,13 @@ class Routing:
         try:
             yield
         finally:
-            self.flat, self.closed = None, saved
+            self.flat, self.closed, self.merged = None, saved, -1
 
     # ---- the three hooks' steps --------------------------------------------------------
 
     def assign(self, routes: torch.Tensor) -> None:
         """Write routes in place when the batch size allows, so captured graphs see them."""
+        self.merged = -1                 # decided again for these routes (decide_merged)
         if self.routes is not None and self.routes.shape == routes.shape \
                 and self.routes.device == routes.device and writable(self.routes):
             self.routes.copy_(routes)
@@ -255,12 +259,20 @@ class Routing:
         h = hidden[torch.arange(b, device=hidden.device), last]              # [B, H]
         self.assign(ops.gate_routes(h, *self.gate, triton=self.triton))
 
+    def decide_merged(self, hidden: torch.Tensor) -> None:
+        """After layer 0 (and its gate): whether this forward runs on merged copies."""
+        self.merged = -1
+        if self.merging is None or self.skip_lora() or (self.flat is None and self.routes is None):
+            return
+        self.merged = self.merging.adapter_for(self.ids_for(hidden), hidden)
+
     def end(self) -> None:
         """SPEC §3: the one host sync a prefill may make, after all of its LoRA launches (never
         between the gate and them), to learn whether its decode steps can skip LoRA entirely.
         Traced code never syncs: what the host knew already (set_routes with CPU ids) still
         counts (a guard), else it stays unknown and every step launches (closed tiles exit
         early)."""
+        self.merged = -1
         if self.phase not in (Phase.GATE, Phase.PREFILL):
             return
         self.phase = Phase.DECODE

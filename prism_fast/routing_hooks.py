@@ -44,6 +44,7 @@ def install_hooks(routing: Routing, decoder, layer0) -> list:
 
 
 def _before_decoder(routing: Routing, module, args, kwargs) -> None:
+    routing.merged = -1
     if routing.flat is not None:     # continuous batching: batching.py set this forward up
         return
     x = kwargs.get("input_ids")
@@ -61,6 +62,8 @@ def _before_decoder(routing: Routing, module, args, kwargs) -> None:
 def _after_layer0(routing: Routing, module, args, output) -> None:
     hidden = output if isinstance(output, torch.Tensor) else output[0]
     (routing if routing.flat is None else routing.flat).run_gate(hidden)
+    if routing.merging is not None:
+        routing.decide_merged(hidden)
 
 
 def _after_decoder(routing: Routing, module, args, kwargs, output):

@@ -94,6 +94,26 @@ def test_forced_routes_mixed(model):
     check(model, inputs, list(out.values()), routes)
 
 
+def test_merged_copies_serve_all_open_forwards(case, monkeypatch):
+    """merge_open=True: forwards whose tokens are all open run on the merged copies, mixed
+    ones on the split path; every request's tokens are still those of generate alone."""
+    from prism_fast.routing import Routing
+
+    path, base = case
+    model = prism_fast.patch_model(M.clone(base), str(path), backend="torch", merge_open=True)
+    merged, decide = [], Routing.decide_merged
+    monkeypatch.setattr(Routing, "decide_merged",
+                        lambda self, h: decide(self, h) or merged.append(self.merged))
+    inputs = prompts([5, 9, 13, 30, 11, 6], seed=4)
+    for routes in ([0] * 6, [0, -1, -1, 0, 0, -1]):
+        merged.clear()
+        out = model.generate_batch(inputs, generation_config=gen_config(), prism_routes=routes,
+                                   continuous_batching_config=cb_config())
+        # All open: every forward merged. Mixed: forwards holding closed tokens are not.
+        assert set(merged) == ({-1, 0} if -1 in routes else {0})
+        check(model, inputs, list(out.values()), routes)
+
+
 def test_open_request_after_base_history_restarts(model):
     """A gate-open prompt whose first chunks ran closed is prefilled again under its route:
     its tokens are still those of generate alone, and the engine counts the restart."""
