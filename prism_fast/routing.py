@@ -113,9 +113,14 @@ class Routing:
             self.fixed.ids.copy_(given.ids)  # in place: a captured prefill reads the new values
             given = Given(self.fixed.ids, given.closed)
         self.fixed = given
-        if self.routes is not None and self.routes.shape == given.ids.shape:
-            self.assign(given.ids)       # in place: captured decode steps read the new values
-            self.closed = given.closed
+        if self.routes is None:
+            return
+        # In place where the shape allows: captured decode steps read the new values. Routes of
+        # another batch size replace the in-flight ones, whose host-side `closed` no longer
+        # holds (left stale, a decode step of the new size skipped its LoRA, or ran on routes
+        # of the old size); a decode step of yet another size then fails in ids_for.
+        self.assign(given.ids)
+        self.closed = given.closed
 
     def clear_routes(self) -> None:
         """set_routes(None): the gate (or adapter 0 without one) decides from the next prefill."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -441,3 +442,26 @@ def test_refuse_quantized_targets(prism_dir):
     with pytest.raises(ValueError, match=r"a torch\.ao\.nn\.quantized\.dynamic\.modules\.linear"
                                          r"\.Linear: quantized layers are not supported yet"):
         prism_fast.patch_model(quantized, path)
+
+
+def test_set_routes_of_another_batch_size_reach_its_decode_steps():
+    """Routes for a batch of 8 set while the last forward was a closed batch of 1: the next
+    decode step of the batch of 8 runs open, not skipped on the old routes' `closed` (the
+    decode-floor benchmark measured B = 8 "open" steps this way on the base path)."""
+    base = M.base_model()
+    pm = M.peft_model(M.clone(base))
+    ref = copy.deepcopy(pm)
+    prism_fast.patch_model(pm, backend="torch")
+    prism_fast.patch_model(ref, backend="torch")
+    ids = torch.randint(3, M.VOCAB, (8, 6))
+    with torch.no_grad():
+        out = {}
+        for m in (pm, ref):
+            prism_fast.set_routes(m, [0] * 8)
+            out[m] = m(input_ids=ids, use_cache=True)
+        prism_fast.set_routes(pm, [-1])
+        pm(input_ids=ids[:1], use_cache=True)              # a closed prefill of one row
+        prism_fast.set_routes(pm, [0] * 8)
+        got, want = (m(input_ids=ids[:, -1:], past_key_values=out[m].past_key_values,
+                       use_cache=True).logits for m in (pm, ref))
+    assert torch.equal(got, want)

@@ -12,7 +12,6 @@ import torch.nn as nn
 
 import prism_fast
 from prism_fast.layer import GatedLoraLinear
-from prism_fast.ops import gated_lora_merged
 from tests import models as M
 from tests.tolerances import MODEL_REL_TOL, rel_err
 
