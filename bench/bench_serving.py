@@ -40,14 +40,15 @@ DEFAULT = dict(requests=16, contexts=[200, 1024], cross=list(serving_crossover.C
 QUICK = dict(requests=4, contexts=[200], cross=[200], decode_tokens=6, serial=1)
 
 
-def build():
-    """(base model, patched PEFT model, tokenizer, byte floor), SmolLM2-135M fp32 on CPU."""
+def build(merge_open: bool = False):
+    """(base model, patched PEFT model, tokenizer, byte floor), SmolLM2-135M fp32 on CPU;
+    merge_open: the PEFT model patched with merge_open=True (merged copies for open forwards)."""
     import prism_fast
     from bench.bench_decode_floor import byte_floor
     from bench.models import smollm2_with_adapter
 
     base, prism, tokenizer = smollm2_with_adapter(torch.float32)
-    prism = prism_fast.patch_model(prism, backend="torch")
+    prism = prism_fast.patch_model(prism, backend="torch", merge_open=merge_open)
     f = byte_floor(base, prism)
     return base, prism, tokenizer, {"adapter_mb": f["adapter_bytes"] / 1e6,
                                     "base_mb": f["weight_bytes"] / 1e6, "floor": f["floor"]}
@@ -91,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-tokens", type=int, default=Engine.max_batch_tokens)
     p.add_argument("--page-size", type=int, default=Engine.page_size)
     p.add_argument("--attn", default=Engine.attn, help=f"one of {', '.join(ATTNS)}")
+    p.add_argument("--merge-open", action="store_true",
+                   help="patch PRISM with merge_open=True (file suffix -merge-open)")
     p.add_argument("--out", type=Path, default=report.RESULTS / "cpu")
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else DEFAULT).items():
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
         print(f"{msg} ({time.monotonic() - started:.0f} s)", file=sys.stderr, flush=True)
 
     engine = Engine(args.max_batch_tokens, args.page_size, args.attn)
-    base, prism, tokenizer, floor = build()
+    base, prism, tokenizer, floor = build(args.merge_open)
     rows = stream(args, base, prism, tokenizer, engine, log)
     cross = sweep = None
     if not args.no_crossover:
@@ -177,7 +180,9 @@ def main(argv=None) -> int:
         return 1
     date = datetime.date.today().strftime("%Y%m%d")
     meta = {"device": f"CPU ({platform.processor() or platform.machine()}, "
-                      f"{torch.get_num_threads()} threads)", "model": "SmolLM2-135M-Instruct fp32",
+                      f"{torch.get_num_threads()} threads)",
+            "model": "SmolLM2-135M-Instruct fp32" + (", PRISM patched with merge_open=True"
+                                                     if args.merge_open else ""),
             "requests": args.requests, "rounds": args.rounds, "answers": list(ANSWERS),
             "rate": args.rate, "date": date,
             "engine": engine.label(), "engine_settings": dataclasses.asdict(engine),
@@ -186,7 +191,7 @@ def main(argv=None) -> int:
             "quick": args.quick, "elapsed_s": time.monotonic() - started,
             "load_average": [round(load, 2), round(os.getloadavg()[0], 2)]}
     text = serving_report.markdown(meta, rows, cross, sweep or [])
-    report.write(args.out / f"serving-cpu-{date}",
+    report.write(args.out / (f"serving-cpu-{date}" + ("-merge-open" if args.merge_open else "")),
                  {"meta": meta, "rows": rows, "crossover": cross, "engine_sweep": sweep,
                   "gpu_rows": serving_crossover.GPU_ROWS}, text,
                  (lambda path: serving_report.plot(cross, path)) if cross else None)
