@@ -189,13 +189,15 @@ async def _stream(served: Served, rid: str, queue: asyncio.Queue):
 
 
 def load(model_path: str, prism_dir: str, *, dtype: torch.dtype, backend: str,
-         max_new_tokens: int, cb_config=None, name: str | None = None) -> Served:
-    """Load, patch and start: the Served bundle of a model directory and a PRISM directory."""
+         max_new_tokens: int, cb_config=None, name: str | None = None,
+         merge_open: bool = False) -> Served:
+    """Load, patch and start: the Served bundle of a model directory and a PRISM directory
+    (merge_open: patch_model's opt-in, merged copies for forwards whose tokens are all open)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
-    prism_fast.patch_model(model, prism_dir, backend=backend)
+    prism_fast.patch_model(model, prism_dir, backend=backend, merge_open=merge_open)
     eos = model.generation_config.eos_token_id
     eos = tokenizer.eos_token_id if eos is None else eos
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -221,6 +223,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--page-size", type=int, default=None)
+    parser.add_argument("--merge-open", action="store_true",
+                        help="patch_model(merge_open=True): fp32 CPU, one weight copy more")
     args = parser.parse_args(argv)
     import uvicorn
     from transformers import ContinuousBatchingConfig
@@ -234,7 +238,7 @@ def main(argv=None) -> None:
                                ("page_size", args.page_size)) if v is not None}
     served = load(args.model, args.prism_dir, dtype=getattr(torch, args.dtype),
                   backend=args.backend, max_new_tokens=args.max_new_tokens,
-                  cb_config=ContinuousBatchingConfig(**sizes))
+                  cb_config=ContinuousBatchingConfig(**sizes), merge_open=args.merge_open)
     try:
         uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning")
     finally:

@@ -108,13 +108,18 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(dirs):
+    yield from _serve(dirs)
+
+
+def _serve(dirs, *options: str):
+    """Start `python -m prism_fast.serve` on 127.0.0.1; yield (url, process); stop it."""
     model_dir, prism_dir = dirs
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
         [sys.executable, "-m", "prism_fast.serve", str(model_dir), str(prism_dir), "--port",
          str(port), "--backend", "torch", "--max-new-tokens", str(NEW), "--page-size", "4",
-         "--num-blocks", "512", "--max-batch-tokens", "64"],
+         "--num-blocks", "512", "--max-batch-tokens", "64", *options],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -169,6 +174,20 @@ def test_concurrent_mixed_routes_equal_offline(server, dirs):
         assert finish in ("stop", "length")
         routes.add(taken)
     assert routes == {-1, 0}
+
+
+def test_merge_open_server_answers_like_offline(dirs):
+    """--merge-open: all-open forwards run on merged copies; greedy answers as offline."""
+    serving = _serve(dirs, "--merge-open")
+    url, _ = next(serving)
+    try:
+        jobs = [(q, [0, None, -1][i % 3], i % 2 == 0) for i, q in enumerate(QUESTIONS[:6])]
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            answers = list(pool.map(lambda job: ask(url, *job), jobs))
+        for (question, route, stream), (text, taken, _) in zip(jobs, answers):
+            assert (taken, text) == offline(dirs, question, route), (question, route, stream)
+    finally:
+        next(serving, None)
 
 
 def test_bad_requests_get_clear_400s(server):

@@ -3,7 +3,7 @@ through here, one file per op holding its dispatch and its PyTorch path.
 
 - gated_lora.py: `gated_lora_group` (the patched layers' entry) and the public
   `gated_lora_linear`; its PyTorch path gated_lora_torch.py (and gated_lora_fused_base.py,
-  the CPU GEMM of an all-open group).
+  the CPU GEMM of an all-open group; gated_lora_merged.py, merge_open's merged copies).
 - prism_gate.py: `gate_routes` (the routing state's entry) and the public `prism_gate`.
 - topk_distill.py: the public `topk_distill_loss` and its PyTorch path.
 - backend.py: `use_triton`, the one reading of a backend name, and `pick`, the one rule that

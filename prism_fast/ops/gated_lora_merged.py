@@ -1,21 +1,23 @@
-"""Merged copies for all-open calls (torch path, fp32, opt-in: `patch_model(merge_open=True)`).
+"""Merged copies for all-open forwards (torch path, fp32, opt-in: patch_model(merge_open=True)).
 
 An open route's decode step reads every base weight and then the adapter: the adapter's bytes
 are its floor (≈ 3.5 % on SmolLM2), but at batch 1 its small ops cost several times that
-(bench/results/cpu/decode-floor*.md). When every row of a call is open on one adapter l, the
+(bench/results/cpu/decode-floor*.md). When every row of a forward is open on one adapter l, the
 LoRA term can be folded into the weights instead, once:
 
     W'_s[l] = W_s + scaling[s, l] · B_s[l] A_s[l]      [N_s, K], formed in float64, rounded once
     y_s     = F.linear(x, W'_s[l], b_s)                 (no shrink, no expand)
 
-so such a call costs what the base projection costs. The price is memory: one more copy of the
-targeted weights per adapter, built on the group's first eager call (and again if a weight was
-replaced or written in place since).
+so such a forward costs what the base model costs. `Merging` decides it once per forward, after
+layer 0 and its gate (routing_hooks.py), from the routes on the host; the projections then read
+one int (`Routing.merged`). The price is memory: one more copy of the targeted weights per
+adapter, built at patch time, and again when a weight was replaced or written in place since.
 
-Guarantees: closed and mixed calls never come here (F.linear on W_s for closed rows,
+Guarantees: closed and mixed forwards never come here (F.linear on W_s for closed rows,
 bit-identical). Open rows are within the accuracy bounds (W'_s is W_s + ΔW_s rounded once to
 fp32, a relative error of 2⁻²⁴ per weight). fp32 weights only: rounding W + ΔW to bf16/fp16
-would lose most of ΔW. Used only without autograd (the copies carry no gradient to W).
+would lose most of ΔW. Never with autograd into the weights (the copies carry no gradient to
+W), nor while torch.compile or a CUDA graph traces (the decision reads route values).
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ class Merged:
         """W'_s[l] = W_s + (A_s[l]ᵀ B_s[l]ᵀ)ᵀ for every adapter, in float64, rounded once."""
         self.copies = []                       # the old copies go before the new ones are made
         r = self.b_t[0][0].shape[0]
-        with torch.no_grad():
+        # Normal tensors even when rebuilt under inference_mode: a later forward with autograd
+        # on for x (weights frozen) saves them for backward, which inference tensors refuse.
+        with torch.inference_mode(False), torch.no_grad():
             for a_t, b_ts in zip(self.a_t, self.b_t):
                 per_slice = []
                 for s, (w, b_t) in enumerate(zip(weights, b_ts)):
