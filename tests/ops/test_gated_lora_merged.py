@@ -155,3 +155,28 @@ def test_merge_open_refusals_before_patching():
     with pytest.raises(ValueError, match=r"merge_open: .*fp32 CPU weights.*bfloat16"):
         prism_fast.patch_model(bf16, backend="torch", merge_open=True)
     assert getattr(bf16, "_prism_patch", None) is None
+
+
+def test_copies_rebuilt_under_inference_mode_serve_autograd_into_x():
+    """Copies rebuilt inside torch.inference_mode are normal tensors: a later forward with
+    autograd on for the input (weights frozen) runs on them and its gradient reaches x."""
+    pm = M.peft_model(M.clone(M.base_model()))
+    prism_fast.patch_model(pm, backend="torch", merge_open=True)
+    prism_fast.set_routes(pm, [0, 0])
+    for p in pm.parameters():
+        p.requires_grad_(False)
+    q = pm.base_model.model.model.layers[1].self_attn.q_proj
+    with torch.no_grad():
+        q.weight.mul_(0.5)                                   # stale: rebuilt at the next call
+    ids = torch.randint(3, M.VOCAB, (2, 6))
+    with torch.inference_mode():
+        pm(input_ids=ids)
+    assert not any(c.is_inference() for per in q.group.merged.copies for c in per)
+    emb = pm.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = pm(inputs_embeds=emb).logits
+    assert pm._prism_patch.routing.merging is not None
+    out.sum().backward()
+    assert emb.grad is not None and torch.isfinite(emb.grad).all()
+    pm._prism_patch.routing.merging = None                   # the split path: the reference
+    want = pm(inputs_embeds=emb.detach()).logits
+    assert rel_err(out.detach(), want.detach()) <= MODEL_REL_TOL
