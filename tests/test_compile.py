@@ -76,6 +76,25 @@ def test_set_routes_between_compiled_calls_is_not_baked(prism):
     assert torch.equal(outs[0], outs[2])
 
 
+def test_merge_open_model_compiles_on_the_split_path(prism):
+    """merge_open decides on route values, which traced code may not read: a compiled forward
+    takes the split path (fullgraph, no break), eager forwards still run on the copies."""
+    path, base, _, _ = prism
+    model = prism_fast.patch_model(M.clone(base), path, backend="torch", merge_open=True)
+    routing = model._prism_patch.routing
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids, mask = M.prompts(2, 6)
+    prism_fast.set_routes(model, [0, 0])
+    with torch.no_grad():
+        out = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        decided = []
+        hook = model.model.layers[0].register_forward_hook(
+            lambda *_: decided.append(routing.merged))        # runs after prism's own hook
+        eager = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        hook.remove()
+    assert rel_err(out, eager) <= MODEL_REL_TOL and decided == [0]
+
+
 # ---- the public ops, compiled by a user around their own function (SPEC §6) ------------------
 
 

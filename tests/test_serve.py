@@ -185,7 +185,7 @@ def test_merge_open_server_answers_like_offline(dirs):
         with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             answers = list(pool.map(lambda job: ask(url, *job), jobs))
         for (question, route, stream), (text, taken, _) in zip(jobs, answers):
-            assert (taken, text) == offline(dirs, question, route), (question, route, stream)
+            assert (text, taken) == offline(dirs, question, route), (question, route, stream)
     finally:
         next(serving, None)
 
