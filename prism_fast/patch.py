@@ -55,21 +55,12 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     (fp32 CPU weights): each group's weights move into one buffer with adapter 0's A, so that
     all-open calls are one GEMM (ops/gated_lora_fused_base.py); closed rows stay bit-exact.
     merge_open: opt-in, PyTorch path with fp32 CPU weights. Each group keeps, per adapter, a
-    merged copy W + scaling·BA of its weights; a call whose rows are all open on one adapter
-    runs F.linear on it (an open route then costs what the base model costs), at the memory of
-    one more copy of the targeted weights per adapter (ops/gated_lora_merged.py). Closed and
-    mixed calls are unchanged; closed rows stay bit-exact.
+    merged copy W + scaling·BA of its weights; an eager forward whose rows are all open on one
+    adapter runs F.linear on it (an open route then costs what the base model costs), at the
+    memory of one more copy of the targeted weights per adapter (ops/gated_lora_merged.py).
+    Closed and mixed forwards are unchanged; closed rows stay bit-exact.
     """
-    for name, flag in (("fuse_base", fuse_base), ("merge_open", merge_open)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected True or False, got {flag!r}")
-    if fuse_base and merge_open:
-        raise ValueError("merge_open: True takes over the all-open calls that fuse_base=True "
-                         "fuses; pass one of them, got both")
-    if adapter_dtype is not None and adapter_dtype not in FLOATS:
-        raise (ValueError if isinstance(adapter_dtype, torch.dtype) else TypeError)(
-            f"adapter_dtype: expected None (each layer's dtype) or a floating dtype "
-            f"(torch.float16, torch.bfloat16, torch.float32), got {adapter_dtype!r}")
+    _check_options(adapter_dtype, fuse_base, merge_open)
     if getattr(model, "_prism_patch", None) is not None:
         raise ValueError("model: already patched by prism_fast; call unpatch_model(model) first")
     root, decoder, layers = decoder_and_root(model)
@@ -77,17 +68,7 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     model_type = getattr(getattr(root, "config", None), "model_type", "default")
     targets, routing = _check(root, layers, personas, wrapped, gate_state, model_type, backend,
                               adapter_dtype)
-    if fuse_base and not routing.triton:
-        odd = [(p, t.weight) for p, t in targets.items() if not fused_base.qualifies(t.weight)]
-        if odd:
-            path, w = odd[0]
-            raise ValueError(f"fuse_base: True needs the Triton backend (CUDA tensors, or "
-                             f"backend='triton' with TRITON_INTERPRET=1 on CPU), or on the "
-                             f"PyTorch path contiguous fp32 CPU weights with rows of a multiple "
-                             f"of 16 elements; got backend={backend!r} and {path}.weight "
-                             f"{tuple(w.shape)} {w.dtype} on {w.device}")
-    if merge_open:
-        _check_merge_open(targets, routing, backend)
+    _check_fusions(targets, routing, backend, fuse_base, merge_open)
     groups = _group(targets, model_type)
     plan = sharding.tp_plan(root, targets, peft=bool(wrapped))
     if merge_open and plan is not None:
@@ -101,10 +82,10 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     for _, _, _, ours in swaps:
         ours.group.fuse_kernel = fuse_base and routing.triton
     if merge_open:
-        groups_merged = list({id(o.group): o.group for *_, o in swaps}.values())
-        for group in groups_merged:
+        distinct = list({id(o.group): o.group for *_, o in swaps}.values())
+        for group in distinct:
             group.merge_open()
-        routing.merging = merged.Merging(groups_merged)
+        routing.merging = merged.Merging(distinct)
     _allow_routes_kwarg(model)   # the refusal an earlier unpatch_model left
     overrides = override_methods(model, root, routing, swaps)
     overrides.hooks += install_hooks(routing, decoder, layers[0])
@@ -156,8 +137,33 @@ def _check(root, layers, personas: list[Persona], wrapped: dict, gate_state, mod
                             gate=checked_gate)
 
 
-def _check_merge_open(targets: dict[str, nn.Linear], routing: Routing, backend: str) -> None:
-    """merge_open needs the PyTorch path's host-side routes: fp32 weights on the CPU."""
+def _check_options(adapter_dtype, fuse_base, merge_open) -> None:
+    for name, flag in (("fuse_base", fuse_base), ("merge_open", merge_open)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected True or False, got {flag!r}")
+    if fuse_base and merge_open:
+        raise ValueError("merge_open: True takes over the all-open calls that fuse_base=True "
+                         "fuses; pass one of them, got both")
+    if adapter_dtype is not None and adapter_dtype not in FLOATS:
+        raise (ValueError if isinstance(adapter_dtype, torch.dtype) else TypeError)(
+            f"adapter_dtype: expected None (each layer's dtype) or a floating dtype "
+            f"(torch.float16, torch.bfloat16, torch.float32), got {adapter_dtype!r}")
+
+
+def _check_fusions(targets: dict[str, nn.Linear], routing: Routing, backend: str,
+                   fuse_base: bool, merge_open: bool) -> None:
+    """The weights fuse_base's PyTorch path and merge_open take (host-side routes, fp32 CPU)."""
+    if fuse_base and not routing.triton:
+        odd = [(p, t.weight) for p, t in targets.items() if not fused_base.qualifies(t.weight)]
+        if odd:
+            path, w = odd[0]
+            raise ValueError(f"fuse_base: True needs the Triton backend (CUDA tensors, or "
+                             f"backend='triton' with TRITON_INTERPRET=1 on CPU), or on the "
+                             f"PyTorch path contiguous fp32 CPU weights with rows of a multiple "
+                             f"of 16 elements; got backend={backend!r} and {path}.weight "
+                             f"{tuple(w.shape)} {w.dtype} on {w.device}")
+    if not merge_open:
+        return
     odd = [(p, t.weight) for p, t in targets.items()
            if not merged.qualifies(t.weight) or t.weight.device.type != "cpu"]
     if routing.triton or odd:

@@ -115,10 +115,8 @@ class Routing:
         self.fixed = given
         if self.routes is None:
             return
-        # In place where the shape allows: captured decode steps read the new values. Routes of
-        # another batch size replace the in-flight ones, whose host-side `closed` no longer
-        # holds (left stale, a decode step of the new size skipped its LoRA, or ran on routes
-        # of the old size); a decode step of yet another size then fails in ids_for.
+        # In place where the shape allows (captured decode steps read them); routes of another
+        # batch size replace the in-flight ones and their `closed`, which no longer holds.
         self.assign(given.ids)
         self.closed = given.closed
 
