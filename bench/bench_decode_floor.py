@@ -77,6 +77,9 @@ def load(compiled: bool, fuse_base: bool = False):
     base, peft_model, _ = smollm2_with_adapter(torch.float32)
     prism_fast.patch_model(peft_model, backend="torch", fuse_base=fuse_base)
     if compiled:
+        # Three shapes × the routes' host flags each get a graph per model: past Dynamo's
+        # default recompile limit (8) a forward falls back to eager and the ratios mean nothing.
+        torch._dynamo.config.recompile_limit = 64
         base.forward = torch.compile(base.forward, dynamic=False)
         peft_model.forward = torch.compile(peft_model.forward, dynamic=False)
     return base, peft_model

@@ -57,11 +57,6 @@ class Group:
             ys = ops.gated_lora_group(x, weights, biases, *self.slice_args(slot), ids, triton,
                                       None, self.fuse_kernel)
             return self.finish([slot], ys)[0]
-        if self.merged is not None and torch.compiler.is_compiling():
-            ys = self.merged.compiled(x, weights, biases, ids, self.lora_a, self.lora_b,
-                                      self.scaling)
-            if ys is not None:            # merge_open's decision, inside an opaque op
-                return self.keep(x, ys)
         launcher = self.launcher if triton else self.prepared()
         ys = ops.gated_lora_group(x, weights, biases, self.lora_a, self.lora_b, self.scaling, ids,
                                   triton, launcher, self.fuse_kernel)

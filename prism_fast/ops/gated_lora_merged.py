@@ -23,10 +23,8 @@ W), nor while torch.compile or a CUDA graph traces (the decision reads route val
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from prism_fast.kernels.gated_lora import group_outputs_like
-from prism_fast.ops.gated_lora_torch import _groups, gated_lora_linear_torch, tracing
+from prism_fast.ops.gated_lora_torch import _groups, tracing
 
 
 def qualifies(weight: torch.Tensor) -> bool:
@@ -41,9 +39,6 @@ class Merged:
         self.a_t, self.b_t = a_t, b_t          # the group's Prepared operands (scaled fp32 Bᵀ)
         self.sources: tuple = ()               # (weight, its version) the copies were made of
         self.copies: list[list[torch.Tensor]] = []   # L × S × [N_s, K]
-        # The same sources as tensor values (data_ptr, version) [S, 2], for the compiled op,
-        # which receives weights as tensors; updated in place, as the copies are.
-        self.stamps = torch.full((len(b_t[0]), 2), -1, dtype=torch.int64)
 
     def weights(self, adapter: int, weights: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Adapter `adapter`'s merged weights for these base weights, or None where the call must
@@ -63,40 +58,19 @@ class Merged:
             w is s and w._version == v for w, (s, v) in zip(weights, sources))
 
     def build(self, weights: list[torch.Tensor]) -> None:
-        """W'_s[l] = W_s + (A_s[l]ᵀ B_s[l]ᵀ)ᵀ for every adapter, in float64, rounded once; into
-        the existing copies where their shapes still fit (a compiled graph holds them)."""
+        """W'_s[l] = W_s + (A_s[l]ᵀ B_s[l]ᵀ)ᵀ for every adapter, in float64, rounded once."""
+        self.copies = []                       # the old copies go before the new ones are made
         r = self.b_t[0][0].shape[0]
-        fits = len(self.copies) == len(self.a_t) and all(
-            c.shape == w.shape and c.device == w.device
-            for per in self.copies for c, w in zip(per, weights))
-        if not fits:
-            self.copies = []                   # the old copies go before the new ones are made
         # Normal tensors even when rebuilt under inference_mode: a later forward with autograd
         # on for x (weights frozen) saves them for backward, which inference tensors refuse.
         with torch.inference_mode(False), torch.no_grad():
-            for i, (a_t, b_ts) in enumerate(zip(self.a_t, self.b_t)):
+            for a_t, b_ts in zip(self.a_t, self.b_t):
                 per_slice = []
                 for s, (w, b_t) in enumerate(zip(weights, b_ts)):
                     delta = a_t[:, s * r:(s + 1) * r].double() @ b_t.double()   # [K, N_s]
-                    merged = (w.double() + delta.T).to(torch.float32)
-                    if fits:
-                        self.copies[i][s].copy_(merged)
-                    else:
-                        per_slice.append(merged.contiguous())
-                if not fits:
-                    self.copies.append(per_slice)
-            self.stamps.copy_(torch.tensor([[w.data_ptr(), w._version] for w in weights]))
+                    per_slice.append((w.double() + delta.T).to(torch.float32).contiguous())
+                self.copies.append(per_slice)
         self.sources = tuple((w, w._version) for w in weights)
-
-    def compiled(self, x: torch.Tensor, weights, biases, ids: torch.Tensor, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scaling: torch.Tensor) -> list[torch.Tensor] | None:
-        """The group's outputs through the opaque op (under torch.compile, CPU, no autograd),
-        or None where the traced split path must run."""
-        if not self.copies or torch.is_grad_enabled() or ids.device.type != "cpu":
-            return None
-        flat = [c for per in self.copies for c in per]                   # L·S × [N_s, K]
-        return torch.ops.prism_fast.merged_group(x, weights, biases, flat, self.stamps, ids,
-                                                 lora_a, lora_b, scaling)
 
     @property
     def extra_bytes(self) -> int:
@@ -104,34 +78,8 @@ class Merged:
         return sum(c.numel() * c.element_size() for per in self.copies for c in per)
 
     def __getstate__(self) -> dict:
-        """Copies (deepcopy, pickle) rebuild theirs, in place, on first use: their weights are
-        new tensors."""
-        return {**self.__dict__, "sources": ()}
-
-
-# torch.library registration: opaque to torch.compile, so the decision that reads route values
-# and weight stamps runs inside it (no graph break, no guard on values); fake impl beside it.
-
-
-@torch.library.custom_op("prism_fast::merged_group", mutates_args=())
-def merged_group(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
-                 copies: list[torch.Tensor], stamps: torch.Tensor, ids: torch.Tensor,
-                 lora_a: torch.Tensor, lora_b: torch.Tensor,
-                 scaling: torch.Tensor) -> list[torch.Tensor]:
-    """ys[s] = F.linear(x, W'_s[l], b_s) where every id is l and the copies were made of these
-    weights (stamps [S, 2]: data_ptr, version); else the split path (gated_lora_torch)."""
-    n = len(weights)
-    plan = _groups(ids, lora_a.shape[0]) if ids.numel() else []
-    if len(plan) == 1 and plan[0][1] is None and \
-            stamps.tolist() == [[w.data_ptr(), w._version] for w in weights]:
-        adapter = plan[0][0]
-        return [F.linear(x, c, b) for c, b in zip(copies[adapter * n:(adapter + 1) * n], biases)]
-    return gated_lora_linear_torch(x, weights, biases, lora_a, lora_b, scaling, ids)
-
-
-@merged_group.register_fake
-def _(x, weights, biases, copies, stamps, ids, lora_a, lora_b, scaling):
-    return group_outputs_like(x, weights, biases, lora_a, lora_b, scaling, ids)
+        """Copies (deepcopy, pickle) rebuild theirs on first use: their weights are new tensors."""
+        return {**self.__dict__, "sources": (), "copies": []}
 
 
 class Merging:
