@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from prism_fast.ops.gated_lora_torch import _groups, tracing
+from prism_fast.ops.gated_lora_torch import shared_plan, tracing, version_of
 
 
 def qualifies(weight: torch.Tensor) -> bool:
@@ -89,7 +89,6 @@ class Merging:
 
     def __init__(self, groups: list):
         self.groups = groups                   # layer.Group objects with a Merged each
-        self._ids, self._version, self._adapter = None, -1, -1   # the last ids decided on
 
     def adapter_for(self, ids: torch.Tensor, hidden: torch.Tensor) -> int:
         """The adapter every entry of ids [B] or [1, T] opens, where this forward can run on
@@ -107,16 +106,7 @@ class Merging:
         return adapter
 
     def _uniform(self, ids: torch.Tensor) -> int:
-        """The one adapter of ids, or −1 (mixed, closed, or none); kept per routes version."""
-        try:
-            version = ids._version
-        except RuntimeError:                   # inference-mode tensors carry no version
-            version = None
-        if version is not None and ids is self._ids and version == self._version:
-            return self._adapter
-        n_adapters = self.groups[0].lora_a.shape[0]
-        plan = _groups(ids, n_adapters)
-        adapter = plan[0][0] if len(plan) == 1 and plan[0][1] is None else -1
-        if version is not None:
-            self._ids, self._version, self._adapter = ids, version, adapter
-        return adapter
+        """The one adapter of ids, or −1 (mixed, closed, or none). The grouping is kept where
+        the groups of this forward look for it (gated_lora_torch.shared_plan)."""
+        plan = shared_plan(ids, self.groups[0].lora_a.shape[0], version_of(ids))
+        return plan[0][0] if len(plan) == 1 and plan[0][1] is None else -1

@@ -15,12 +15,9 @@ Where the reference computes every adapter densely over every row, this path
   * computes it only for the rows (or sequences) that use that adapter, gathered by index,
     and skips closed rows entirely (a batch with every route closed costs only F.linear),
   * folds the scaling into the small fp32 intermediate u [m, S·R] and adds u_s B_sᵀ into y_s
-    in place (`addmm_` / `index_add_`), so the only allocations are u and, for gathered rows,
-    the gathered x and the expand's output.
-A decode step repeats the last step's call: every row open on the same adapter, the same rows.
-Its operands are then kept in a `Lane` (the shrink's output buffer and its per-slice views, the
-adapter's Bᵀ, the weights) that the patched layer calls directly: per step, the adapter's bytes
-and the ops above, little else.
+    in place (`addmm_` / `index_add_`).
+A decode step repeats the last step's call (every row open on the same adapter, the same rows):
+its operands are then kept in a `Lane` that the patched layer calls directly.
 That needs the ids on the host: when they are on the CPU (the patched model's routes live on
 layer 0's device) and nothing is being traced, they are read there, which costs no device sync.
 Under torch.compile / graph capture, or with ids on a GPU, a trace-safe formulation runs
@@ -102,6 +99,26 @@ def _grouped(ids: torch.Tensor, n_adapters: int) -> list | None:
     return None
 
 
+def version_of(ids: torch.Tensor) -> int | None:
+    """ids' version counter; None for inference-mode tensors, which carry none."""
+    try:
+        return ids._version
+    except RuntimeError:
+        return None
+
+
+def shared_plan(ids: torch.Tensor, n_adapters: int, version: int | None) -> list:
+    """_groups(ids), taken from the last grouping of these ids at this version where there is
+    one (another group of this forward, or merge_open's decision), else made and kept."""
+    global _last_plan
+    plan = None if version is None else _grouped(ids, n_adapters)
+    if plan is None:
+        plan = _groups(ids, n_adapters)
+        if version is not None:
+            _last_plan = (ids, version, n_adapters, plan)
+    return plan
+
+
 def _groups(ids: torch.Tensor, n_adapters: int) -> list[tuple[int, torch.Tensor | None]]:
     """[(adapter, indices of its entries or None for "all of them")] for valid ids only."""
     if ids.numel() <= _LIST_IDS:
@@ -155,18 +172,10 @@ class Prepared:
 
     def plan(self, ids: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
         """_groups(ids), computed once per routes version where caching is on."""
-        try:
-            version = ids._version if self.cache else None
-        except RuntimeError:              # inference-mode tensors carry no version counter
-            version = None
+        version = version_of(ids) if self.cache else None
         if version is not None and ids is self._ids and version == self._version:
             return self._plan
-        global _last_plan
-        plan = None if version is None else _grouped(ids, self.n_adapters)
-        if plan is None:
-            plan = _groups(ids, self.n_adapters)
-            if version is not None:
-                _last_plan = (ids, version, self.n_adapters, plan)
+        plan = shared_plan(ids, self.n_adapters, version)
         if version is not None:
             self._ids, self._version, self._plan = ids, version, plan
         return plan
