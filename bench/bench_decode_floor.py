@@ -71,28 +71,28 @@ def prepared_bytes(patched) -> int:
 def load(compiled: bool, fuse_base: bool = False):
     """(base model, patched PEFT model): two copies of SmolLM2 fp32 with PRISM's random LoRA,
     patched with the torch backend."""
-    import prism_fast
-    from bench.models import smollm2_with_adapter
+    from bench.models import load_smollm2
 
-    base, peft_model, _ = smollm2_with_adapter(torch.float32)
-    prism_fast.patch_model(peft_model, backend="torch", fuse_base=fuse_base)
-    if compiled:
-        # Three shapes × the routes' host flags each get a graph per model: past Dynamo's
-        # default recompile limit (8) a forward falls back to eager and the ratios mean nothing.
-        torch._dynamo.config.recompile_limit = 64
-        base.forward = torch.compile(base.forward, dynamic=False)
-        peft_model.forward = torch.compile(peft_model.forward, dynamic=False)
-    return base, peft_model
+    return _compiled(load_smollm2(torch.float32)[0], compiled), \
+        patched_copy(compiled, fuse_base=fuse_base)
 
 
-def load_merged(compiled: bool):
-    """A third copy (the same LoRA) patched with merge_open=True."""
+def patched_copy(compiled: bool, **options):
+    """Another copy of SmolLM2 with the same LoRA, patched with the torch backend and these
+    patch_model options (merge_open=True: the third copy of --merge-open)."""
     import prism_fast
     from bench.models import add_peft_adapter, load_smollm2
 
     model = add_peft_adapter(load_smollm2(torch.float32)[0])
-    prism_fast.patch_model(model, backend="torch", merge_open=True)
+    prism_fast.patch_model(model, backend="torch", **options)
+    return _compiled(model, compiled)
+
+
+def _compiled(model, compiled: bool):
     if compiled:
+        # Three shapes × the routes' host flags each get a graph per model: past Dynamo's
+        # default recompile limit (8) a forward falls back to eager and the ratios mean nothing.
+        torch._dynamo.config.recompile_limit = 64
         model.forward = torch.compile(model.forward, dynamic=False)
     return model
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds=args.rounds, steps=args.steps, compile=args.compile, commit=commit,
                 torch=torch.__version__)
     base, patched = load(args.compile, args.fuse_base)
-    merged = load_merged(args.compile) if args.merge_open else None
+    merged = patched_copy(args.compile, merge_open=True) if args.merge_open else None
     meta["floor"] = byte_floor(base, patched)
     groups = _groups(patched)
     fused = sum(g.fused is not None for g in groups)
