@@ -25,6 +25,21 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LAYER_PATH = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+def lora_targets(model: nn.Module) -> list[str]:
+    """LORA_TARGETS as PEFT's target_modules for `model`, so that PEFT adapts its nn.Linear
+    projections of those names and nothing else. Where a non-Linear module holds a parameter
+    of such a name (transformers 5's fused MoE experts: gate_up_proj, down_proj), PEFT ≥ 0.22
+    would also put a LoRA on that parameter, which the kernels cannot route: there the names
+    are qualified by their parent ("shared_expert.down_proj"), which PEFT matches as a suffix."""
+    linear = [path for path, m in model.named_modules()
+              if isinstance(m, nn.Linear) and path.rpartition(".")[2] in LORA_TARGETS]
+    fused = {name for m in model.modules() if not isinstance(m, nn.Linear)
+             for name, _ in m.named_parameters(recurse=False)}
+    if not fused & {*LORA_TARGETS, "gate_up_proj"}:
+        return list(LORA_TARGETS)
+    return sorted({".".join(path.split(".")[-2:]) for path in linear})
+
+
 def is_peft_model(model) -> bool:
     try:
         from peft import PeftModel

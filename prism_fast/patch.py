@@ -36,6 +36,7 @@ class _Patch:
     routing: Routing
     swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]]   # parent, attr, original, ours
     overrides: Overrides                                        # with the routing hooks
+    unwrapped: list[tuple[nn.Module, str, nn.Module]]           # parent, attr, inert PEFT wrapper
 
 
 def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
@@ -64,7 +65,7 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     if getattr(model, "_prism_patch", None) is not None:
         raise ValueError("model: already patched by prism_fast; call unpatch_model(model) first")
     root, decoder, layers = decoder_and_root(model)
-    personas, wrapped, gate_state = _resolve(model, adapter, gate)
+    personas, wrapped, inert, gate_state = _resolve(model, adapter, gate)
     model_type = getattr(getattr(root, "config", None), "model_type", "default")
     targets, routing = _check(root, layers, personas, wrapped, gate_state, model_type, backend,
                               adapter_dtype)
@@ -81,6 +82,7 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
                   fuse_cpu=fuse_base and not routing.triton)
     for _, _, _, ours in swaps:
         ours.group.fuse_kernel = fuse_base and routing.triton
+    unwrapped = _unwrap(root, inert)
     if merge_open:
         distinct = list({id(o.group): o.group for *_, o in swaps}.values())
         for group in distinct:
@@ -90,18 +92,21 @@ def patch_model(model, adapter=None, *, gate=None, backend: str = "auto",
     overrides = override_methods(model, root, routing, swaps)
     overrides.hooks += install_hooks(routing, decoder, layers[0])
     batching.install(model, root, routing, overrides)
-    model.__dict__["_prism_patch"] = _Patch(routing, swaps, overrides)
+    model.__dict__["_prism_patch"] = _Patch(routing, swaps, overrides, unwrapped)
     return model
 
 
-def _resolve(model, adapter, gate) -> tuple[list[Persona], dict[str, nn.Module], dict | None]:
-    """(personas, PEFT's LoRA-wrapped modules by path (empty unless a PeftModel), gate state)."""
+def _resolve(model, adapter, gate) -> tuple[list[Persona], dict[str, nn.Module],
+                                            dict[str, nn.Module], dict | None]:
+    """(personas, PEFT's LoRA-wrapped nn.Linear modules by path and its inert wrappers by path
+    (both empty unless a PeftModel; peft_loading.py), gate state)."""
     wrapped: dict[str, nn.Module] = {}
+    inert: dict[str, nn.Module] = {}
     if is_peft_model(model):
         if adapter is not None:
             raise ValueError("adapter: expected None for a PeftModel (its loaded adapters are the "
                              "personas); to load other adapters, patch the base model")
-        personas, wrapped = personas_from_peft_model(model)
+        personas, wrapped, inert = personas_from_peft_model(model)
         gate_state = None
     else:
         if adapter is None:
@@ -116,7 +121,7 @@ def _resolve(model, adapter, gate) -> tuple[list[Persona], dict[str, nn.Module],
                              f"persona_expert/ subdirectories and use set_routes")
     if gate is not None:
         gate_state = load_gate(gate)
-    return personas, wrapped, gate_state
+    return personas, wrapped, inert, gate_state
 
 
 def _check(root, layers, personas: list[Persona], wrapped: dict, gate_state, model_type: str,
@@ -207,6 +212,18 @@ def _swap(root, groups: list[list[str]], targets: dict[str, nn.Linear], personas
     return swaps
 
 
+def _unwrap(root, inert: dict[str, nn.Module]) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Put each inert PEFT wrapper's base layer in its place: it adds exactly zero, and left in
+    place it would rebuild its whole (expert) weight in every forward."""
+    unwrapped = []
+    for path, wrapper in inert.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = root.get_submodule(parent_path)
+        unwrapped.append((parent, attr, wrapper))
+        setattr(parent, attr, wrapper.get_base_layer())
+    return unwrapped
+
+
 def _patch_of(model) -> _Patch:
     patch = getattr(model, "_prism_patch", None)
     if patch is None:
@@ -223,6 +240,8 @@ def unpatch_model(model):
     for parent, attr, original, ours in reversed(patch.swaps):
         setattr(parent, attr, original)
         ours.group.unfuse()
+    for parent, attr, wrapper in reversed(patch.unwrapped):
+        setattr(parent, attr, wrapper)
     patch.overrides.remove()
     del model.__dict__["_prism_patch"]
     model.register_forward_pre_hook(_refuse_routes_kwarg, with_kwargs=True)

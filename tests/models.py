@@ -15,6 +15,9 @@ from prism_fast.hf import LORA_TARGETS
 from tests.tolerances import MODEL_REL_TOL, rel_err
 
 ALL7 = list(LORA_TARGETS)   # a fresh list: callers hand it to LoraConfig
+# Qwen2-MoE's seven nn.Linear projections: attention and the shared expert. Qualified, because
+# PEFT ≥ 0.22 maps plain gate_proj/up_proj/down_proj onto the fused routed experts as well.
+MOE7 = [f"self_attn.{p}" for p in ALL7[:4]] + [f"shared_expert.{p}" for p in ALL7[4:]]
 N_LAYERS = 3
 VOCAB = 97
 
@@ -39,7 +42,7 @@ def _config(arch: str, n_layers: int = N_LAYERS, vocab: int = VOCAB):
         return tf.Phi3Config(**common), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     if arch == "qwen2_moe":
         return tf.Qwen2MoeConfig(moe_intermediate_size=32, shared_expert_intermediate_size=80,
-                                 num_experts=4, num_experts_per_tok=2, **common), ALL7
+                                 num_experts=4, num_experts_per_tok=2, **common), MOE7
     raise KeyError(arch)
 
 

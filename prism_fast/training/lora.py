@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from prism_fast.hf import LORA_TARGETS, decoder_and_root
+from prism_fast.hf import LORA_TARGETS, decoder_and_root, lora_targets
 from prism_fast.ops import topk_distill_loss
 from prism_fast.training.config import TrainConfig
 from prism_fast.training.data import collate, logit_cap
@@ -17,12 +17,13 @@ TARGETS = list(LORA_TARGETS)   # PEFT takes a list
 
 
 def add_lora(model, cfg: TrainConfig):
-    """PEFT LoRA "persona_expert" on the seven projections of layers 1…N−1 (never layer 0)."""
+    """PEFT LoRA "persona_expert" on the seven projections of layers 1…N−1 (never layer 0);
+    nn.Linear ones only (an MoE's shared expert, not its fused routed experts)."""
     from peft import LoraConfig, get_peft_model
 
     n_layers = model.config.num_hidden_layers
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        bias="none", task_type="CAUSAL_LM", target_modules=TARGETS,
+                        bias="none", task_type="CAUSAL_LM", target_modules=lora_targets(model),
                         layers_to_transform=list(range(1, n_layers)))
     return get_peft_model(model, config, adapter_name="persona_expert")
 
