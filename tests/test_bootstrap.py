@@ -224,11 +224,10 @@ def test_retire_batches_group_shared_starts_and_sort_by_length():
     b = [[7] * 40 + [2] * n for n in (4, 2)]
     lone = [[9, 9], [8, 8, 8]]
     prompts = a + b + lone
-    got = _batches(prompts, batch_size=2)
-    assert sorted(i for x in got for i in x) == list(range(len(prompts)))
-    assert all(len(x) <= 2 for x in got)
-    assert [1, 2] in got and [0] in got                   # group a: 3 rows → batches 2 + 1
-    assert [4, 3] in got and [5, 6] in got                # b sorted by length; the lone ones
+    got = _batches(prompts, batch_size=3)
+    # group by group, each by length, cut into near-equal consecutive batches (groups mix)
+    assert got == [[1, 2, 0], [4, 3], [5, 6]]
+    assert _batches(prompts, batch_size=7) == [[1, 2, 0, 4, 3, 5, 6]]
     assert _shared_prefix([prompts[1], prompts[2]]) == 40
     assert _shared_prefix([[5, 6], [5, 6]]) == 1          # each row keeps one token of its own
 

@@ -5,8 +5,10 @@ Why each piece (bench/results/cpu/bootstrap.md has the numbers):
 - finished rows retired: `generate` keeps computing a row after its end-of-sequence until the
   slowest row of the batch ends; where a step costs about rows × weights (a CPU), that waste is
   the largest cost of Stage 1, whose questions end far before the 200-token cap;
-- the shared prefix (Stage 1: every request but its "Question #i"; the judge's instruction;
-  the persona of every expert request) is prefilled once and repeated across the batch;
+- shared prefixes (Stage 1: every request but its "Question #i"; the judge's instruction;
+  the persona of every expert request; the default system turn of every baseline one) are
+  prefilled once per batch and repeated across its rows; a batch mixes groups of requests, so
+  that baseline and expert answers fill one batch (a step of 32 rows costs ≈ 1.4× one of 16);
 - the cache: upstream's DynamicLayer concatenates every step (copies the whole cache, a quarter
   of a 32-row decode step here); ours writes into a buffer that doubles when full.
 
@@ -91,55 +93,94 @@ def _shared_prefix(rows: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def _batches(prompts: list[list[int]], batch_size: int, head: int = 32) -> list[list[int]]:
-    """Indices per batch: prompts grouped by their first `head` tokens (baseline / expert /
-    judge requests each start alike, so a batch shares a long prefix), sorted by length within
-    a group (little padding), each group cut into near-equal batches of ≤ batch_size; prompts
-    whose start no other prompt shares form one group of their own."""
+def _heads(prompts: list[list[int]], head: int = 32) -> list[tuple]:
+    """Each prompt's group key: its first `head` tokens where another prompt starts alike
+    (baseline / expert / judge requests each start alike), else () (a group of lone ones)."""
     from collections import Counter
 
     heads = [tuple(p[:head]) for p in prompts]
     count = Counter(heads)
+    return [h if count[h] > 1 else () for h in heads]
+
+
+def _batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices per batch: the prompts group by group (_heads), by length within a group
+    (little padding), cut into near-equal consecutive batches of ≤ batch_size. A batch may
+    hold several groups: _prefill computes each group's prefix once."""
     groups: dict[tuple, list[int]] = {}
-    for i in range(len(prompts)):
-        groups.setdefault(heads[i] if count[heads[i]] > 1 else (), []).append(i)
-    out = []
-    for idx in groups.values():
-        idx.sort(key=lambda i: len(prompts[i]))
-        n = -(-len(idx) // batch_size)                 # batches in this group
-        size = -(-len(idx) // n)
-        out += [idx[s:s + size] for s in range(0, len(idx), size)]
-    return out
+    for i, h in enumerate(_heads(prompts)):
+        groups.setdefault(h, []).append(i)
+    order = [i for idx in groups.values() for i in sorted(idx, key=lambda i: len(prompts[i]))]
+    n = -(-len(order) // batch_size)                     # batches
+    cuts = [-(-len(order) * k // n) for k in range(n + 1)]   # sizes differ by ≤ 1
+    return [order[cuts[k]:cuts[k + 1]] for k in range(n)]
+
+
+def _prefix_cache(model, rows: list[list[int]], dev) -> tuple[DynamicCache, list[int]]:
+    """A cache of Pmax columns holding each row's group prefix right-aligned (columns before
+    it are zeros, masked out), and each row's prefix length. Each group's prefix (_heads; lone
+    rows are a group each) runs once, at batch 1."""
+    kw, keys = _cache_kw(model), _heads(rows)
+    if not all(isinstance(x, _GrowLayer) for x in _cache(model).layers):
+        return _cache(model), [0] * len(rows)          # sliding-window layers: whole prompts
+    members: dict[tuple, list[int]] = {}
+    for i, h in enumerate(keys):
+        members.setdefault(h if h else (i,), []).append(i)
+    plen = [0] * len(rows)
+    parts = []                                             # (rows, prefix length, its cache)
+    for idx in members.values():
+        p = _shared_prefix([rows[i] for i in idx])
+        for i in idx:
+            plen[i] = p
+        if p:
+            c = _cache(model)
+            model(input_ids=torch.tensor([rows[idx[0]][:p]], device=dev), **{kw: c},
+                  use_cache=True, logits_to_keep=1)
+            parts.append((idx, p, c))
+    cache, width = _cache(model), max(plen)
+    if not width:
+        return cache, plen
+    for li, layer in enumerate(cache.layers):
+        k0, v0 = parts[0][2].layers[li].keys, parts[0][2].layers[li].values
+        layer.lazy_initialization(k0, v0)
+        layer._k = k0.new_zeros(len(rows), k0.shape[1], width, k0.shape[3])
+        layer._v = v0.new_zeros(len(rows), v0.shape[1], width, v0.shape[3])
+        for idx, p, c in parts:
+            sel = torch.tensor(idx, device=dev)
+            layer._k[sel, :, width - p:] = c.layers[li].keys
+            layer._v[sel, :, width - p:] = c.layers[li].values
+        layer.n, layer.keys, layer.values = width, layer._k, layer._v
+    return cache, plen
 
 
 @torch.no_grad()
 def _prefill(model, rows: list[list[int]], pad: int, dev):
     """Cache after every prompt, logits of each row's last prompt token, the batch state.
 
-    Layout per row: the shared prefix (columns 0…P-1), then its own suffix left-padded to the
-    longest suffix; the pad columns are masked out and positions count real tokens only, so
-    the row attends to exactly its prompt, as in a left-padded `generate` batch."""
-    cache, p, kw = _cache(model), _shared_prefix(rows), _cache_kw(model)
-    if p:
-        model(input_ids=torch.tensor([rows[0][:p]], device=dev), **{kw: cache}, use_cache=True,
-              logits_to_keep=1)
-        cache.batch_repeat_interleave(len(rows))
-    width = max(len(r) for r in rows) - p
+    Layout per row: its group's prefix right-aligned in columns 0…Pmax-1, then its own suffix
+    left-padded to the longest suffix; the pad columns are masked out and positions count real
+    tokens only, so the row attends to exactly its prompt, as in a left-padded `generate`
+    batch."""
+    kw = _cache_kw(model)
+    cache, plen = _prefix_cache(model, rows, dev)
+    p_max, width = max(plen), max(len(r) - p for r, p in zip(rows, plen))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), p + width, dtype=torch.long)
-    mask[:, :p] = 1
+    head = torch.full((len(rows), p_max), pad, dtype=torch.long)  # what the processors read
+    mask = torch.zeros(len(rows), p_max + width, dtype=torch.long)
     pos = torch.full((len(rows), width), 1, dtype=torch.long)   # pads: any position (masked)
-    for i, r in enumerate(rows):
+    for i, (r, p) in enumerate(zip(rows, plen)):
         s = len(r) - p
         ids[i, width - s:] = torch.tensor(r[p:])
-        mask[i, p + width - s:] = 1
+        if p:
+            head[i, p_max - p:] = torch.tensor(r[:p])
+        mask[i, p_max - p:p_max] = 1
+        mask[i, p_max + width - s:] = 1
         pos[i, width - s:] = torch.arange(p, len(r))
     ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kw: cache},
                 use_cache=True, logits_to_keep=1)
-    full = torch.cat([torch.tensor([rows[0][:p]] * len(rows), dtype=torch.long, device=dev),
-                      ids], dim=1) if p else ids        # what the logits processors read
-    return cache, out.logits[:, -1].float(), full, mask, pos[:, -1:]
+    return cache, out.logits[:, -1].float(), torch.cat([head.to(dev), ids], dim=1), mask, \
+        pos[:, -1:]
 
 
 @torch.no_grad()
