@@ -232,6 +232,32 @@ def test_retire_batches_group_shared_starts_and_sort_by_length():
     assert _shared_prefix([[5, 6], [5, 6]]) == 1          # each row keeps one token of its own
 
 
+def test_retire_prefill_runs_keep_padding_small():
+    from prism_fast.bootstrap.retire import _chunks
+
+    lengths = [100, 300, 98, 290, 100, 150]
+    runs = _chunks(lengths)
+    assert sorted(i for r in runs for i in r) == list(range(6))
+    assert runs == [[2, 0, 4], [5], [3, 1]]               # ascending; ≤ 5 % of a run is padding
+    for r in runs:
+        tokens = len(r) * max(lengths[i] for i in r)
+        assert tokens - sum(lengths[i] for i in r) <= 0.05 * tokens
+
+
+def test_retire_sampler_draws_from_the_distribution():
+    from prism_fast.bootstrap.retire import sample
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0],
+                          [0.9, 0.0, 0.0, 0.0, 0.0, 0.1]]).repeat(10_000, 1)
+    torch.manual_seed(0)
+    ids = sample(probs).view(10_000, 2)
+    for row, p in enumerate(probs[:2]):
+        freq = torch.bincount(ids[:, row], minlength=6).double() / 10_000
+        assert torch.all(freq[p == 0] == 0)                    # never an id of probability 0
+        # 4.5 standard deviations of a frequency over 10k draws (p(1-p)/n ≤ 0.25e-4)
+        assert torch.all((freq - p).abs() <= 4.5 * 0.005), (freq, p)
+
+
 def test_retire_sampling_stops_at_eos_or_the_cap(tiny):
     model, tok = tiny
     prompts = encode_chats(tok, [O.messages("P " * 20, f"q{i}", True) for i in range(5)])

@@ -9,12 +9,11 @@
 - "cb": Hugging Face's continuous batching (`model.generate_batch`): finished rows leave the
   batch at once, new ones join, and a shared prefix (the persona, the judge instruction) is
   cached once.
-"retire" is the default: on this CPU a decode step costs about rows × weights (compute-bound,
-one shared core), so what pays is not computing dead rows and shared prefixes; it measured
-2.15× / 2.29× / 1.37× the official path's tokens/s on Stage 1 / Stage 2 answers / judging
-(bench/results/cpu/bootstrap.md; SmolLM2-135M fp32, CPU, not a GPU result), where "sorted"
-gave 1.04× and "cb" 0.84× in an earlier run. "sorted" stays for patched PRISM models (the
-route check), whose gate needs each prompt prefilled whole.
+"retire" is the default: on this CPU a decode step's cost grows with its rows, so what pays is
+not computing dead rows, full batches (baseline and expert answers share one; from 8 rows up a
+row costs less) and shared prefixes computed once; it measured fastest of the four here
+(bench/results/cpu/bootstrap.md; SmolLM2-135M fp32, CPU, not a GPU result). "sorted" stays
+for patched PRISM models (the route check), whose gate needs each prompt prefilled whole.
 """
 
 from __future__ import annotations
