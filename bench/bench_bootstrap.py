@@ -110,7 +110,8 @@ def side_by_side(model, tok, loads: dict, rounds: int, paths: dict) -> list[dict
     return rows
 
 
-def greedy_faithfulness(model, tok, prompts, n_new: int, paths: dict) -> list[dict]:
+def greedy_faithfulness(model, tok, workload: str, prompts, n_new: int,
+                        paths: dict) -> list[dict]:
     ref, _ = generate(model, tok, prompts, n_new, 0.0, PATHS["official"], progress=False)
     out = []
     for path, g in paths.items():
@@ -120,7 +121,8 @@ def greedy_faithfulness(model, tok, prompts, n_new: int, paths: dict) -> list[di
         diff = [i for i, (a, b) in enumerate(zip(rows, ref)) if a != b]
         first = [next((j for j, (x, y) in enumerate(zip(rows[i], ref[i])) if x != y),
                       min(len(rows[i]), len(ref[i]))) for i in diff]
-        out.append({"path": path, "requests": len(prompts), "differing": len(diff),
+        out.append({"workload": workload, "path": path, "requests": len(prompts),
+                    "max_new_tokens": n_new, "differing": len(diff),
                     "first_diff_positions": first})
     return out
 
@@ -171,8 +173,9 @@ def report(meta: dict, rows: list[dict], greedy: list[dict], full: dict | None) 
                      f"{t / c:.1f} tokens/CPU-s ({t / c / off_c:.2f}× official)")
     lines += ["", "Greedy tokens against the official path (same prompts, fp32):", ""]
     for g in greedy:
-        lines.append(f"- {g['path']}: {g['differing']} of {g['requests']} requests differ "
-                     f"(first differing positions {g['first_diff_positions']})")
+        lines.append(f"- {g.get('workload', 'stage2 answers')}, {g['path']}: {g['differing']} of "
+                     f"{g['requests']} requests differ (first differing positions "
+                     f"{g['first_diff_positions']})")
     if full:
         lines += ["", "Whole bootstrap (`prism_fast.bootstrap`, default path):", "",
                   "```", json.dumps({k: full.get(k) for k in ("stage1", "stage2", "train", "stopped",
@@ -209,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
                           O.ANSWER_TEMPERATURE, PATHS["official"], progress=False)
     loads["stage2 judge (both orders)"] = judge_workload(model, tok, answers, a.queries)
     rows = side_by_side(model, tok, loads, a.rounds, paths)
-    greedy = greedy_faithfulness(model, tok, loads["stage2 answers"][0], a.answer_tokens, paths)
+    greedy = [g for name, n_new in (("stage2 answers", a.answer_tokens),
+                                    ("stage2 judge (both orders)", O.JUDGE_MAX_TOKENS))
+              for g in greedy_faithfulness(model, tok, name, loads[name][0], n_new, paths)]
     meta["load_1min_end"] = os.getloadavg()[0]
     full = full_run(model, tok, a.full_queries, a.answer_tokens, GenConfig()) if a.full else None
     text = report(meta, rows, greedy, full)
