@@ -198,23 +198,24 @@ def tiny():
     return tf.LlamaForCausalLM(cfg).eval(), tok
 
 
-@pytest.mark.skipif(not __import__("prism_fast.batching").batching.engine_supported(),
-                    reason="the cb path needs transformers >= 5.25 (prism_fast.batching)")
 def test_greedy_tokens_equal_across_batching_paths(tiny):
+    from prism_fast.batching import engine_supported
+
     model, tok = tiny
     chats = [O.messages(None, f"Question {i}: " + "why " * (i * 3), True) for i in range(11)]
     # Requests sharing a long system turn: "retire" prefills that prefix once per batch.
     chats += [O.messages("You fix bicycles. " * 6, f"Q{i}: " + "how " * i, True) for i in range(7)]
     prompts = encode_chats(tok, chats)
+    paths = ("official", "sorted", "retire") + (("cb",) if engine_supported() else ())
     rows = {b: generate(model, tok, prompts, 12, 0.0, GenConfig(b, batch_size=16),
-                        progress=False)[0] for b in ("official", "sorted", "retire", "cb")}
+                        progress=False)[0] for b in paths}
     # Batches of 3: several per group, rows retired at different steps.
     rows["retire-3"] = generate(model, tok, prompts, 12, 0.0, GenConfig("retire", batch_size=3),
                                 progress=False)[0]
     assert rows["sorted"] == rows["official"]
     assert rows["retire"] == rows["official"]
     assert rows["retire-3"] == rows["official"]
-    assert rows["cb"] == rows["official"]
+    assert rows.get("cb", rows["official"]) == rows["official"]   # cb: transformers >= 5.25
 
 
 def test_retire_batches_group_shared_starts_and_sort_by_length():
