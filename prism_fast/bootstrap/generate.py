@@ -5,7 +5,8 @@
 - "sorted": the same `generate` call on larger batches of prompts sorted by length (less
   padding, fewer decode loops); results returned in the caller's order.
 - "retire" (retire.py): our own decode loop on length-sorted batches: finished rows leave at
-  once, the prompt prefix a batch shares is prefilled once, the KV cache grows in place.
+  once, each shared prompt prefix is prefilled once per batch (a batch may mix groups), the
+  KV cache grows in place.
 - "cb": Hugging Face's continuous batching (`model.generate_batch`): finished rows leave the
   batch at once, new ones join, and a shared prefix (the persona, the judge instruction) is
   cached once.
