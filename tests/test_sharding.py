@@ -7,6 +7,7 @@ same patched model in this single process. Models are tiny and each rank loads e
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
@@ -111,6 +112,8 @@ def _worker(rank: int, world: int, port: int, cases: Path, dist_backend: str) ->
                     results["refusals"]["uneven"] = str(e)
         torch.save(results, cases / f"rank{rank}.pt")
     finally:
+        model = uneven = None   # the sharded weights hold the process groups: free them
+        gc.collect()            # before destroy_process_group, not in the exit's teardown
         dist.destroy_process_group()
 
 
