@@ -173,7 +173,7 @@ def report(meta: dict, rows: list[dict], greedy: list[dict], full: dict | None) 
                      f"{t / c:.1f} tokens/CPU-s ({t / c / off_c:.2f}× official)")
     lines += ["", "Greedy tokens against the official path (same prompts, fp32):", ""]
     for g in greedy:
-        lines.append(f"- {g.get('workload', 'stage2 answers')}, {g['path']}: {g['differing']} of "
+        lines.append(f"- {g['workload']}, {g['path']}: {g['differing']} of "
                      f"{g['requests']} requests differ (first differing positions "
                      f"{g['first_diff_positions']})")
     if full:

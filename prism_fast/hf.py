@@ -31,13 +31,12 @@ def lora_targets(model: nn.Module) -> list[str]:
     of such a name (transformers 5's fused MoE experts: gate_up_proj, down_proj), PEFT ≥ 0.22
     would also put a LoRA on that parameter, which the kernels cannot route: there the names
     are qualified by their parent ("shared_expert.down_proj"), which PEFT matches as a suffix."""
-    linear = [path for path, m in model.named_modules()
-              if isinstance(m, nn.Linear) and path.rpartition(".")[2] in LORA_TARGETS]
     fused = {name for m in model.modules() if not isinstance(m, nn.Linear)
              for name, _ in m.named_parameters(recurse=False)}
     if not fused & {*LORA_TARGETS, "gate_up_proj"}:
         return list(LORA_TARGETS)
-    return sorted({".".join(path.split(".")[-2:]) for path in linear})
+    return sorted({".".join(path.split(".")[-2:]) for path, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and path.rpartition(".")[2] in LORA_TARGETS})
 
 
 def is_peft_model(model) -> bool:

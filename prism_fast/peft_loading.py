@@ -60,8 +60,10 @@ def personas_from_peft_model(peft_model) -> tuple[list[Persona], dict[str, torch
 def _check_inert(module, path: str) -> None:
     """A LoRA on a non-Linear layer: fine only if it is PEFT's ParamWrapper (a LoRA on a
     parameter, whose only B is lora_B) and it adds exactly zero for every adapter."""
+    from peft.tuners.lora import ParamWrapper
+
     base = type(module.get_base_layer()).__name__
-    if type(module).__name__ != "ParamWrapper":
+    if not isinstance(module, ParamWrapper):
         raise ValueError(f"model: LoRA on {path} wraps {base}, expected nn.Linear")
     for name, b in module.lora_B.items():
         tensors = [t for t in (getattr(b, "weight", None), getattr(b, "bias", None))

@@ -122,9 +122,9 @@ def _prefix_cache(model, rows: list[list[int]], dev) -> tuple[DynamicCache, list
     """A cache of Pmax columns holding each row's group prefix right-aligned (columns before
     it are zeros, masked out), and each row's prefix length. Each group's prefix (_heads; lone
     rows are a group each) runs once, at batch 1."""
-    kw, keys = _cache_kw(model), _heads(rows)
-    if not all(isinstance(x, _GrowLayer) for x in _cache(model).layers):
-        return _cache(model), [0] * len(rows)          # sliding-window layers: whole prompts
+    cache, kw, keys = _cache(model), _cache_kw(model), _heads(rows)
+    if not _grows(cache):
+        return cache, [0] * len(rows)                  # sliding-window layers: whole prompts
     members: dict[tuple, list[int]] = {}
     for i, h in enumerate(keys):
         members.setdefault(h if h else (i,), []).append(i)
@@ -139,7 +139,7 @@ def _prefix_cache(model, rows: list[list[int]], dev) -> tuple[DynamicCache, list
             model(input_ids=torch.tensor([rows[idx[0]][:p]], device=dev), **{kw: c},
                   use_cache=True, logits_to_keep=1)
             parts.append((idx, p, c))
-    cache, width = _cache(model), max(plen)
+    width = max(plen)
     if not width:
         return cache, plen
     for li, layer in enumerate(cache.layers):
@@ -161,13 +161,13 @@ def _prefill(model, rows: list[list[int]], pad: int, dev):
     tokens only, so the row attends to exactly its prompt, as in a left-padded `generate`
     batch."""
     cache, plen = _prefix_cache(model, rows, dev)
-    p_max, width = max(plen), max(len(r) - p for r, p in zip(rows, plen))
+    suffix = [len(r) - p for r, p in zip(rows, plen)]
+    p_max, width = max(plen), max(suffix)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     head = torch.full((len(rows), p_max), pad, dtype=torch.long)  # what the processors read
     mask = torch.zeros(len(rows), p_max + width, dtype=torch.long)
     pos = torch.full((len(rows), width), 1, dtype=torch.long)   # pads: any position (masked)
-    for i, (r, p) in enumerate(zip(rows, plen)):
-        s = len(r) - p
+    for i, (r, p, s) in enumerate(zip(rows, plen, suffix)):
         ids[i, width - s:] = torch.tensor(r[p:])
         if p:
             head[i, p_max - p:] = torch.tensor(r[:p])
@@ -175,7 +175,7 @@ def _prefill(model, rows: list[list[int]], pad: int, dev):
         mask[i, p_max + width - s:] = 1
         pos[i, width - s:] = torch.arange(p, len(r))
     ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-    logits = _run_suffixes(model, cache, ids, mask, pos, [len(r) - p for r, p in zip(rows, plen)])
+    logits = _run_suffixes(model, cache, ids, mask, pos, suffix)
     return cache, logits, torch.cat([head.to(dev), ids], dim=1), mask, pos[:, -1:]
 
 
@@ -193,6 +193,11 @@ def _chunks(lengths: list[int], waste: float = 0.05) -> list[list[int]]:
     return out
 
 
+def _grows(cache: DynamicCache) -> bool:
+    """Whether every layer is a _GrowLayer, whose buffers the prefill can lay out itself."""
+    return all(isinstance(x, _GrowLayer) for x in cache.layers)
+
+
 def _set(layer: _GrowLayer, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
     """A _GrowLayer holding n columns of the buffers k, v [B, heads, ≥ n, head_dim]."""
     if not layer.is_initialized:
@@ -208,7 +213,7 @@ def _run_suffixes(model, cache: DynamicCache, ids, mask, pos, suffix: list[int])
     written into the batch's layout; otherwise (or with sliding-window layers) one forward."""
     kw, (b, width) = _cache_kw(model), ids.shape
     p_max, runs = mask.shape[1] - width, _chunks(suffix)
-    if len(runs) == 1 or not all(isinstance(x, _GrowLayer) for x in cache.layers):
+    if len(runs) == 1 or not _grows(cache):
         return model(input_ids=ids, attention_mask=mask, position_ids=pos, **{kw: cache},
                      use_cache=True, logits_to_keep=1).logits[:, -1].float()
     prefix = [(x._k, x._v) for x in cache.layers] if p_max else None
