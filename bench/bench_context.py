@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import PeakMemory, make_gate
+from bench.common import PeakMemory, byte_floor, make_gate, peft_adapter_bytes, weight_bytes
+from bench.models import ADAPTER
 from bench.timing import TokenStamps, rounds
 from prism_fast.testing.shapes import MODELS
 
@@ -258,9 +259,14 @@ def run_context(plan: Plan, device: torch.device, log: Callable[[str], None], ro
     if bar is not None:
         bar.close()
     per_token = kv_bytes_per_token(m.base.config, plan.dtype)
-    rows += [case_row(plan, case, runs, None if case.context is None else
-                      persona_tokens if case.context == PERSONA_C else case.context, per_token)
-             for case, runs in zip(cases, samples.values()) if runs]
+    new = [case_row(plan, case, runs, None if case.context is None else
+                    persona_tokens if case.context == PERSONA_C else case.context, per_token)
+           for case, runs in zip(cases, samples.values()) if runs]
+    floor = byte_floor(weight_bytes(m.base), peft_adapter_bytes(m.peft, ADAPTER))["floor"]
+    for r in new:     # the byte floor of a decode step beside each PRISM ratio
+        r["floor"] = {"prism_closed": 1.0}.get(r["case"], floor) if r["case"] in PRISM_CASES \
+            else None
+    rows += new
     expected = {"prism_open": lambda b: b, "prism_closed": lambda b: 0, "prism_half": lambda b: b // 2}
     for r in rows:
         if r["model"] == plan.model and r["case"] in expected and r["open_rows"] != \

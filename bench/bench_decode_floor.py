@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench import report
+from bench import common, report
 from bench.bench_e2e import E2ECase, Forward, case_fn
 from bench.timing import rounds, seconds
 
@@ -47,15 +47,12 @@ def _groups(patched) -> list:
 
 
 def byte_floor(base, patched) -> dict:
-    """Weight bytes a forward reads (unique storages) and the adapter bytes an open route adds:
-    per LoRA group one adapter's A [S·R, K] and B [ΣN, R], at the stacked dtype."""
-    storages = {p.data_ptr(): p.numel() * p.element_size() for p in base.parameters()}
-    weight_bytes = sum(storages.values())
+    """common.byte_floor of the patched model's open route: per LoRA group one adapter's
+    A [S·R, K] and B [ΣN, R], at the stacked dtype, over the base model's weight bytes."""
     groups = _groups(patched)
-    adapter_bytes = sum((g.lora_a[0].numel() + g.lora_b[0].numel()) * g.lora_a.element_size()
-                        for g in groups)
-    return dict(weight_bytes=weight_bytes, adapter_bytes=adapter_bytes, groups=len(groups),
-                floor=1 + adapter_bytes / weight_bytes)
+    adapter = sum((g.lora_a[0].numel() + g.lora_b[0].numel()) * g.lora_a.element_size()
+                  for g in groups)
+    return {**common.byte_floor(common.weight_bytes(base), adapter), "groups": len(groups)}
 
 
 def prepared_bytes(patched) -> int:
@@ -146,7 +143,7 @@ def add_ratios(rows: list[dict], floor: float) -> None:
         r["round_ratio_min"], r["round_ratio_max"] = min(per), max(per)
         if r["provider"] in ("open", "merged"):
             r["floor"] = floor
-            r["x_floor"] = (r["ratio"] - 1) / (floor - 1)
+            r["x_floor"] = common.x_floor(r["ratio"], floor)
             r["goal"] = GOALS.get((r["kind"], r["B"]))
         elif r["provider"] == "closed":
             r["goal"] = CLOSED_GOAL

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.common import Budget, make_gate
+from bench.common import Budget, byte_floor, make_gate, peft_adapter_bytes, weight_bytes
 from bench.models import ADAPTER, add_peft_adapter, load_model
 from bench.timing import TimerConfig, Timing, measure, quantiles_us
 from prism_fast.testing.shapes import MODELS
@@ -28,6 +28,7 @@ from prism_fast.testing.shapes import MODELS
 PERSONA_TOKENS = 230
 PROVIDERS = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",
              "prism_fast_half", "peft", "peft_adapter_names", "two_pass")
+NO_ADAPTER = {"base", "persona_prompt"}     # rows without a LoRA floor
 GRAPHED = {"base", "prism_fast_open", "prism_fast_closed", "prism_fast_half"}
 GRAPH_WARMUP, GRAPH_STEPS = 4, 40
 
@@ -148,6 +149,7 @@ class Timer:
     log: Callable[[str], None]
     rows: list[dict]
     skipped: list[str] = field(default_factory=list)   # left out by the time budget
+    floor: float | None = None     # the adapter's byte floor, once it exists (common.byte_floor)
 
     def __call__(self, provider: str, case: E2ECase, call: Callable, ids: torch.Tensor,
                  extra: dict | None = None, mode: str = "eager",
@@ -161,7 +163,9 @@ class Timer:
         what = f"{case.kind} B={case.batch} T={case.tokens}"
         row = dict(bench="e2e", model=self.model_name, layers=self.layers, kind=case.kind,
                    B=case.batch, T=case.tokens, provider=provider, mode=mode,
-                   case_key=f"e2e|{case.kind}|B={case.batch}|T={case.tokens}|{mode}")
+                   case_key=f"e2e|{case.kind}|B={case.batch}|T={case.tokens}|{mode}",
+                   floor=None if provider in NO_ADAPTER else
+                   1.0 if provider == "prism_fast_closed" else self.floor)
         try:
             with torch.no_grad():
                 if gpu:
@@ -218,6 +222,8 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
         if device.type == "cuda" and case.kind == "decode":
             timed("base", case, model, ids, mode="graph")
     peft_model = add_peft_adapter(model, layers)
+    timed.floor = byte_floor(weight_bytes(peft_model),
+                             peft_adapter_bytes(peft_model, ADAPTER))["floor"]
     if any(p.startswith("prism_fast") for p in providers):   # 2. prism_fast on the PEFT model
         prism_section(timed, peft_model, gate.state_dict(), cases, inputs, notes)
     for case in cases:                       # 3. PEFT: unmerged, per-row names, two passes

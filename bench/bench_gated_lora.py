@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, Budget
+from bench.common import DTYPES, Budget, roofline_floor
 from bench.timing import TimerConfig, measure
 from prism_fast.testing.shapes import MODELS
 
@@ -272,6 +272,8 @@ def run_layer_sweep(cases: list[LayerCase], providers: list[str], modes: list[st
             nbytes, flops = work(case, n_rows, n_adapters)
             row.update(**asdict(tm), gbps=nbytes / tm.median_us / 1e3,
                        tflops=flops / tm.median_us / 1e6)
+            if provider != "base":   # the floor of its ratio to base (common.roofline_floor)
+                row["floor"] = roofline_floor(work(case, 0, 0), (nbytes, flops), limits)
             row["pct_peak_bw"] = 100 * row["gbps"] / limits["copy_gbps"]
             row["pct_peak_flops"] = 100 * row["tflops"] / limits["matmul_tflops"]
             summary.append(f"{provider}/{mode} {tm.median_us:.1f}")

@@ -179,3 +179,41 @@ def run_meta(args, device: torch.device, prefix: str, argv: list[str] | None
     dev = device_meta(device)
     meta = {**dev, **report.run_meta("python -m bench", argv)}
     return out_dir / f"{prefix}{dev['slug']}-{meta['date'].replace('-', '')}", meta
+
+
+# ---- the floor printed beside every PRISM ratio ------------------------------------------------
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights a forward reads: unique storages, LoRA parameters left out."""
+    storages = {p.data_ptr(): p.numel() * p.element_size()
+                for name, p in model.named_parameters() if "lora_" not in name}
+    return sum(storages.values())
+
+
+def peft_adapter_bytes(model, adapter: str) -> int:
+    """Bytes of one PEFT adapter's LoRA A and B (what an open route reads once per step)."""
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if ("lora_A." in name or "lora_B." in name) and f".{adapter}." in name)
+
+
+def byte_floor(weights: int, adapter: int) -> dict:
+    """The byte floor of an open route: 1 + adapter bytes / weight bytes read per step (the
+    adapter is read once per batch, so the same at every B; KV-cache reads left out)."""
+    return dict(weight_bytes=weights, adapter_bytes=adapter, floor=1 + adapter / weights)
+
+
+def roofline_floor(base: tuple[float, float], prism: tuple[float, float], limits: dict) -> float:
+    """The floor of a (bytes, FLOPs) workload over the base one on this device: the ratio of
+    their roofline times max(bytes / copy GB/s, FLOPs / matmul TFLOP/s), i.e. the byte floor
+    where both are memory-bound (decode) and the FLOP floor where compute-bound (prefill)."""
+    def t(work):
+        return max(work[0] / limits["copy_gbps"], work[1] / (limits["matmul_tflops"] * 1e3))
+    return t(prism) / t(base)
+
+
+def x_floor(ratio: float | None, floor: float | None) -> float | None:
+    """A ratio's overhead above 1 as a multiple of its floor's (None where the floor is 1)."""
+    if ratio is None or floor is None or floor <= 1:
+        return None
+    return (ratio - 1) / (floor - 1)

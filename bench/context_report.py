@@ -4,6 +4,7 @@ tables and the plot against the context length."""
 from __future__ import annotations
 
 from bench.bench_context import PRISM_CASES
+from bench.common import x_floor
 from bench.report import fmt, pyplot, save_figure, table
 
 ORDER = ("base", *PRISM_CASES, "prompted")
@@ -16,7 +17,8 @@ def add_ratios(rows: list[dict]) -> None:
     for r in sel:
         b = base.get((r["model"], r["B"]))
         if b is not None:
-            r["vs_base"] = {k: r[k] / b[k] for k in ("ttft_ms", "answer_ms", "kv_bytes")}
+            r["vs_base"] = {k: r[k] / b[k] for k in ("ttft_ms", "step_ms", "answer_ms",
+                                                     "kv_bytes")}
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
@@ -68,7 +70,8 @@ def markdown(meta: dict, rows: list[dict], notes: list[str]) -> str:
             f"TTFT + 127 × median step, {first['decode_steps']} steps decoded per run"
         header = ["B", "case", "context C", "prompt tokens", "TTFT ms", "decode tok/s",
                   f"128-token answer ms ({answer})", "KV cache MiB", "peak MiB",
-                  "× base (TTFT / answer)"]
+                  "× base (TTFT / answer)", "decode step × base", "byte floor",
+                  "overhead × floor"]
         body = []
         for r in sorted(rs, key=lambda r: (r["B"], ORDER.index(r["case"]), r["C"] or 0)):
             vb = r.get("vs_base") or {}
@@ -76,7 +79,9 @@ def markdown(meta: dict, rows: list[dict], notes: list[str]) -> str:
                          str(r["prompt_tokens"]), f"{r['ttft_ms']:.1f}",
                          f"{r['decode_tok_s']:.1f}", f"{r['answer_ms']:.0f}",
                          f"{r['kv_bytes'] / 2**20:.1f}", f"{r['peak_mib']:.0f}",
-                         f"{fmt(vb.get('ttft_ms'))} / {fmt(vb.get('answer_ms'))}"])
+                         f"{fmt(vb.get('ttft_ms'))} / {fmt(vb.get('answer_ms'))}",
+                         fmt(vb.get("step_ms"), ".3f"), fmt(r.get("floor"), ".3f"),
+                         fmt(x_floor(vb.get("step_ms"), r.get("floor")), ".1f")])
         parts.append(f"## {model} ({first['dtype']}, backend {first['backend']}, "
                      f"{first['rounds']} rounds) — {label if not meta['gpu'] else 'GPU'}\n\n"
                      + table(header, body))
@@ -90,8 +95,10 @@ def markdown(meta: dict, rows: list[dict], notes: list[str]) -> str:
     parts.append("Cases: `prompted` = the context as the system message of every prompt, base "
                  "model; `prism_*` = no context, the patched model (rank-16 adapter) with its gate "
                  "deciding in the forward (open for all rows / none / half); `base` = no context, "
-                 "unpatched (the floor). KV cache: keys and values held at the end of a 128-token "
-                 "answer. Peak MiB: "
+                 "unpatched (the floor). byte floor: 1 + one adapter's bytes / the weights' "
+                 "bytes, what an open route must add to a decode step (1 when closed); "
+                 "overhead × floor = (decode step × base − 1) / (floor − 1). KV cache: keys and "
+                 "values held at the end of a 128-token answer. Peak MiB: "
                  + ("CUDA peak allocated above the start of the run." if meta["gpu"] else
                     "peak resident memory (RSS, sampled every 2 ms) above its level at the start "
                     "of the run (freed memory handed back first with malloc_trim)."))

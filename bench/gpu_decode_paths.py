@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from bench import report
-from bench.common import Budget
+from bench.bench_gated_lora import LayerCase, work
+from bench.common import Budget, x_floor
+from bench.report import fmt
 from bench.timing import TimerConfig, measure
 from prism_fast import tuning
 from prism_fast.kernels import gated_lora as gl
@@ -88,7 +90,8 @@ def run(models: list[str], out: Path, budget: Budget, cfg: TimerConfig) -> list[
                 paths = tuning.candidates((k, tuple(ns), RANK, "bfloat16", "bfloat16"), m,
                                           props.name, props.multi_processor_count)
                 paths = [*paths, "fused_base"]
-                row = {"model": model, "mode": mode, "group": name, "K": k, "N": ns, "M": m}
+                row = {"model": model, "mode": mode, "group": name, "K": k, "N": ns, "M": m,
+                       "floor": byte_floor(model, name, m)}
                 for path in COLUMNS:
                     if path not in paths:
                         row[path] = None        # its grid cannot be co-resident here
@@ -109,19 +112,36 @@ def run(models: list[str], out: Path, budget: Budget, cfg: TimerConfig) -> list[
     return rows
 
 
+def byte_floor(model: str, group: str, m: int) -> float:
+    """The group's bytes with one adapter's A and B over its base bytes (x, W, y) at M rows:
+    the floor of its ratios to base (decode at M ≤ 64 is memory-bound)."""
+    case = LayerCase(model, group, m, 1.0, RANK, 1, "bf16")
+    return work(case, m, 1)[0] / work(case, 0, 0)[0]
+
+
+def _cell(r: dict, path: str) -> str:
+    """µs (× base, overhead as a multiple of the floor's); the fused base kernel's time holds
+    the base, the other paths' the LoRA term added to it."""
+    if r.get(path) is None:
+        return "—"
+    ratio = r[path] / r["base_us"]
+    return f"{r[path]:.1f} ({ratio:.2f}×, {fmt(x_floor(ratio, r.get('floor')), '.1f')} fl)"
+
+
 def write(rows: list[dict], out: Path, gpu: str, md: bool = False) -> str:
     report.write_atomic(out / "decode_paths.json", json.dumps(
         {"gpu": gpu, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
     body = [[r["model"], r["mode"], r["group"], str(r["M"]), f"{r['base_us']:.1f}",
-             *("—" if r.get(p) is None else f"{r[p]:.1f} ({r[p] / r['base_us']:.2f}×)"
-               for p in COLUMNS)] for r in rows]
+             fmt(r.get("floor"), ".4f"), *(_cell(r, p) for p in COLUMNS)] for r in rows]
     errors = [f"- {r['model']} {r['mode']} {r['group']} M={r['M']} {p}: {r[p + '_error']}"
               for r in rows for p in COLUMNS if p + "_error" in r]
     text = "\n".join([
         f"# Decode paths, {gpu}, bf16, r = {RANK}, every row open (µs, median; × base)",
-        "fused base: the opt-in one-launch kernel, base included (not + base)", "",
-        report.table(["model", "mode", "group", "M", "base", "+ split", "+ fused", "+ coop",
-                      "fused base"], body), *([""] + errors if errors else [])]) + "\n"
+        "fused base: the opt-in one-launch kernel, base included (not + base). byte floor: "
+        "the group's bytes with one adapter's A and B over its base bytes (x, W, y); k fl: "
+        "the overhead above 1 as k times the floor's", "",
+        report.table(["model", "mode", "group", "M", "base", "byte floor", "+ split", "+ fused",
+                      "+ coop", "fused base"], body), *([""] + errors if errors else [])]) + "\n"
     if md:
         report.write_atomic(out / "decode_paths.md", text)
     return text

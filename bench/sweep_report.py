@@ -1,5 +1,5 @@
-"""The kernel sweep's report (python -m bench --sweep): ratios to the baseline, markdown tables,
-issue 4's target checks and the plot."""
+"""The kernel sweep's report (python -m bench --sweep): ratios to the baseline with the floor
+beside each LoRA ratio, markdown tables, issue 4's target checks and the plot."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 
 from bench.bench_gated_lora import IGNORES
-from bench.common import PROJECTIONS
+from bench.common import PROJECTIONS, x_floor
 from bench.report import fmt, num, pyplot, save_figure, table
 
 BASELINES = {"layer": "base", "gate": "torch_mlp", "e2e": "base"}
@@ -71,6 +71,8 @@ def layer_tables(rows: list[dict], aggregate: bool) -> str:
         header = ([] if aggregate else ["proj"]) + ["M", "mode"]
         header += ["open share"] if shares != [None] else []
         header += ["base µs"] + [f"{p} ×" for p in providers if p != "base"]
+        lora = next((p for p in LAYER_ORDER[1:] if p in providers), None)   # the floor's
+        header += [f"{lora} floor", "overhead × floor"] if lora else []
         if "prism_fast" in providers:
             header += ["prism_fast GB/s (% peak)", "TFLOP/s (% peak)"]
         else:
@@ -89,6 +91,10 @@ def layer_tables(rows: list[dict], aggregate: bool) -> str:
                         r = idx.get(p, **kw)
                         line.append("error" if r and r.get("error")
                                     else fmt(r["ratio"] if r else None, ".3f"))
+                if lora:
+                    r = idx.get(lora, **kw)
+                    floor = r.get("floor") if r else None
+                    line += [fmt(floor, ".3f"), fmt(x_floor(r and r.get("ratio"), floor), ".1f")]
                 main = idx.get("prism_fast" if "prism_fast" in providers else "base", **kw)
                 if main and not main.get("error"):
                     line += [f"{num(main['gbps'])} ({main['pct_peak_bw']:.0f} %)",
@@ -127,7 +133,8 @@ def gate_table(rows: list[dict]) -> str:
 def e2e_table(rows: list[dict]) -> str:
     sel = [r for r in rows if r["bench"] == "e2e"]
     cases = list(dict.fromkeys(r["case_key"] for r in sel))
-    header = ["case", "B", "T", "provider", "ms (p20–p80)", "× base", "tokens/s", "peak MiB"]
+    header = ["case", "B", "T", "provider", "ms (p20–p80)", "× base", "byte floor",
+              "overhead × floor", "tokens/s", "peak MiB"]
     body = []
     for key in cases:
         rs = sorted((r for r in sel if r["case_key"] == key),
@@ -137,11 +144,12 @@ def e2e_table(rows: list[dict]) -> str:
             kind = r["kind"] + (f" ({r['mode']})" if r.get("mode", "eager") != "eager" else "")
             if r.get("error"):
                 body.append([kind, str(r["B"]), str(t), r["provider"], "error: " + r["error"],
-                             "–", "–", "–"])
+                             "–", "–", "–", "–", "–"])
                 continue
             body.append([kind, str(r["B"]), str(t), r["provider"],
                          f"{r['median_us'] / 1e3:.2f} ({r['p20_us'] / 1e3:.2f}–"
                          f"{r['p80_us'] / 1e3:.2f})", fmt(r["ratio"], ".3f"),
+                         fmt(r.get("floor"), ".3f"), fmt(x_floor(r["ratio"], r.get("floor")), ".1f"),
                          f"{r['tok_per_s']:.0f}", fmt(r.get("peak_mem_mib"), ".0f")])
     return table(header, body)
 
@@ -237,7 +245,10 @@ def markdown(meta: dict, rows: list[dict], notes: list[str], full: bool = True) 
     if any(r["bench"] == "layer" for r in rows):
         parts.append("## Per decoder layer (q/k/v multi-slice + o + gate/up multi-slice + down)\n\n"
                      "peft_style and torch_ref compute the LoRA term for every row, so their "
-                     "times do not depend on the open share (the same value on each line).\n\n"
+                     "times do not depend on the open share (the same value on each line). "
+                     "floor: the roofline time of its work (LoRA included) over base's, with the "
+                     "limits above: the byte floor where memory-bound (decode), the FLOP floor "
+                     "where compute-bound; overhead × floor = (× − 1) / (floor − 1).\n\n"
                      + layer_tables(rows, aggregate=True))
         if full and any(r["bench"] == "layer" and r["proj"] != "layer" for r in rows):
             parts.append("## Per projection\n\n" + layer_tables(rows, aggregate=False))
@@ -246,7 +257,9 @@ def markdown(meta: dict, rows: list[dict], notes: list[str], full: bool = True) 
     if any(r["bench"] == "e2e" for r in rows):
         first = next(r for r in rows if r["bench"] == "e2e")
         parts.append(f"## End to end: {first['model']}, {first['layers']} layers, eager Hugging "
-                     "Face (persona_prompt's T includes its 230 prompt tokens)\n\n" + e2e_table(rows))
+                     "Face (persona_prompt's T includes its 230 prompt tokens). byte floor: 1 + "
+                     "one adapter's bytes / the weights' bytes (read once per forward), "
+                     "1 for closed routes\n\n" + e2e_table(rows))
     if not cpu:
         checks = target_checks(rows, meta)
         if checks:
