@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import PeakMemory, byte_floor, make_gate, peft_adapter_bytes, weight_bytes
+from bench.common import PeakMemory, make_gate, peft_byte_floor
 from bench.models import ADAPTER
 from bench.timing import TokenStamps, rounds
 from prism_fast.testing.shapes import MODELS
@@ -262,10 +262,10 @@ def run_context(plan: Plan, device: torch.device, log: Callable[[str], None], ro
     new = [case_row(plan, case, runs, None if case.context is None else
                     persona_tokens if case.context == PERSONA_C else case.context, per_token)
            for case, runs in zip(cases, samples.values()) if runs]
-    floor = byte_floor(weight_bytes(m.base), peft_adapter_bytes(m.peft, ADAPTER))["floor"]
+    floor = peft_byte_floor(m.peft, ADAPTER)
     for r in new:     # the byte floor of a decode step beside each PRISM ratio
-        r["floor"] = {"prism_closed": 1.0}.get(r["case"], floor) if r["case"] in PRISM_CASES \
-            else None
+        r["floor"] = None if r["case"] not in PRISM_CASES else \
+            1.0 if r["case"] == "prism_closed" else floor
     rows += new
     expected = {"prism_open": lambda b: b, "prism_closed": lambda b: 0, "prism_half": lambda b: b // 2}
     for r in rows:

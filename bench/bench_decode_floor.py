@@ -46,7 +46,7 @@ def _groups(patched) -> list:
                  if isinstance(m, GatedLoraLinear)}.values())
 
 
-def byte_floor(base, patched) -> dict:
+def patched_byte_floor(base, patched) -> dict:
     """common.byte_floor of the patched model's open route: per LoRA group one adapter's
     A [S·R, K] and B [ΣN, R], at the stacked dtype, over the base model's weight bytes."""
     groups = _groups(patched)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch=torch.__version__)
     base, patched = load(args.compile, args.fuse_base)
     merged = patched_copy(args.compile, merge_open=True) if args.merge_open else None
-    meta["floor"] = byte_floor(base, patched)
+    meta["floor"] = patched_byte_floor(base, patched)
     groups = _groups(patched)
     fused = sum(g.fused is not None for g in groups)
     meta["open_path"] = f"one base + shrink GEMM in {fused} of {len(groups)} groups" if fused \

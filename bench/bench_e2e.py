@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.common import Budget, byte_floor, make_gate, peft_adapter_bytes, weight_bytes
+from bench.common import Budget, make_gate, peft_byte_floor
 from bench.models import ADAPTER, add_peft_adapter, load_model
 from bench.timing import TimerConfig, Timing, measure, quantiles_us
 from prism_fast.testing.shapes import MODELS
@@ -149,7 +149,7 @@ class Timer:
     log: Callable[[str], None]
     rows: list[dict]
     skipped: list[str] = field(default_factory=list)   # left out by the time budget
-    floor: float | None = None     # the adapter's byte floor, once it exists (common.byte_floor)
+    floor: float | None = None     # the adapter's byte floor, once it exists (common.peft_byte_floor)
 
     def __call__(self, provider: str, case: E2ECase, call: Callable, ids: torch.Tensor,
                  extra: dict | None = None, mode: str = "eager",
@@ -222,8 +222,7 @@ def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers
         if device.type == "cuda" and case.kind == "decode":
             timed("base", case, model, ids, mode="graph")
     peft_model = add_peft_adapter(model, layers)
-    timed.floor = byte_floor(weight_bytes(peft_model),
-                             peft_adapter_bytes(peft_model, ADAPTER))["floor"]
+    timed.floor = peft_byte_floor(peft_model, ADAPTER)
     if any(p.startswith("prism_fast") for p in providers):   # 2. prism_fast on the PEFT model
         prism_section(timed, peft_model, gate.state_dict(), cases, inputs, notes)
     for case in cases:                       # 3. PEFT: unmerged, per-row names, two passes

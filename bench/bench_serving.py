@@ -44,12 +44,12 @@ def build(merge_open: bool = False):
     """(base model, patched PEFT model, tokenizer, byte floor), SmolLM2-135M fp32 on CPU;
     merge_open: the PEFT model patched with merge_open=True (merged copies for open forwards)."""
     import prism_fast
-    from bench.bench_decode_floor import byte_floor
+    from bench.bench_decode_floor import patched_byte_floor
     from bench.models import smollm2_with_adapter
 
     base, prism, tokenizer = smollm2_with_adapter(torch.float32)
     prism = prism_fast.patch_model(prism, backend="torch", merge_open=merge_open)
-    f = byte_floor(base, prism)
+    f = patched_byte_floor(base, prism)
     return base, prism, tokenizer, {"adapter_mb": f["adapter_bytes"] / 1e6,
                                     "base_mb": f["weight_bytes"] / 1e6, "floor": f["floor"]}
 

@@ -203,6 +203,11 @@ def byte_floor(weights: int, adapter: int) -> dict:
     return dict(weight_bytes=weights, adapter_bytes=adapter, floor=1 + adapter / weights)
 
 
+def peft_byte_floor(model, adapter: str) -> float:
+    """byte_floor's floor of a PEFT model's adapter `adapter` over its base weights."""
+    return byte_floor(weight_bytes(model), peft_adapter_bytes(model, adapter))["floor"]
+
+
 def roofline_floor(base: tuple[float, float], prism: tuple[float, float], limits: dict) -> float:
     """The floor of a (bytes, FLOPs) workload over the base one on this device: the ratio of
     their roofline times max(bytes / copy GB/s, FLOPs / matmul TFLOP/s), i.e. the byte floor

@@ -91,7 +91,7 @@ def run(models: list[str], out: Path, budget: Budget, cfg: TimerConfig) -> list[
                                           props.name, props.multi_processor_count)
                 paths = [*paths, "fused_base"]
                 row = {"model": model, "mode": mode, "group": name, "K": k, "N": ns, "M": m,
-                       "floor": byte_floor(model, name, m)}
+                       "floor": group_byte_floor(model, name, m)}
                 for path in COLUMNS:
                     if path not in paths:
                         row[path] = None        # its grid cannot be co-resident here
@@ -112,7 +112,7 @@ def run(models: list[str], out: Path, budget: Budget, cfg: TimerConfig) -> list[
     return rows
 
 
-def byte_floor(model: str, group: str, m: int) -> float:
+def group_byte_floor(model: str, group: str, m: int) -> float:
     """The group's bytes with one adapter's A and B over its base bytes (x, W, y) at M rows:
     the floor of its ratios to base (decode at M ≤ 64 is memory-bound)."""
     case = LayerCase(model, group, m, 1.0, RANK, 1, "bf16")

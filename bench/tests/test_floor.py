@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from bench import gpu_decode_paths
-from bench.common import byte_floor, peft_adapter_bytes, roofline_floor, weight_bytes, x_floor
+from bench.common import (
+    byte_floor,
+    peft_adapter_bytes,
+    peft_byte_floor,
+    roofline_floor,
+    weight_bytes,
+    x_floor,
+)
 from bench.models import ADAPTER
 
 
@@ -31,6 +38,7 @@ def test_byte_floor_of_a_peft_model():
     assert peft_adapter_bytes(model, ADAPTER) == adapter
     assert peft_adapter_bytes(model, "other") == 0
     assert byte_floor(base, adapter)["floor"] == pytest.approx(1 + adapter / base)
+    assert peft_byte_floor(model, ADAPTER) == pytest.approx(1 + adapter / base)
 
 
 def test_roofline_floor_is_the_bound_that_binds():
@@ -50,5 +58,6 @@ def test_x_floor():
 def test_group_byte_floor_of_the_decode_path_table():
     # tiny's o group: K = N = 256, bf16, M = 1: x, W, y against + A [16, 256] + B [256, 16]
     base = 2 * (256 + 256 * 256 + 256)
-    assert gpu_decode_paths.byte_floor("tiny", "o", 1) == pytest.approx(1 + 2 * 2 * 16 * 256 / base)
-    assert gpu_decode_paths.byte_floor("llama3-8b", "qkv", 1) < 1.02
+    floor = gpu_decode_paths.group_byte_floor("tiny", "o", 1)
+    assert floor == pytest.approx(1 + 2 * 2 * 16 * 256 / base)
+    assert gpu_decode_paths.group_byte_floor("llama3-8b", "qkv", 1) < 1.02
