@@ -7,8 +7,13 @@ the bare model: time to first token, decode speed, a 128-token answer's latency,
 KV cache and peak memory at batch 1 and 8. CPU: the real SmolLM2-135M-Instruct (fp32, torch
 backend); GPU: also a Llama-3-8B-shaped model with random weights (bf16, Triton kernels).
 
-`--serving`: the serving benchmark (bench/bench_serving.py; its own options follow, e.g.
-`python -m bench --serving --quick`). `--sweep`: the kernel sweep (bench/sweep.py).
+`--sweep`: the per-op sweep, gated LoRA and gate (bench/sweep.py). With their own options after
+the flag (e.g. `python -m bench --serving --quick`, `python -m bench --e2e --help`): `--e2e`
+whole models, PRISM against base and PEFT beside the byte floor (bench/bench_e2e.py);
+`--serving` continuous batching (bench/bench_serving.py); `--train` a training step
+(bench/bench_train.py); `--bootstrap` Stages 1–2 generation (bench/bench_bootstrap.py);
+`--adapter-dtype` adapter precision on bf16 (bench/bench_adapter_dtype.py); `--host` host time
+per launch group (bench/bench_host.py).
 
 Every CPU number is labelled "CPU"; results go to bench/results/ (GPU) or bench/results/cpu/
 (CPU) as JSON, markdown and a PNG plot.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import signal
 import sys
 import time
@@ -26,9 +32,14 @@ from pathlib import Path
 
 import torch
 
-from bench import bench_context, bench_e2e, bench_gated_lora, context_report, report, sweep
+from bench import bench_context, bench_gated_lora, context_report, report, sweep
 from bench.common import CPU_LABEL, DTYPES, PROJECTIONS, pick_device, run_meta
 from prism_fast.testing.shapes import MODELS
+
+# The other benchmarks, each with its own options after its flag (`python -m bench --e2e --help`).
+OTHERS = {"--e2e": "bench_e2e", "--serving": "bench_serving", "--train": "bench_train",
+          "--bootstrap": "bench_bootstrap", "--adapter-dtype": "bench_adapter_dtype",
+          "--host": "bench_host"}
 
 
 def _list(kind):
@@ -51,12 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
         epilog=sweep.presets_help())
-    p.add_argument("--serving", action="store_true",
-                   help="run the serving benchmark (continuous batching, crossover) instead; "
-                        "see python -m bench.bench_serving --help for its options")
+    for flag, module in OTHERS.items():
+        p.add_argument(flag, action="store_true",
+                       help=f"run bench/{module}.py instead (its options: {flag} --help)")
     p.add_argument("--sweep", action="store_true",
-                   help="run the kernel sweep (layers, gate, end to end) instead of the "
-                        "context-folding benchmark")
+                   help="run the per-op sweep (layers, gate) instead of the context-folding "
+                        "benchmark")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="sweep: a subset: one model, fewer M, r = 16, L = 1, one dtype "
@@ -75,8 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"{', '.join(PROJECTIONS)} (layer = one decoder layer's seven projections; "
                         "qkv, gate_up = the multi-slice op)")
     p.add_argument("--providers", type=_list(str),
-                   help=f"layer providers: {', '.join(bench_gated_lora.PROVIDERS)} (prism_fast needs "
-                        "CUDA: Triton on CPU is only its interpreter, not a timing)")
+                   help=f"layer providers: {', '.join(bench_gated_lora.PROVIDERS)} (default: "
+                        f"{', '.join(bench_gated_lora.DEFAULT_PROVIDERS)}; "
+                        f"{', '.join(sorted(bench_gated_lora.GPU_ONLY))} need CUDA: Triton on CPU "
+                        "is only its interpreter, not a timing)")
     p.add_argument("--m", type=_list(_positive), metavar="M", help="rows: tokens in the batch")
     p.add_argument("--share", type=_list(float), metavar="S", help="open shares in [0, 1]")
     p.add_argument("--rank", type=_list(_positive), metavar="R", help="LoRA ranks")
@@ -87,33 +100,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gate-batch", type=_list(_positive), metavar="B", help="gate batch sizes")
     p.add_argument("--no-layer", action="store_true", help="skip the layer benchmarks")
     p.add_argument("--no-gate", action="store_true", help="skip the gate benchmark")
-    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
-    p.add_argument("--e2e-model", choices=["llama3-8b", "smollm2-135m", "tiny"],
-                   help="end-to-end model shape (default llama3-8b on GPU, tiny on CPU)")
-    p.add_argument("--e2e-layers", type=_positive, help="decoder layers (default: the model's)")
-    p.add_argument("--e2e-providers", type=_list(str),
-                   help=f"end-to-end providers: {', '.join(bench_e2e.PROVIDERS)}")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON and markdown only")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default bench/results/ on GPU, bench/results/cpu/ on "
                         "CPU, which git ignores)")
     p.add_argument("--time-budget", type=float, metavar="S",
                    help="stop starting new measurements after S seconds (results so far are "
-                        "written); the gate and end-to-end parts keep a reserve. Default: none, "
+                        "written); the gate section keeps a reserve. Default: none, "
                         f"except {sweep.CPU_QUICK_BUDGET:.0f} s for the CPU quick sweep; 0 = none")
     p.add_argument("--warmup-ms", type=float, help="do_bench warmup (default 10)")
     p.add_argument("--rep-ms", type=float, help="do_bench repetition time (default 40)")
-    p.add_argument("--graph-rep-ms", type=float, default=20.0,
-                   help="do_bench_cudagraph repetition time (default 20)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
-    if "--serving" in given:     # its own parser: every other option is the serving benchmark's
-        from bench import bench_serving
-
-        given.remove("--serving")
-        return bench_serving.main(given)
+    for flag, module in OTHERS.items():
+        if flag in given:        # its own parser: every other option is that benchmark's
+            given.remove(flag)
+            return importlib.import_module(f"bench.{module}").main(given) or 0
     args = parse_args(argv)
     if args.sweep:
         return sweep.run(args, argv)

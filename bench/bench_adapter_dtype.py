@@ -98,11 +98,11 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu"))
     parser.add_argument("--new-tokens", type=int, default=128)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     res = run(args.new_tokens)
     write(args.out / "adapter_dtype", res, markdown(res))
     print(f"wrote {args.out / 'adapter_dtype.md'} and .json")

@@ -1,296 +1,294 @@
-"""End to end (the sweep's e2e section): a Llama-shaped model in eager Hugging Face with PRISM's
-random adapter (bench.models.add_peft_adapter) and a gate that always opens, so that the
-gate-routed providers do the forced all-open route's LoRA work and add only the routing.
+"""End to end: PRISM's patched model against the base model and PEFT, one forward at a time,
+beside the byte floor of an open route.
 
-Providers (baseline base): `base`; `persona_prompt` (base with a 230-token persona prompt);
-`prism_fast_gate` (single-pass routing, prefill); `prism_fast_open` / `_closed` / `_half` (routes
-forced); `peft` (unmerged, adapter on); `peft_adapter_names` (PEFT's per-row mixed batch);
-`two_pass` (the official routing: a gate forward, the decision on the host, then PEFT; prefill
-only). Prefill is one forward keeping the last token's logits; a decode step is one token
-against a cache of `tokens` context, rewound after each call. On a GPU, base and the prism_fast
-route mixes also run a decode step captured as a CUDA graph and replayed (mode "graph").
+    python -m bench --e2e [--model NAME] [--layers N] [--providers P,…] [--modes eager,graph]
+        [--rounds 7] [--steps 30] [--compile] [--fuse-base] [--merge-open] [--threads N]
+        [--device auto] [--out DIR] [--time-budget S]
+
+Models: the real SmolLM2-135M-Instruct (the CPU default: fp32, prism_fast's torch backend) or a
+random Llama of a prism_fast.testing.shapes name (the GPU default: llama3-8b, 8 layers, bf16,
+Triton), with PRISM's random rank-16 LoRA on layers 1…N−1 (bench.models.add_peft_adapter). Every
+copy is built before anything is timed: base, PEFT, the PEFT model patched by prism_fast (with a
+gate that always opens when prism_gate runs), and with --merge-open one patched with
+merge_open=True.
+
+Providers (baseline base): base; persona_prompt (a 230-token persona before every prompt);
+prism_open / prism_closed / prism_half (routes forced); prism_gate (the gate decides in the
+forward; prefill); prism_merged (--merge-open's copy, all open); peft (the adapter on);
+peft_adapter_names (PEFT's per-row mixed batch, half open); two_pass (PRISM's official routing:
+a gate forward, the decision on the host, then PEFT; prefill).
+
+A decode case times steps against a context of T tokens, each rewound after it; a prefill case
+one forward keeping the last token's logits. Mode graph (GPU, decode): the step captured as a
+CUDA graph against a StaticCache and replayed. Interleaved rounds (bench.timing.rounds; round 0
+warms up): per provider and round `--steps` decode steps or one prefill, each timed alone (the
+GPU synchronised); medians pool every sample. Beside each ratio: the byte floor (1 + one
+adapter's bytes / the weight bytes a forward reads; 1 closed) and the overhead as a multiple
+of it. Writes <out>/decode-floor[-<model>][-<GPU>][-compiled][-fuse-base][-merge-open].{json,md}.
 """
 
 from __future__ import annotations
 
-import inspect
-import traceback
+import argparse
+import copy
+import functools
+import signal
+import statistics
+import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from bench.common import Budget, make_gate, peft_byte_floor
+from bench import common, e2e_report, report
+from bench.e2e_steps import (
+    GATE,
+    E2ECase,
+    Forward,
+    GraphedStep,
+    case_fn,
+    half,
+    route_of,
+    routed,
+    two_pass,
+)
 from bench.models import ADAPTER, add_peft_adapter, load_model
-from bench.timing import TimerConfig, Timing, measure, quantiles_us
+from bench.timing import rounds, seconds
 from prism_fast.testing.shapes import MODELS
 
+PROVIDERS = ("base", "persona_prompt", "prism_open", "prism_closed", "prism_half", "prism_gate",
+             "prism_merged", "peft", "peft_adapter_names", "two_pass")
+PREFILL_ONLY = {"prism_gate", "two_pass"}   # their decode steps are prism_open's / peft's
+GRAPHED = {"base", "prism_open", "prism_closed", "prism_half"}
 PERSONA_TOKENS = 230
-PROVIDERS = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",
-             "prism_fast_half", "peft", "peft_adapter_names", "two_pass")
-NO_ADAPTER = {"base", "persona_prompt"}     # rows without a LoRA floor
-GRAPHED = {"base", "prism_fast_open", "prism_fast_closed", "prism_fast_half"}
-GRAPH_WARMUP, GRAPH_STEPS = 4, 40
 
 
-@dataclass(frozen=True)
-class E2ECase:
-    kind: str     # "prefill" or "decode"
-    batch: int
-    tokens: int   # prompt length (prefill) or context length (decode)
-
-
-GPU_CASES = [E2ECase("decode", 1, 512), E2ECase("decode", 32, 512), E2ECase("prefill", 1, 2048),
-             E2ECase("prefill", 8, 512)]
-CPU_CASES = [E2ECase("decode", 1, 128), E2ECase("decode", 8, 128), E2ECase("prefill", 1, 256),
-             E2ECase("prefill", 8, 64)]
-
-
-class Forward:
-    """Version-proof keyword names for the forward (transformers 5 renamed the cache argument)."""
-
-    def __init__(self, model):
-        params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-        self.keep1 = {keep: 1} if keep else {}
-
-    def cache_of(self, out):
-        return out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
-
-
-def rewind(cache, length: int) -> None:
-    """Drop the tokens a decode step appended. A negative argument means "remove that many" both
-    in transformers 4 (crop(max_length)) and 5 (crop(tokens_to_remove), which refuses > 0)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
-def case_fn(call: Callable, fwd: Forward, case: E2ECase, ids: torch.Tensor,
-            extra: dict) -> Callable[[], object]:
-    """The timed callable: one prefill, or one decode step after an untimed prefill."""
-    if case.kind == "prefill":
-        return lambda: call(input_ids=ids, use_cache=True, **fwd.keep1, **extra)
-    out = call(input_ids=ids, use_cache=True, **fwd.keep1, **extra)
-    cache = fwd.cache_of(out)
-    context = cache.get_seq_length()
-    tok = ids[:, -1:]                                                     # [B, 1]
-
-    def step() -> None:
-        call(input_ids=tok, use_cache=True, **{fwd.cache_kw: cache}, **extra)
-        rewind(cache, context)
-
-    return step
-
-
-def graphed_decode(model, fwd: Forward, case: E2ECase, ids: torch.Tensor,
-                   routes: list[int] | None = None) -> Timing:
-    """Per-token time of one decode step captured as a CUDA graph (by hand: torch.compile's
-    backends copy every weight per replay or compile too long) and replayed against a
-    StaticCache, each replay appending one token at the static `pos`. `routes`: the prism_fast
-    model's forced routes; its first warm-up step opens every route so that the LoRA kernels
-    are loaded before the capture (loading inside it fails)."""
-    from transformers import StaticCache
-
-    import prism_fast
-
-    b, t = ids.shape
-    warm = 2                                     # eager steps before capture (side stream)
-    cache = StaticCache(config=model.config,
-                        max_cache_len=t + warm + GRAPH_WARMUP + GRAPH_STEPS + 8)
-    positions = torch.arange(t, device=ids.device)[None].expand(b, t)
-    out = model(input_ids=ids, position_ids=positions, use_cache=True, **{fwd.cache_kw: cache},
-                **fwd.keep1)                                           # eager prefill
-    tok = out.logits[:, -1:].argmax(-1)                                # [B, 1], static input
-    pos = torch.full((b, 1), t, device=ids.device)                     # [B, 1], static input
-
-    def step():
-        return model(input_ids=tok, position_ids=pos, use_cache=True, **{fwd.cache_kw: cache},
-                     **fwd.keep1)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(warm):
-            if routes is not None:
-                prism_fast.set_routes(model, [0] * b if i == 0 else routes)
-            step()
-            pos.add_(1)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for i in range(GRAPH_WARMUP + GRAPH_STEPS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        pos.add_(1)
-        if i >= GRAPH_WARMUP:
-            times.append((start, end))
-    torch.cuda.synchronize()
-    del graph
-    return quantiles_us([s.elapsed_time(e) * 1e-3 for s, e in times])
+CASES = {"cpu": [E2ECase("decode", 1, 128), E2ECase("decode", 8, 128), E2ECase("prefill", 1, 128)],
+         "cuda": [E2ECase("decode", 1, 512), E2ECase("decode", 32, 512),
+                  E2ECase("prefill", 1, 2048), E2ECase("prefill", 8, 512)]}
+DEFAULTS = {"cpu": dict(model="smollm2-135m", layers=None, rounds=7, steps=30, modes=["eager"],
+                        providers=["base", "prism_open", "prism_closed"]),
+            "cuda": dict(model="llama3-8b", layers=8, rounds=5, steps=20, modes=["eager", "graph"],
+                         providers=["base", "prism_open", "prism_closed", "prism_half"])}
 
 
 @dataclass
-class Timer:
-    """Times one provider on one case into a row (or its error), within the time budget."""
+class Models:
+    """The copies the providers run, all built before anything is timed."""
 
-    model_name: str
+    base: torch.nn.Module
+    peft: torch.nn.Module
+    patched: torch.nn.Module | None
+    merged: torch.nn.Module | None
+    gate: torch.nn.Module
     layers: int
-    fwd: Forward
-    providers: list[str]
-    device: torch.device
-    timer: TimerConfig
-    budget: Budget
-    log: Callable[[str], None]
-    rows: list[dict]
-    skipped: list[str] = field(default_factory=list)   # left out by the time budget
-    floor: float | None = None     # the adapter's byte floor, once it exists (common.peft_byte_floor)
 
-    def __call__(self, provider: str, case: E2ECase, call: Callable, ids: torch.Tensor,
-                 extra: dict | None = None, mode: str = "eager",
-                 routes: list[int] | None = None) -> None:
-        if provider not in self.providers:
-            return
-        if self.budget.expired():
-            self.skipped.append(f"{provider} {case.kind} B={case.batch} {mode}")
-            return
-        gpu = self.device.type == "cuda"
-        what = f"{case.kind} B={case.batch} T={case.tokens}"
-        row = dict(bench="e2e", model=self.model_name, layers=self.layers, kind=case.kind,
-                   B=case.batch, T=case.tokens, provider=provider, mode=mode,
-                   case_key=f"e2e|{case.kind}|B={case.batch}|T={case.tokens}|{mode}",
-                   floor=None if provider in NO_ADAPTER else
-                   1.0 if provider == "prism_fast_closed" else self.floor)
-        try:
-            with torch.no_grad():
-                if gpu:
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                tm = graphed_decode(call, self.fwd, case, ids, routes) if mode == "graph" else \
-                    measure(case_fn(call, self.fwd, case, ids, extra or {}), self.device, "eager",
-                            self.timer)
-            tokens = case.batch * (case.tokens if case.kind == "prefill" else 1)
-            row.update(median_us=tm.median_us, p20_us=tm.p20_us, p80_us=tm.p80_us,
-                       tok_per_s=tokens / tm.median_us * 1e6)
-            if gpu:
-                row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-            self.log(f"[e2e] {what} {provider}: {tm.median_us / 1e3:.2f} ms")
-        except Exception as e:  # one broken provider must not cost the others their rows
-            row["error"] = f"{type(e).__name__}: {e}"
-            self.log(f"[e2e] {provider} {what} FAILED: {row['error']}\n"
-                     f"{traceback.format_exc(limit=3)}")
-        self.rows.append(row)
+    def of(self, provider: str):
+        if provider in ("base", "persona_prompt"):
+            return self.base
+        if provider.startswith("prism_"):
+            return self.merged if provider == "prism_merged" else self.patched
+        return self.peft
 
 
-def half(b: int) -> list[int]:
-    return [0 if i % 2 == 0 else -1 for i in range(b)]                  # open, closed, …
-
-
-def run_e2e(model_name: str, layers: int | None, cases: list[E2ECase], providers: list[str],
-            device: torch.device, dtype: torch.dtype, timer: TimerConfig, budget: Budget,
-            log: Callable[[str], None], rows: list[dict], notes: list[str]) -> None:
-    """Appends rows and notes as it goes. Never raises for a missing optional piece (transformers,
-    peft) or a failing provider: it notes, and skips what depends on it."""
-    try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:   # name the real exception: a missing package or a broken import
-        missing = isinstance(e, ModuleNotFoundError) and e.name in ("peft", "transformers")
-        notes.append(f"e2e skipped: {type(e).__name__}: {e}"
-                     + (" (install the [hf] extra)" if missing else ""))
-        return
-    shape = MODELS[model_name]
-    model, layers = load_model(model_name, layers, dtype, device)   # SmolLM2: real, own depth
-    timed = Timer(model_name, layers, Forward(model), providers, device, timer, budget, log, rows)
-    gate = make_gate(shape.hidden, dtype, device, always_open=True)
-    vocab_gen = torch.Generator(device="cpu").manual_seed(0)
-    inputs = {c: torch.randint(0, shape.vocab, (c.batch, c.tokens), generator=vocab_gen).to(device)
-              for c in cases}
-    persona = torch.randint(0, shape.vocab, (1, PERSONA_TOKENS), generator=vocab_gen).to(device)
-    log(f"[e2e] {model_name}, {layers} layers, {str(dtype).replace('torch.', '')}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters on {device}")
-    for case in cases:                       # 1. the model before any adapter
-        ids = inputs[case]
-        timed("base", case, model, ids)
-        timed("persona_prompt", case, model,
-              torch.cat([persona.expand(case.batch, -1), ids], dim=1))   # [B, 230 + T]
-        if device.type == "cuda" and case.kind == "decode":
-            timed("base", case, model, ids, mode="graph")
-    peft_model = add_peft_adapter(model, layers)
-    timed.floor = peft_byte_floor(peft_model, ADAPTER)
-    if any(p.startswith("prism_fast") for p in providers):   # 2. prism_fast on the PEFT model
-        prism_section(timed, peft_model, gate.state_dict(), cases, inputs, notes)
-    for case in cases:                       # 3. PEFT: unmerged, per-row names, two passes
-        b, ids = case.batch, inputs[case]
-        timed("peft", case, peft_model, ids)
-        names = [ADAPTER if r == 0 else "__base__" for r in half(b)]
-        timed("peft_adapter_names", case, peft_model, ids, {"adapter_names": names})
-        if case.kind == "prefill":
-            timed("two_pass", case, two_pass(peft_model, gate, timed.fwd), ids)
-    notes.append("e2e: two_pass and prism_fast_gate are prefill-only rows: their decode steps are "
-                 "those of peft / prism_fast_open (the decision is kept from the prefill)")
-    if timed.skipped:
-        notes.append(f"e2e: time budget spent, left out: {', '.join(timed.skipped)}")
-    del peft_model, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def prism_section(timed: Timer, peft_model, gate_state: dict, cases: list[E2ECase],
-                  inputs: dict, notes: list[str]) -> None:
-    """prism_fast.patch_model on the PEFT model (the drop-in case): the gate deciding in the
-    prefill, then forced routes (open, closed, half), graphed on a GPU; unpatched after."""
+def build(args: argparse.Namespace, device: torch.device) -> Models:
+    """Base, PEFT (PRISM's random LoRA), and the patched copies the providers ask for."""
     import prism_fast
 
-    gpu = timed.device.type == "cuda"
-    if not gpu:
-        notes.append("e2e: on CPU the prism_fast providers run patch_model's torch backend "
-                     "(its fast torch path, prism_fast/ops/gated_lora_torch.py), not the "
-                     "Triton kernels")
-    try:
-        prism_fast.patch_model(peft_model, gate=gate_state)
-    except Exception as e:
-        notes.append(f"e2e: prism_fast.patch_model failed ({type(e).__name__}: {e}): "
-                     "prism_fast end-to-end providers skipped")
-        timed.log(notes[-1])
-        return
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    base, layers = load_model(args.model, args.layers, dtype, device)  # SmolLM2: its own depth
+    peft = add_peft_adapter(copy.deepcopy(base), layers)
+    gate = common.make_gate(MODELS[args.model].hidden, dtype, device, always_open=True)
+
+    def patched(**options):
+        gated = dict(gate=gate.state_dict()) if "prism_gate" in args.providers else {}
+        model = prism_fast.patch_model(copy.deepcopy(peft), backend="auto" if gpu else "torch",
+                                       **gated, **options)
+        return compiled(model, args.compile)
+
+    prism = any(p.startswith("prism_") and p != "prism_merged" for p in args.providers)
+    return Models(compiled(base, args.compile), compiled(peft, args.compile),
+                  patched(fuse_base=args.fuse_base) if prism else None,
+                  patched(merge_open=True) if "prism_merged" in args.providers else None,
+                  gate, layers)
+
+
+def compiled(model, on: bool):
+    if on:
+        # Three shapes × the routes' host flags each get a graph per model: past Dynamo's
+        # default recompile limit (8) a forward falls back to eager and the ratios mean nothing.
+        torch._dynamo.config.recompile_limit = 64
+        model.forward = torch.compile(model.forward, dynamic=False)
+    return model
+
+
+def has_row(provider: str, case: E2ECase, mode: str) -> bool:
+    """Whether a provider has a row for a case in a mode."""
+    if provider in PREFILL_ONLY and case.kind == "decode":
+        return False
+    if provider == "prism_half" and case.batch == 1:
+        return False
+    return mode == "eager" or (case.kind == "decode" and provider in GRAPHED)
+
+
+def repeat(fn: Callable[[], float], n: int) -> list[float]:
+    return [fn() for _ in range(n)]
+
+
+def plan_calls(ms: Models, cases: list[E2ECase], args: argparse.Namespace,
+               device: torch.device) -> dict[tuple, Callable[[], list[float]]]:
+    """(case, provider, mode) → one round: seconds per forward. Inputs, caches and graphs are
+    made here, untimed."""
+    fwd = Forward(ms.base)          # keyword names of the HF model (PEFT's forward hides them)
+    gen = torch.Generator().manual_seed(0)
+    vocab = ms.base.config.vocab_size
+    persona = torch.randint(0, vocab, (1, PERSONA_TOKENS), generator=gen).to(device)
+    calls = {}
     for case in cases:
-        b, ids = case.batch, inputs[case]
-        if case.kind == "prefill":
-            prism_fast.set_routes(peft_model, None)    # the gate decides, in the forward
-            timed("prism_fast_gate", case, peft_model, ids)
-        for provider, routes in (("prism_fast_open", [0] * b), ("prism_fast_closed", [-1] * b),
-                                 ("prism_fast_half", half(b) if b > 1 else None)):
-            if routes is None:
-                continue
-            prism_fast.set_routes(peft_model, torch.tensor(routes, dtype=torch.int32,
-                                                           device=timed.device))
-            timed(provider, case, peft_model, ids)
-            if gpu and case.kind == "decode" and provider in GRAPHED:
-                timed(provider, case, peft_model, ids, mode="graph", routes=routes)
-    prism_fast.unpatch_model(peft_model)
+        ids = torch.randint(0, vocab, (case.batch, case.tokens), generator=gen).to(device)
+        n = args.steps if case.kind == "decode" else 1
+        for p in args.providers:
+            model, route = ms.of(p), route_of(p, case.batch)
+            x = torch.cat([persona.expand(case.batch, -1), ids], dim=1) \
+                if p == "persona_prompt" else ids                        # [B, 230 + T] or [B, T]
+            call = two_pass(ms.peft, ms.gate, fwd) if p == "two_pass" else model
+            names = [ADAPTER if r == 0 else "__base__" for r in half(case.batch)]
+            extra = {"adapter_names": names} if p == "peft_adapter_names" else {}
+            for mode in (m for m in args.modes if has_row(p, case, m)):
+                if mode == "graph":
+                    make = functools.partial(GraphedStep, model, fwd, x, (args.rounds + 1) * n,
+                                             None if route == GATE else route)
+                else:
+                    make = functools.partial(case_fn, call, fwd, case, x, extra)
+                timed = seconds(routed(model, route, make), device)
+                calls[case, p, mode] = functools.partial(routed, model, route,
+                                                         functools.partial(repeat, timed, n))
+    return calls
 
 
-def two_pass(peft_model, gate: torch.nn.Module, fwd: Forward) -> Callable:
-    """PRISM's reference routing (prism/run_gated_lora.py): a base forward for the gate, the
-    decision on the host, then the generation forward with the adapter on or off per row."""
+class BudgetSpent(Exception):
+    pass
 
-    def call(input_ids: torch.Tensor, **kwargs):
-        with peft_model.disable_adapter():
-            out = peft_model(input_ids=input_ids, output_hidden_states=True, use_cache=False,
-                             **fwd.keep1)
-        decision = gate(out.hidden_states[1][:, -1]).argmax(dim=-1).tolist()   # host sync
-        if all(decision):
-            return peft_model(input_ids=input_ids, **kwargs)
-        if not any(decision):
-            with peft_model.disable_adapter():
-                return peft_model(input_ids=input_ids, **kwargs)
-        names = [ADAPTER if d else "__base__" for d in decision]
-        return peft_model(input_ids=input_ids, adapter_names=names, **kwargs)
 
-    return call
+def measure(calls: dict, n_rounds: int, budget: common.Budget, log) -> tuple[list[dict], str]:
+    """(rows with medians, why it stopped early or ""): interleaved rounds, round 0 a warm-up;
+    the time budget or an interrupt (SIGINT, SIGTERM) ends them, keeping what was measured."""
+    per_round: dict = {k: [] for k in calls}
+
+    def after(r: int) -> None:
+        log(f"round {r}/{n_rounds} done" + (" (warm-up)" if r == 0 else ""))
+        if budget.expired() and r < n_rounds:
+            raise BudgetSpent
+
+    stopped = ""
+    try:
+        rounds(calls, n_rounds, warmup=1, after_round=after, out=per_round)
+    except BudgetSpent:
+        stopped = "time budget spent"
+    except KeyboardInterrupt:
+        stopped = "interrupted (SIGINT/SIGTERM)"
+    if stopped:
+        done = min(map(len, per_round.values()), default=0)
+        stopped += f" after {done} of {n_rounds} measured rounds: partial results"
+        log(stopped)
+    rows = [dict(kind=case.kind, B=case.batch, T=case.tokens, provider=p, mode=mode,
+                 median_ms=statistics.median(t for ts in got for t in ts) * 1e3,
+                 samples=sum(map(len, got)),
+                 round_medians_ms=[statistics.median(ts) * 1e3 for ts in got])
+            for (case, p, mode), got in per_round.items() if got]
+    return rows, stopped
+
+
+def parse_args(argv: list[str] | None, gpu: bool) -> argparse.Namespace:
+    """The options, with the device's defaults (DEFAULTS) for what was left out; checked."""
+    def names(s: str) -> list[str]:
+        return [v for v in s.split(",") if v]
+
+    p = argparse.ArgumentParser(prog="python -m bench --e2e", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--model", choices=list(MODELS), help="default smollm2-135m (CPU), llama3-8b")
+    p.add_argument("--layers", type=int, help="decoder layers of a random model (default 8 on "
+                   "a GPU, else the shape's); SmolLM2 keeps its own")
+    p.add_argument("--providers", type=names, help=f"{', '.join(PROVIDERS)}")
+    p.add_argument("--modes", type=names, help="eager, graph (CUDA graphs: GPU only)")
+    p.add_argument("--rounds", type=int, help="measured rounds (default 7 CPU, 5 GPU)")
+    p.add_argument("--steps", type=int, help="decode steps per provider and round (30, 20)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--fuse-base", action="store_true",
+                   help="patch_model(fuse_base=True): one base + shrink GEMM per open group")
+    p.add_argument("--merge-open", action="store_true",
+                   help="add prism_merged: a copy patched with merge_open=True, all open")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="default bench/results/ (GPU) or bench/results/cpu/")
+    p.add_argument("--time-budget", type=float, metavar="S",
+                   help="no new round after S seconds (what was measured is written)")
+    args = p.parse_args(argv)
+    for k, v in DEFAULTS["cuda" if gpu else "cpu"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.merge_open and "prism_merged" not in args.providers:
+        args.providers = [*args.providers, "prism_merged"]
+    for flag, given, allowed in (("--providers", args.providers, PROVIDERS),
+                                 ("--modes", args.modes, ("eager", "graph") if gpu else ("eager",))):
+        bad = [v for v in given if v not in allowed]
+        if bad or not given:
+            p.error(f"{flag}: expected names from {', '.join(allowed)}, got {bad or given}")
+    for flag, v in (("--rounds", args.rounds), ("--steps", args.steps),
+                    ("--layers", args.layers or 1), ("--threads", args.threads or 1)):
+        if v < 1:
+            p.error(f"{flag}: expected a positive integer, got {v}")
+    if "base" not in args.providers:
+        p.error(f"--providers: every ratio is to base, which must be among them; got "
+                f"{args.providers}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)     # the device decides the defaults
+    pre.add_argument("--device", default="auto")
+    flag = pre.parse_known_args(given)[0].device
+    device = common.pick_device(flag if flag in ("auto", "cpu", "cuda") else "cpu")
+    gpu = device.type == "cuda"
+    args = parse_args(given, gpu)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started, budget = time.monotonic(), common.Budget(args.time_budget)  # the build counts
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # `timeout`: keep what ran
+    _, meta = common.run_meta(args, device, "", given)          # --out checked writable here
+    stem = (args.out or (report.RESULTS if gpu else report.RESULTS / "cpu")) / "-".join(
+        ["decode-floor", *([] if args.model == "smollm2-135m" else [args.model]),
+         *([meta["slug"]] if gpu else []), *(["compiled"] if args.compile else []),
+         *(["fuse-base"] if args.fuse_base else []), *(["merge-open"] if args.merge_open else [])])
+    meta.update(model=args.model, rounds=args.rounds, steps=args.steps, compile=args.compile,
+                threads=torch.get_num_threads(), load_before=report.load_average())
+    ms = build(args, device)
+    meta.update(e2e_report.model_meta(ms, args.model))
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    log(f"[e2e] {args.model}, {ms.layers} layers on {meta['device']}; providers "
+        f"{', '.join(args.providers)}; {args.rounds} rounds")
+    calls = plan_calls(ms, CASES[device.type], args, device)
+    rows, stopped = measure(calls, args.rounds, budget, log)
+    meta.update(load_after=report.load_average(), elapsed_s=round(time.monotonic() - started, 1),
+                stopped=stopped)
+    if not any(r["provider"] == "base" for r in rows):
+        log("e2e: no result (no round of base was measured)")
+        return 130 if stopped else 1
+    e2e_report.add_ratios(rows, meta["floor"], gpu, meta["peft_floor"])
+    text = e2e_report.markdown(meta, rows)
+    report.write(stem, dict(meta=meta, rows=rows), text)
+    print(text)
+    return 130 if stopped.startswith("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

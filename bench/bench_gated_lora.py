@@ -1,140 +1,61 @@
 """Layer benchmarks (kernels/gated_lora.py): one gated-LoRA projection, or one decoder layer's
-seven, per case, each provider timed against `base` in the same process:
+seven, per case (bench/layer_inputs.py), each provider timed against `base` in the same process:
 
   base        F.linear per projection (the unpatched layer).
   prism_fast  the Triton op: `gated_lora_linear(..., backend="triton")` for one projection,
               `torch.ops.prism_fast.gated_lora` (one multi-slice call) for q/k/v and gate/up.
+  split, fused, coop
+              F.linear per slice, then the LoRA term by that decode path, its config forced,
+              through the launcher a patched layer uses: what `prism_fast.tune` times
+              (prism_fast.tuning_timers.group_runner). Above 64 rows every path is split.
+  fused_base  the opt-in fused base + LoRA kernel (kernels/fused_base_lora.py): the whole
+              projection in one launch, base included (its own rounding); ≤ 64 rows.
   peft_style  base(x) + lora_B(lora_A(x)) · s, adapter 0 on every row (PEFT with one active
               adapter): independent of the open share (one row per M, share = null).
   torch_ref   the reference op (`backend="torch"`); also independent of the open share.
 
-M ≤ 128 is a decode batch (x [M, K], one id per row, open rows at random); larger M a prefill of
-B sequences of T tokens (x [B, T, K], one id per sequence, B = max(4, M // 512)).
+Each provider doing the gated work (GATED) is checked once per case against torch_ref before it
+is timed (`check_providers`); a decode path that would repeat another's time, or cannot run on
+the case, gets a row with the reason instead of a time (`skip_reason`).
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
+import prism_fast
 from bench.common import DTYPES, Budget, roofline_floor
+from bench.layer_inputs import (  # noqa: F401  (re-exported: the sweep's and tests' names)
+    SCALE,
+    GroupInputs,
+    InputFactory,
+    LayerCase,
+    case_inputs,
+    check_inputs,
+    layer_cases,
+)
 from bench.timing import TimerConfig, measure
+from prism_fast import tuning, tuning_timers
+from prism_fast.kernels.gated_lora import FUSED_MAX_ROWS, PATHS, device_key
 from prism_fast.testing.shapes import MODELS
+from prism_fast.tuning_timers import FUSED_BASE
 
-PROVIDERS = ("base", "prism_fast", "peft_style", "torch_ref")
+PATH_PROVIDERS = (*PATHS, FUSED_BASE)   # split, fused, coop (kernels/gated_lora.py), fused_base
+PROVIDERS = ("base", "prism_fast", *PATH_PROVIDERS, "peft_style", "torch_ref")
+# The sweep's default: the decode paths answer a question of their own (--providers names them).
+DEFAULT_PROVIDERS = ("base", "prism_fast", "peft_style", "torch_ref")
+GATED = ("prism_fast", *PATH_PROVIDERS)   # LoRA on the open rows only: torch_ref's output
 # The case fields a provider's time does not depend on (measured once, reported with them null).
-IGNORES = {"base": ("rank", "adapters", "share"), "prism_fast": (),
+IGNORES = {"base": ("rank", "adapters", "share"), **{p: () for p in GATED},
            "peft_style": ("adapters", "share"), "torch_ref": ("share",)}
-GPU_ONLY = {"prism_fast"}  # Triton on CPU is only the interpreter: no timing to report
-DECODE_MAX_M = 128
-SCALE = 2.0  # α / r with α = 2r, as PRISM's r = 16, α = 32
-
-
-@dataclass(frozen=True)
-class LayerCase:
-    model: str
-    proj: str
-    m: int
-    share: float      # share of open rows (decode) or open sequences (prefill)
-    rank: int
-    adapters: int     # L
-    dtype: str
-
-    def layout(self) -> tuple[int, int]:
-        """(B, T): decode batches are B = M rows of T = 1; prefills are B sequences of T."""
-        if self.m <= DECODE_MAX_M:
-            return self.m, 1
-        b = max(4, self.m // 512)
-        return (b, self.m // b) if self.m % b == 0 else (self.m, 1)
-
-    def n_open(self) -> int:
-        """Open rows (decode) or open sequences (prefill)."""
-        return round(self.share * self.layout()[0])
-
-
-def layer_cases(models: list[str], projs: list[str], ms: list[int], shares: list[float],
-                ranks: list[int], adapters: list[int], dtypes: list[str]) -> list[LayerCase]:
-    """Every combination, most important first, so that a time budget cuts the least useful.
-
-    The headline (first dtype, r = 16, L = 1, the per-layer aggregate) comes first for every
-    model, then cases that differ from it in one factor (or are single projections), and so on.
-    """
-    head = (dtypes[0], 16 if 16 in ranks else ranks[0], 1 if 1 in adapters else adapters[0])
-    cases = [LayerCase(*c) for c in itertools.product(models, projs, ms, shares, ranks, adapters,
-                                                       dtypes)]
-
-    def priority(c: LayerCase) -> tuple:
-        distance = sum(a != b for a, b in zip((c.dtype, c.rank, c.adapters), head))
-        single = c.proj != "layer"
-        return (distance + single, single, models.index(c.model), projs.index(c.proj),
-                dtypes.index(c.dtype), ranks.index(c.rank), adapters.index(c.adapters), c.m,
-                shares.index(c.share))
-
-    return sorted(cases, key=priority)
-
-
-# ---- inputs -----------------------------------------------------------------------------------
-
-
-@dataclass
-class GroupInputs:
-    """One op call: x, its base projections and the stacked adapters of its S slices."""
-
-    x: torch.Tensor                   # [M, K] or [B, T, K]
-    ws: list[torch.Tensor]            # S × [N_s, K]
-    bs: list[torch.Tensor | None]     # S × [N_s] or None
-    lora_a: torch.Tensor              # [L, S·R, K]
-    lora_b: torch.Tensor              # [L, ΣN_s, R]
-    scaling: torch.Tensor             # [S, L] fp32
-    ids: torch.Tensor                 # [M] or [B], −1 = closed
-    slices: list[tuple[torch.Tensor, torch.Tensor]]  # S × (A_s [L, R, K], B_s [L, N_s, R])
-
-
-class InputFactory:
-    """Builds case inputs; base weights are cached per shape and dtype (they dominate memory)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.weights: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor | None]]] = {}
-
-    def _weights(self, k: int, ns: list[int], bias: bool, dtype: torch.dtype):
-        key = (k, tuple(ns), bias, dtype)
-        if key not in self.weights:
-            gen = dict(dtype=dtype, device=self.device)
-            ws = [torch.randn(n, k, **gen) / k**0.5 for n in ns]
-            bs = [torch.randn(n, **gen) if bias else None for n in ns]
-            self.weights[key] = (ws, bs)
-        return self.weights[key]
-
-    def ids(self, case: LayerCase) -> torch.Tensor:
-        """[B] ids: n_open random rows/sequences open, adapters assigned round-robin."""
-        b, _ = case.layout()
-        gen = torch.Generator().manual_seed(case.m * 1009 + round(case.share * 100))
-        ids = torch.full((b,), -1, dtype=torch.int32)
-        open_rows = torch.randperm(b, generator=gen)[: case.n_open()]
-        ids[open_rows] = torch.arange(len(open_rows), dtype=torch.int32) % case.adapters
-        return ids.to(self.device)
-
-    def group(self, case: LayerCase, k: int, ns: list[int], bias: bool) -> GroupInputs:
-        dtype = DTYPES[case.dtype]
-        gen = dict(dtype=dtype, device=self.device)
-        b, t = case.layout()
-        x = torch.randn(b, t, k, **gen) if t > 1 else torch.randn(b, k, **gen)
-        ws, bs = self._weights(k, ns, bias, dtype)
-        s, r, n_adapters = len(ns), case.rank, case.adapters
-        lora_a = torch.randn(n_adapters, s * r, k, **gen) / k**0.5
-        lora_b = torch.randn(n_adapters, sum(ns), r, **gen) * 0.01
-        scaling = torch.full((s, n_adapters), SCALE, dtype=torch.float32, device=self.device)
-        offsets = [sum(ns[:i]) for i in range(s)]
-        # Per-slice copies, contiguous as PEFT stores them (no strided views in the baselines).
-        slices = [(lora_a[:, i * r:(i + 1) * r].contiguous(),
-                   lora_b[:, o:o + n].contiguous()) for i, (o, n) in enumerate(zip(offsets, ns))]
-        return GroupInputs(x, ws, bs, lora_a, lora_b, scaling, self.ids(case), slices)
+GPU_ONLY = set(GATED)  # Triton on CPU is only the interpreter: no timing to report
+TOLERANCE = {"bf16": 2e-2, "fp16": 2e-2, "fp32": 1e-4}   # relative error of the whole output
 
 
 # ---- providers --------------------------------------------------------------------------------
@@ -149,8 +70,6 @@ def provider_fn(provider: str, g: GroupInputs) -> Callable[[], object]:
         lora = [(a[0], bb[0]) for a, bb in g.slices]                       # adapter 0: [R, K], [N, R]
         return lambda: [F.linear(g.x, w, b) + F.linear(F.linear(g.x, a), bb) * SCALE
                         for (w, b), (a, bb) in zip(pairs, lora)]
-    import prism_fast  # only the providers that need it: base and peft_style run without it
-
     if provider == "prism_fast":
         if len(pairs) == 1:
             w, b = pairs[0]
@@ -159,6 +78,10 @@ def provider_fn(provider: str, g: GroupInputs) -> Callable[[], object]:
                                                         g.ids, backend="triton")
         op = torch.ops.prism_fast.gated_lora
         return lambda: op(g.x, g.ws, g.bs, g.lora_a, g.lora_b, g.scaling, g.ids)
+    if provider in PATH_PROVIDERS:
+        path = provider if provider == FUSED_BASE else tuning_timers.LINEAR + provider
+        return tuning_timers.group_runner(path, g.x, g.ws, g.bs, g.lora_a, g.lora_b, g.scaling,
+                                          g.ids)
     if provider == "torch_ref":
         return lambda: [prism_fast.gated_lora_linear(g.x, w, b, a, bb, g.scaling[i], g.ids,
                                                      backend="torch")
@@ -176,17 +99,64 @@ def case_fn(provider: str, groups: list[GroupInputs]) -> Callable[[], None]:
     return run
 
 
-def case_inputs(factory: InputFactory, case: LayerCase) -> list[GroupInputs]:
-    return [factory.group(case, k, ns, bias) for k, ns, bias in MODELS[case.model].groups(case.proj)]
+def skip_reason(provider: str, groups: list[GroupInputs]) -> str | None:
+    """Why `provider` gets no time on this case, or None. fused_base takes decode batches only;
+    a decode path whose config is an earlier path's in every group (prism_fast.tuning's
+    candidates: above 64 rows split's only; coop's where its grid fits one program per SM)
+    would only repeat that path's time."""
+    x = groups[0].x
+    m = x.numel() // x.shape[-1]
+    if provider == FUSED_BASE and m > FUSED_MAX_ROWS:
+        return f"skipped: fused_base takes at most {FUSED_MAX_ROWS} rows, the case has {m}"
+    if provider not in PATHS:
+        return None
+    name, sms = device_key(x.device)
+    shapes = [(g.x.shape[-1], tuple(w.shape[0] for w in g.ws), g.lora_a.shape[1] // len(g.ws),
+               "", "") for g in groups]   # candidates reads K, the widths and R
+    if any(provider in tuning.candidates(shape, m, name, sms) for shape in shapes):
+        return None
+    why = (f"above {FUSED_MAX_ROWS} rows every path is split" if m > FUSED_MAX_ROWS
+           else "its grid does not fit one program per SM: it falls back to split")
+    return f"skipped: {provider}'s config is an earlier path's in every group ({why})"
 
 
-def check_inputs(groups: list[GroupInputs]) -> None:
-    """Validate prepared inputs once, outside the timed loop (the multi-slice op skips checks)."""
-    from prism_fast.kernels.gated_lora import check_gated_lora_args
-
+def case_output(provider: str, groups: list[GroupInputs]) -> list[torch.Tensor]:
+    """Every output of one call of `provider` on the case, by group and slice."""
+    out: list[torch.Tensor] = []
     for g in groups:
-        scaling = g.scaling[0] if len(g.ws) == 1 else g.scaling
-        check_gated_lora_args(g.x, g.ws, g.bs, g.lora_a, g.lora_b, scaling, g.ids)
+        y = provider_fn(provider, g)()
+        out += y if isinstance(y, list) else [y]
+    return out
+
+
+def relative_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """‖got − ref‖ / ‖ref‖ over the whole output (every slice of every group), in fp32."""
+    diff = sum(float((a.float() - b.float()).square().sum()) for a, b in zip(got, ref))
+    norm = sum(float(b.float().square().sum()) for b in ref)
+    return math.sqrt(diff / norm) if norm else math.inf
+
+
+def check_providers(providers: list[str], groups: list[GroupInputs], dtype: str
+                    ) -> dict[str, str]:
+    """Once per case, outside the timed loop: each GATED provider's whole output against
+    torch_ref's; {provider: its row's error} for those above TOLERANCE or failing to run."""
+    checked = [p for p in providers if p in GATED]
+    if not checked:
+        return {}
+    try:
+        ref = case_output("torch_ref", groups)
+    except Exception as e:   # nothing to check against: none passes
+        return {p: f"reference (torch_ref) failed: {type(e).__name__}: {e}" for p in checked}
+    bound, errors = TOLERANCE[dtype], {}
+    for p in checked:
+        try:
+            err = relative_error(case_output(p, groups), ref)
+        except Exception as e:   # recorded in its row; the other providers still run
+            errors[p] = f"{type(e).__name__}: {e}"
+            continue
+        if not err <= bound:     # NaN fails too
+            errors[p] = f"relative error {err:.3g} > {bound:g} against torch_ref"
+    return errors
 
 
 # ---- accounting -------------------------------------------------------------------------------
@@ -211,11 +181,18 @@ def work(case: LayerCase, lora_rows: int, adapters_used: int) -> tuple[float, fl
     return nbytes, flops
 
 
+def group_byte_floor(model: str, group: str, m: int, rank: int = 16) -> float:
+    """A group's bytes with one adapter's A and B over its base bytes (x, W, y) at M rows, bf16,
+    every row open: the floor of a decode path's ratio to base (decode is memory-bound)."""
+    case = LayerCase(model, group, m, 1.0, rank, 1, "bf16")
+    return work(case, m, 1)[0] / work(case, 0, 0)[0]
+
+
 def lora_rows(case: LayerCase, provider: str) -> tuple[int, int]:
     """(rows that get a LoRA term, adapters read) for `provider` on `case`."""
     if provider == "base":
         return 0, 0
-    if provider == "prism_fast":
+    if provider in GATED:
         _, t = case.layout()
         n_open = case.n_open()
         return n_open * t, min(case.adapters, n_open)
@@ -227,6 +204,42 @@ def timing_key(case: LayerCase, provider: str, mode: str) -> tuple:
     """What a provider's time depends on: shared rows are measured once and reported once."""
     return (provider, mode, *(None if k in IGNORES[provider] else v
                               for k, v in asdict(case).items()))
+
+
+# ---- the sweep --------------------------------------------------------------------------------
+
+
+def layer_row(case: LayerCase, provider: str, mode: str) -> dict:
+    """A row's case fields, those `provider`'s time does not depend on null (see IGNORES)."""
+    b, t = case.layout()
+    row = dict(bench="layer", **asdict(case), provider=provider, mode=mode, B=b, T=t,
+               n_open=case.n_open(),
+               case_key=f"layer|{case.model}|{case.proj}|M={case.m}|{case.dtype}|{mode}")
+    row.update({k: None for k in IGNORES[provider]})
+    if "share" in IGNORES[provider]:
+        row["n_open"] = None
+    return row
+
+
+def measure_row(row: dict, case: LayerCase, fn: Callable[[], None], device: torch.device,
+                timer: TimerConfig, limits: dict, log: Callable[[str], None]) -> str:
+    """Time `fn` into `row`: its quantiles, rates of useful work and floor, or its error.
+    Returns the log's word for it."""
+    provider, mode = row["provider"], row["mode"]
+    try:
+        tm = measure(fn, device, mode, timer)
+    except Exception as e:  # a GPU run is one shot: record the failure, keep sweeping
+        row["error"] = f"{type(e).__name__}: {e}"
+        log(f"[layer] {provider}/{mode} FAILED on {case}: {row['error']}\n"
+            + traceback.format_exc(limit=4))
+        return f"{provider}/{mode} FAILED"
+    nbytes, flops = work(case, *lora_rows(case, provider))
+    row.update(**asdict(tm), gbps=nbytes / tm.median_us / 1e3, tflops=flops / tm.median_us / 1e6)
+    if provider != "base":   # the floor of its ratio to base (common.roofline_floor)
+        row["floor"] = roofline_floor(work(case, 0, 0), (nbytes, flops), limits)
+    row["pct_peak_bw"] = 100 * row["gbps"] / limits["copy_gbps"]
+    row["pct_peak_flops"] = 100 * row["tflops"] / limits["matmul_tflops"]
+    return f"{provider}/{mode} {tm.median_us:.1f}"
 
 
 def run_layer_sweep(cases: list[LayerCase], providers: list[str], modes: list[str],
@@ -249,34 +262,22 @@ def run_layer_sweep(cases: list[LayerCase], providers: list[str], modes: list[st
             continue
         groups = case_inputs(factory, case)
         check_inputs(groups)
-        b, t = case.layout()
+        names = list(dict.fromkeys(p for p, _ in todo))
+        skipped = {p: why for p in names if (why := skip_reason(p, groups))}
+        failed = check_providers([p for p in names if p not in skipped], groups, case.dtype)
         summary = []
         for provider, mode in todo:
             done.add(timing_key(case, provider, mode))
-            row = dict(bench="layer", **asdict(case), provider=provider, mode=mode, B=b, T=t,
-                       n_open=case.n_open(),
-                       case_key=f"layer|{case.model}|{case.proj}|M={case.m}|{case.dtype}|{mode}")
-            row.update({k: None for k in IGNORES[provider]})   # reported once, see IGNORES
-            if "share" in IGNORES[provider]:
-                row["n_open"] = None
+            row = layer_row(case, provider, mode)
             rows.append(row)
-            try:
-                tm = measure(case_fn(provider, groups), device, mode, timer)
-            except Exception as e:  # a GPU run is one shot: record the failure, keep sweeping
-                row["error"] = f"{type(e).__name__}: {e}"
-                log(f"[layer] {provider}/{mode} FAILED on {case}: {row['error']}\n"
-                    + traceback.format_exc(limit=4))
-                summary.append(f"{provider}/{mode} FAILED")
+            if provider in skipped or provider in failed:   # a row with the reason, no time
+                row["error"] = skipped.get(provider) or failed[provider]
+                row["skipped"] = provider in skipped
+                summary.append(f"{provider}/{mode} "
+                               + ("skipped" if row["skipped"] else f"FAILED ({row['error']})"))
                 continue
-            n_rows, n_adapters = lora_rows(case, provider)
-            nbytes, flops = work(case, n_rows, n_adapters)
-            row.update(**asdict(tm), gbps=nbytes / tm.median_us / 1e3,
-                       tflops=flops / tm.median_us / 1e6)
-            if provider != "base":   # the floor of its ratio to base (common.roofline_floor)
-                row["floor"] = roofline_floor(work(case, 0, 0), (nbytes, flops), limits)
-            row["pct_peak_bw"] = 100 * row["gbps"] / limits["copy_gbps"]
-            row["pct_peak_flops"] = 100 * row["tflops"] / limits["matmul_tflops"]
-            summary.append(f"{provider}/{mode} {tm.median_us:.1f}")
+            summary.append(measure_row(row, case, case_fn(provider, groups), device, timer,
+                                       limits, log))
         log(f"[layer {i + 1}/{len(cases)}] {case.model} {case.proj} M={case.m} share={case.share} "
             f"r={case.rank} L={case.adapters} {case.dtype}: " + ", ".join(summary) + " µs")
         del groups  # free this case's inputs before the next case allocates its own

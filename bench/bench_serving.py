@@ -44,7 +44,7 @@ def build(merge_open: bool = False):
     """(base model, patched PEFT model, tokenizer, byte floor), SmolLM2-135M fp32 on CPU;
     merge_open: the PEFT model patched with merge_open=True (merged copies for open forwards)."""
     import prism_fast
-    from bench.bench_decode_floor import patched_byte_floor
+    from bench.common import patched_byte_floor
     from bench.models import smollm2_with_adapter
 
     base, prism, tokenizer = smollm2_with_adapter(torch.float32)

@@ -208,6 +208,23 @@ def peft_byte_floor(model, adapter: str) -> float:
     return byte_floor(weight_bytes(model), peft_adapter_bytes(model, adapter))["floor"]
 
 
+def patched_groups(patched) -> list:
+    """The gated-LoRA groups of a patched model, each once."""
+    from prism_fast.layer import GatedLoraLinear
+
+    return list({id(m.group): m.group for m in patched.modules()
+                 if isinstance(m, GatedLoraLinear)}.values())
+
+
+def patched_byte_floor(base, patched) -> dict:
+    """byte_floor of a patched model's open route: per LoRA group one adapter's A [S·R, K] and
+    B [ΣN, R], at the stacked dtype, over the base model's weight bytes."""
+    groups = patched_groups(patched)
+    adapter = sum((g.lora_a[0].numel() + g.lora_b[0].numel()) * g.lora_a.element_size()
+                  for g in groups)
+    return {**byte_floor(weight_bytes(base), adapter), "groups": len(groups)}
+
+
 def roofline_floor(base: tuple[float, float], prism: tuple[float, float], limits: dict) -> float:
     """The floor of a (bytes, FLOPs) workload over the base one on this device: the ratio of
     their roofline times max(bytes / copy GB/s, FLOPs / matmul TFLOP/s), i.e. the byte floor

@@ -2,10 +2,10 @@
 # The GPU verdict of issue 9 in ≤ 300 s on an H100/H200 with torch, triton, transformers and
 # peft preinstalled (no network). The kernel suite already runs on CPU in CI: not rerun here.
 #   0. `import pytest` (the GPU tests need it), versions, install without dependencies
-#   (a) the decode-path table: split / fused / coop, and the opt-in fused base kernel
-#       (fuse_base=True: base + LoRA in one launch), vs base F.linear, Llama-3-8B and
-#       Qwen2.5-7B groups, bf16, r = 16, M = 1, 8, 32, 64, graphed (every model first), then
-#       eager                                         → decode_paths.json (+ its table in the log)
+#   (a) the decode-path table (the per-op sweep's split / fused / coop providers, the opt-in
+#       fused base kernel, fuse_base=True: base + LoRA in one launch, and prism_fast's own
+#       choice) vs base F.linear, Llama-3-8B and Qwen2.5-7B groups, bf16, r = 16, all open,
+#       M = 1, 8, 32, 64, graphed and eager, each checked against the reference  → paths/*
 #   (b) the targets: per decoder layer (M = 1…64 all open / half / closed, prefill M = 4096;
 #       graphed and eager) → layer/*; end to end (8 Llama-3-8B layers: eager and graphed
 #       decode, all open / half / closed)                                   → e2e/*
@@ -15,8 +15,8 @@
 #   (d) in the time left: prism_fast.tune on a Llama-3-8B-shaped 2-layer model (in the log)
 # Every step has its own share of the budget and a `timeout`; the script stops itself at
 # TOTAL_S (default 300). At most 8 files land in OUT_DIR, one folder deep:
-#   gpu_check.log, decode_paths.json, layer/<GPU>-<date>.{json,md,png},
-#   e2e/<GPU>-<date>.{json,md,png}
+#   gpu_check.log, paths/<GPU>-<date>.{json,md}, layer/<GPU>-<date>.{json,md,png},
+#   e2e/decode-floor-llama3-8b-<GPU>.{json,md}
 #
 # Usage: bench/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else ./gpu_check_out
 set -uo pipefail
@@ -55,27 +55,28 @@ if ! timeout 60 python -m pip install --no-deps --no-build-isolation -q -e . >>"
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-# (a) 95 s at most (+15 s for the row in flight), keeping 170 s for (b) and (c); two models'
-# graphed rows come first, eager ones in what is left
+# (a) 95 s at most (+15 s for the case in flight), keeping 170 s for (b) and (c)
 a_s=$(share 95 170)
 echo "== (a) decode paths, budget ${a_s} s" | tee -a "$log"
-timeout $(( a_s + 15 )) python -m bench.gpu_decode_paths --out "$out" --time-budget "$a_s" \
-    2>&1 | tee -a "$log"
+timeout $(( a_s + 15 )) python -m bench --sweep --device cuda --quick --no-gate --no-plot \
+    --shapes llama3-8b,qwen2.5-7b --projections qkv,o,gate_up,down --m 1,8,32,64 --share 1 \
+    --rank 16 --adapters 1 --dtypes bf16 --modes graph,eager \
+    --providers base,split,fused,coop,fused_base,prism_fast \
+    --out "$out/paths" --time-budget "$a_s" 2>&1 | tee -a "$log"
 echo "(a) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" | tee -a "$log"
 
 # (b) 80 s at most, keeping 60 s for (c): per layer (graphed and eager), then end to end
 b_s=$(share 40 115)
 echo "== (b1) targets per decoder layer, budget ${b_s} s" | tee -a "$log"
-timeout $(( b_s + 15 )) python -m bench --device cuda --quick --no-gate --no-e2e \
+timeout $(( b_s + 15 )) python -m bench --sweep --device cuda --quick --no-gate \
     --shapes llama3-8b --projections layer --m 1,8,32,64,4096 --share 1,0.5,0 --rank 16 \
     --adapters 1 --dtypes bf16 --modes graph,eager --providers base,prism_fast \
     --out "$out/layer" --time-budget "$b_s" 2>&1 | tee -a "$log"
 echo "(b1) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" | tee -a "$log"
 b_s=$(share 40 75)
 echo "== (b2) targets end to end (8 Llama-3-8B layers), budget ${b_s} s" | tee -a "$log"
-timeout $(( b_s + 15 )) python -m bench --device cuda --quick --no-gate --no-layer \
-    --e2e-model llama3-8b --e2e-layers 8 --dtypes bf16 --modes eager,graph \
-    --e2e-providers base,prism_fast_open,prism_fast_half,prism_fast_closed \
+timeout $(( b_s + 15 )) python -m bench --e2e --device cuda --model llama3-8b --layers 8 \
+    --modes eager,graph --providers base,prism_open,prism_half,prism_closed --rounds 3 \
     --out "$out/e2e" --time-budget "$b_s" 2>&1 | tee -a "$log"
 echo "(b2) exit code ${PIPESTATUS[0]} (124 = timeout), at $(( SECONDS - start )) s" | tee -a "$log"
 

@@ -1,19 +1,18 @@
-"""The kernel sweep (`python -m bench --sweep`): each projection and a whole decoder layer (base
-F.linear, prism_fast, PEFT-style torch, the reference op), the gate, and end-to-end prefill /
-decode of a random Llama-shaped model. On CPU: small shapes, PyTorch providers only."""
+"""The kernel sweep (`python -m bench --sweep`): the per-op benchmarks, each projection and a
+whole decoder layer (bench_gated_lora.py) and the gate (bench_prism_gate.py), in one report. On
+CPU: small shapes, PyTorch providers only. Whole models: `python -m bench --e2e`."""
 
 from __future__ import annotations
 
 import argparse
 import signal
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from bench import bench_e2e, bench_gated_lora, bench_prism_gate, report, sweep_report
+from bench import bench_gated_lora, bench_prism_gate, report, sweep_report
 from bench.common import CPU_LABEL, DTYPES, PROJECTIONS, Budget, pick_device, run_meta
 from bench.timing import TimerConfig, device_limits
 from prism_fast.testing.shapes import MODELS
@@ -25,21 +24,18 @@ CPU_QUICK_BUDGET = 90.0  # keeps the CPU quick sweep on 2 busy cores under 2 min
 PRESETS = {
     (True, False): dict(shapes=["llama3-8b", "qwen2.5-7b"], projections=list(PROJECTIONS),
                         m=ALL_M, share=[0.0, 0.25, 0.5, 1.0], rank=[16, 8, 64], adapters=[1, 4],
-                        dtypes=["bf16", "fp16"], modes=["eager", "graph"], gate_batch=[1, 32, 256],
-                        e2e_model="llama3-8b", e2e_cases=bench_e2e.GPU_CASES),
+                        dtypes=["bf16", "fp16"], modes=["eager", "graph"], gate_batch=[1, 32, 256]),
     (True, True): dict(shapes=["llama3-8b"], projections=["layer", "qkv", "down"],
                        m=[1, 8, 64, 512, 4096], share=[0.0, 0.5, 1.0], rank=[16], adapters=[1],
-                       dtypes=["bf16"], modes=["eager", "graph"], gate_batch=[1, 32, 256],
-                       e2e_model="llama3-8b", e2e_cases=bench_e2e.GPU_CASES[:3:2]),
+                       dtypes=["bf16"], modes=["eager", "graph"], gate_batch=[1, 32, 256]),
     (False, False): dict(shapes=["tiny"], projections=list(PROJECTIONS),
                          m=[1, 8, 32, 64, 128, 512, 2048], share=[0.0, 0.25, 0.5, 1.0],
                          rank=[16, 8, 64], adapters=[1, 4], dtypes=["fp32"], modes=["eager"],
-                         gate_batch=[1, 32, 256], e2e_model="tiny", e2e_cases=bench_e2e.CPU_CASES),
+                         gate_batch=[1, 32, 256]),
     (False, True): dict(shapes=["tiny"], projections=["layer", "qkv", "gate_up", "o", "down"],
                         m=[1, 8, 64, 512],
                         share=[0.0, 1.0], rank=[16], adapters=[1], dtypes=["fp32"],
-                        modes=["eager"], gate_batch=[1, 32, 256], e2e_model="tiny",
-                        e2e_cases=bench_e2e.CPU_CASES),
+                        modes=["eager"], gate_batch=[1, 32, 256]),
 }
 
 
@@ -51,11 +47,8 @@ def presets_help() -> str:
              "takes its device's preset:", ""]
     for key, name in names.items():
         preset = PRESETS[key]
-        cases = ", ".join(f"{c.kind} B={c.batch} T={c.tokens}" for c in preset["e2e_cases"])
         lines.append(f"  {name}:")
-        lines += [f"    {k}: {','.join(map(str, v))}" for k, v in preset.items()
-                  if k not in ("e2e_model", "e2e_cases")]
-        lines.append(f"    e2e: {preset['e2e_model']} ({cases})")
+        lines += [f"    {k}: {','.join(map(str, v))}" for k, v in preset.items()]
     lines += ["", "Output: <out>/context-<device>-<yyyymmdd>.{json,md,png} (context benchmark), "
               "<out>/<device>-<yyyymmdd>.{json,md,png} (--sweep); see bench/results/README.md."]
     return "\n".join(lines)
@@ -65,12 +58,11 @@ def options(args: argparse.Namespace, gpu: bool, quick: bool) -> tuple[dict, lis
     """(options: the preset overridden by what was given, layer providers, gate providers,
     notes), checked; off a GPU without the Triton providers and CUDA-graph timing."""
     opt = {k: getattr(args, k, None) or v for k, v in PRESETS[(gpu, quick)].items()}
-    providers = args.providers or list(bench_gated_lora.PROVIDERS)
+    providers = args.providers or list(bench_gated_lora.DEFAULT_PROVIDERS)
     for flag, given, allowed in (
             ("--shapes", opt["shapes"], MODELS), ("--projections", opt["projections"], PROJECTIONS),
             ("--providers", providers, bench_gated_lora.PROVIDERS), ("--dtypes", opt["dtypes"], DTYPES),
-            ("--modes", opt["modes"], ("eager", "graph")),
-            ("--e2e-providers", args.e2e_providers or [], bench_e2e.PROVIDERS)):
+            ("--modes", opt["modes"], ("eager", "graph"))):
         bad = [v for v in given if v not in allowed]
         if bad:
             raise SystemExit(f"{flag}: expected names from {', '.join(allowed)}, got {bad}")
@@ -85,8 +77,7 @@ def options(args: argparse.Namespace, gpu: bool, quick: bool) -> tuple[dict, lis
         opt["modes"] = [m for m in opt["modes"] if m == "eager"]
         notes.append(f"{CPU_LABEL}: Triton providers ({', '.join(dropped) or 'prism_fast'}) "
                      "left out (on CPU Triton runs only through its interpreter, which is no "
-                     f"timing); CUDA-graph timing left out; end-to-end on {opt['e2e_model']} in "
-                     "fp32")
+                     "timing); CUDA-graph timing left out")
     return opt, providers, gate_providers, notes
 
 
@@ -118,7 +109,8 @@ class Sweep:
         self.meta["elapsed_s"] = round(time.monotonic() - self.started, 1)
         report.write(self.stem, {"meta": self.meta, "notes": self.notes, "rows": rows},
                      sweep_report.markdown(self.meta, rows, self.notes),
-                     (lambda path: sweep_report.plot(self.meta, rows, path)) if final else None)
+                     (lambda path: sweep_report.plot(self.meta, rows, path))
+                     if final and not self.args.no_plot else None)
 
     def layers(self, providers: list[str], timer: TimerConfig, budget: Budget) -> None:
         opt = self.opt
@@ -129,27 +121,12 @@ class Sweep:
             cases, providers, opt["modes"], self.device, timer, self.meta["limits"], budget,
             log, self.rows)
         self.meta["layer_cases"] = dict(total=len(cases), left_out_by_budget=left_out)
-        failed = sum(1 for r in self.rows if r.get("error"))
+        failed = sum(1 for r in self.rows if r.get("error") and not r.get("skipped"))
         if failed:
             self.notes.append(f"{failed} layer measurements failed: see the rows with an error")
         if left_out:
             self.notes.append(f"time budget: {left_out} of {len(cases)} layer cases left out "
                               "(the least important ones: cases are ordered by priority)")
-
-    def e2e(self, timer: TimerConfig, budget: Budget) -> int:
-        """The end-to-end section; 1 if it failed as a whole (e.g. the model does not fit)."""
-        gpu = self.device.type == "cuda"
-        try:
-            bench_e2e.run_e2e(
-                self.opt["e2e_model"], self.args.e2e_layers, self.opt["e2e_cases"],
-                self.args.e2e_providers or list(bench_e2e.PROVIDERS), self.device,
-                torch.bfloat16 if gpu else torch.float32, timer, budget, log, self.rows,
-                self.notes)
-        except Exception as e:   # the other sections still count
-            self.notes.append(f"e2e failed: {type(e).__name__}: {e}")
-            log(self.notes[-1] + "\n" + traceback.format_exc(limit=6))
-            return 1
-        return 0
 
 
 def start(args: argparse.Namespace, argv: list[str] | None) -> tuple[Sweep, list, list]:
@@ -163,10 +140,9 @@ def start(args: argparse.Namespace, argv: list[str] | None) -> tuple[Sweep, list
                     adapters=1 if 1 in opt["adapters"] else opt["adapters"][0])
     stem, meta = run_meta(args, device, "", argv)
     meta.update(sweep="quick" if quick else "full", headline=headline,
-                options={k: (v if k != "e2e_cases" else [vars(c) for c in v])
-                         for k, v in opt.items()},
-                timing=("triton.testing.do_bench (L2 flushed) / do_bench_cudagraph medians" if gpu
-                        else "time.perf_counter medians"),
+                options=opt,
+                timing=("triton.testing.do_bench (L2 flushed) / tuning_timers.graph_times_us "
+                        "medians" if gpu else "time.perf_counter medians"),
                 time_budget_s=(args.time_budget if args.time_budget is not None
                                else CPU_QUICK_BUDGET if quick and not gpu else None),
                 threads=torch.get_num_threads())
@@ -174,22 +150,16 @@ def start(args: argparse.Namespace, argv: list[str] | None) -> tuple[Sweep, list
 
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
-    """The kernel sweep (python -m bench --sweep): layers, gate, end to end."""
+    """The kernel sweep (python -m bench --sweep): layers, then the gate."""
     sw, providers, gate_providers = start(args, argv)
     opt, device, meta, notes = sw.opt, sw.device, sw.meta, sw.notes
     gpu = device.type == "cuda"
-    timer = TimerConfig(warmup_ms=args.warmup_ms or 10.0, rep_ms=args.rep_ms or 40.0,
-                        graph_rep_ms=args.graph_rep_ms)
-    e2e_timer = TimerConfig(warmup_ms=50.0 if gpu else 0.0, rep_ms=300.0 if gpu else 150.0,
-                            graph_rep_ms=args.graph_rep_ms)
+    timer = TimerConfig(warmup_ms=args.warmup_ms or 10.0, rep_ms=args.rep_ms or 40.0)
     # `timeout` sends SIGTERM: turn it into KeyboardInterrupt so what was measured is written.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     budget = Budget(meta["time_budget_s"] or None)
-    # What the later sections need, kept back from the layer sweep (the model build included).
-    reserve_e2e = 0.0 if args.no_e2e else (30.0 if not gpu else 70.0 if meta["sweep"] == "quick"
-                                           else 100.0)
+    # What the gate section needs, kept back from the layer sweep.
     reserve_gate = 0.0 if args.no_gate else (5.0 if not gpu else 15.0)
-    status = 0
     log(f"prism_fast bench on {meta['device']} ({meta['sweep']} sweep)"
         + ("" if gpu else f"  [{CPU_LABEL}]"))
     try:
@@ -197,17 +167,15 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         log(f"device limits: copy {meta['limits']['copy_gbps']:.0f} GB/s, matmul "
             f"{meta['limits']['matmul_tflops']:.2f} TFLOP/s")
         if not args.no_layer:
-            sw.layers(providers, timer, budget.minus(reserve_e2e + reserve_gate))
+            sw.layers(providers, timer, budget.minus(reserve_gate))
             sw.save()
         if gpu:
             torch.cuda.empty_cache()
         if not args.no_gate:
             bench_prism_gate.run_gate_bench(
                 opt["shapes"], opt["gate_batch"], opt["dtypes"][:1], gate_providers, opt["modes"],
-                device, timer, budget.minus(reserve_e2e), log, sw.rows)
+                device, timer, budget, log, sw.rows)
             sw.save()
-        if not args.no_e2e:
-            status = sw.e2e(e2e_timer, budget)
     except KeyboardInterrupt:
         notes.append("interrupted (SIGINT/SIGTERM): partial results")
         log(notes[-1])
@@ -223,4 +191,4 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         log(f"note: {n}")
     png = ", .png" if sw.stem.with_suffix(".png").exists() else ""
     log(f"report written to {sw.stem}.md, .json{png} ({meta['elapsed_s']:.0f} s)")
-    return status
+    return 0

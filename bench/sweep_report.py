@@ -6,15 +6,14 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from bench.bench_gated_lora import IGNORES
+from bench.bench_gated_lora import GATED, IGNORES, PATH_PROVIDERS
 from bench.common import PROJECTIONS, x_floor
 from bench.report import fmt, num, pyplot, save_figure, table
 
-BASELINES = {"layer": "base", "gate": "torch_mlp", "e2e": "base"}
-LAYER_ORDER = ("base", "prism_fast", "peft_style", "torch_ref")
+BASELINES = {"layer": "base", "gate": "torch_mlp"}
+LAYER_ORDER = ("base", "prism_fast", "split", "fused", "coop", "fused_base", "peft_style",
+               "torch_ref")
 GATE_ORDER = ("torch_mlp", "prism_fast", "torch_ref")
-E2E_ORDER = ("base", "persona_prompt", "prism_fast_gate", "prism_fast_open", "prism_fast_closed",
-             "prism_fast_half", "peft", "peft_adapter_names", "two_pass")
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -49,7 +48,7 @@ class LayerIndex:
         rows = [r for r in self.rows if proj_filter(r["proj"])]
         # The most specific providers define the groups; without them (a --providers subset),
         # peft_style (no L) or base (no rank, no L) do.
-        for providers in (("prism_fast", "torch_ref"), ("peft_style",), ("base",)):
+        for providers in ((*GATED, "torch_ref"), ("peft_style",), ("base",)):
             seen = {(r["model"], r["dtype"], r["rank"], r["adapters"]): None for r in rows
                     if r["provider"] in providers}
             if seen:
@@ -88,9 +87,9 @@ def layer_tables(rows: list[dict], aggregate: bool) -> str:
                 line.append(fmt(base.get("median_us"), ".1f") if base else "–")
                 for p in providers:
                     if p != "base":
-                        r = idx.get(p, **kw)
-                        line.append("error" if r and r.get("error")
-                                    else fmt(r["ratio"] if r else None, ".3f"))
+                        r = idx.get(p, **kw) or {}
+                        line.append("n/a" if r.get("skipped") else "error" if r.get("error")
+                                    else fmt(r.get("ratio"), ".3f"))
                 if lora:
                     r = idx.get(lora, **kw)
                     floor = r.get("floor") if r else None
@@ -105,6 +104,10 @@ def layer_tables(rows: list[dict], aggregate: bool) -> str:
         title = ", ".join([model, dtype] + ([f"r = {rank}"] if rank else [])
                           + ([f"L = {n_adapters}"] if n_adapters else []))
         out.append(f"#### {title}\n\n" + table(header, body))
+    if out and any(p in PATH_PROVIDERS for p in providers):
+        out.insert(0, "split, fused, coop: F.linear, then the LoRA term by that decode path "
+                   "(its config forced); fused_base: base and LoRA in one launch. n/a: not run "
+                   "(the path's config is another's there, or fused_base above 64 rows).")
     return "\n\n".join(out)
 
 
@@ -127,30 +130,6 @@ def gate_table(rows: list[dict]) -> str:
                 line.append(f"{r['median_us']:.1f} ({fmt(r.get('ratio'), '.2f')})"
                             if r and r.get("median_us") is not None else "–")
         body.append(line)
-    return table(header, body)
-
-
-def e2e_table(rows: list[dict]) -> str:
-    sel = [r for r in rows if r["bench"] == "e2e"]
-    cases = list(dict.fromkeys(r["case_key"] for r in sel))
-    header = ["case", "B", "T", "provider", "ms (p20–p80)", "× base", "byte floor",
-              "overhead × floor", "tokens/s", "peak MiB"]
-    body = []
-    for key in cases:
-        rs = sorted((r for r in sel if r["case_key"] == key),
-                    key=lambda r: E2E_ORDER.index(r["provider"]))
-        for r in rs:
-            t = r["T"] + (230 if r["provider"] == "persona_prompt" else 0)
-            kind = r["kind"] + (f" ({r['mode']})" if r.get("mode", "eager") != "eager" else "")
-            if r.get("error"):
-                body.append([kind, str(r["B"]), str(t), r["provider"], "error: " + r["error"],
-                             "–", "–", "–", "–", "–"])
-                continue
-            body.append([kind, str(r["B"]), str(t), r["provider"],
-                         f"{r['median_us'] / 1e3:.2f} ({r['p20_us'] / 1e3:.2f}–"
-                         f"{r['p80_us'] / 1e3:.2f})", fmt(r["ratio"], ".3f"),
-                         fmt(r.get("floor"), ".3f"), fmt(x_floor(r["ratio"], r.get("floor")), ".1f"),
-                         f"{r['tok_per_s']:.0f}", fmt(r.get("peak_mem_mib"), ".0f")])
     return table(header, body)
 
 
@@ -197,27 +176,6 @@ def target_checks(rows: list[dict], meta: dict) -> list[list[str]]:
         check(f"{model} layer half open vs all open (ratio of ratios)", excess.get(worst), 1.0,
               f"worst at M = {worst}" if excess else "")
 
-    e2e = {(r["kind"], r["B"], r["provider"], r.get("mode", "eager")): r.get("ratio")
-           for r in rows if r["bench"] == "e2e" and not r.get("error")}
-    for b in sorted({k[1] for k in e2e if k[0] == "decode"}):
-        for mode, open_target in (("eager", 1.15), ("graph", 1.10)):
-            if not any(k[0] == "decode" and k[1] == b and k[3] == mode for k in e2e):
-                continue
-            label = f"e2e decode B = {b}{' graphed' if mode == 'graph' else ''}"
-            check(f"{label}, all open", e2e.get(("decode", b, "prism_fast_open", mode)),
-                  open_target)
-            if b > 1:
-                check(f"{label}, half open", e2e.get(("decode", b, "prism_fast_half", mode)),
-                      1.15)
-            check(f"{label}, all closed", e2e.get(("decode", b, "prism_fast_closed", mode)),
-                  1.01)
-    for b in sorted({k[1] for k in e2e if k[0] == "prefill"}):
-        check(f"e2e prefill B = {b}, all open",
-              e2e.get(("prefill", b, "prism_fast_open", "eager")), 1.05)
-        gated = e2e.get(("prefill", b, "prism_fast_gate", "eager"))
-        forced = e2e.get(("prefill", b, "prism_fast_open", "eager"))
-        routing = gated - forced if gated is not None and forced is not None else None
-        check(f"e2e prefill B = {b}, routing cost (gate − forced, × base)", routing, 0.01)
     return out
 
 
@@ -254,12 +212,6 @@ def markdown(meta: dict, rows: list[dict], notes: list[str], full: bool = True) 
             parts.append("## Per projection\n\n" + layer_tables(rows, aggregate=False))
     if any(r["bench"] == "gate" for r in rows):
         parts.append("## PRISM gate (× = ratio to torch_mlp)\n\n" + gate_table(rows))
-    if any(r["bench"] == "e2e" for r in rows):
-        first = next(r for r in rows if r["bench"] == "e2e")
-        parts.append(f"## End to end: {first['model']}, {first['layers']} layers, eager Hugging "
-                     "Face (persona_prompt's T includes its 230 prompt tokens). byte floor: 1 + "
-                     "one adapter's bytes / the weights' bytes (read once per forward), "
-                     "1 for closed routes\n\n" + e2e_table(rows))
     if not cpu:
         checks = target_checks(rows, meta)
         if checks:

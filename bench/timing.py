@@ -1,11 +1,11 @@
 """The benchmarks' one timing module.
 
 Kernel-sized calls: on a GPU `triton.testing.do_bench` (eager, L2 flushed before every call) or
-`do_bench_cudagraph` (host launch overhead gone), median and 20th / 80th percentiles; on a CPU
-the same quantiles of `time.perf_counter` (labelled "CPU: not a GPU result" wherever written).
+prism_fast.tuning_timers.graph_times_us (CUDA graph, host launch overhead gone: the one graph
+timer, the one `prism_fast.tune` decides with), median and 20th / 80th percentiles; on a CPU the
+same quantiles of `time.perf_counter` (labelled "CPU: not a GPU result" wherever written).
 Whole forwards and generations: `rounds`, interleaved so that the machine's drift falls on every
-case alike, and medians of what each round measured. Decode paths under CUDA graphs are timed by
-prism_fast.tuning.graph_time_us, the timer `prism_fast.tune` decides with.
+case alike, and medians of what each round measured.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 QUANTILES = [0.5, 0.2, 0.8]  # median, p20, p80: the order do_bench returns them in
+GRAPH_REPLAYS = 10           # graph replays per measurement: enough values for p20 / p80
 
 
 @dataclass
@@ -31,7 +32,6 @@ class Timing:
 class TimerConfig:
     warmup_ms: float
     rep_ms: float
-    graph_rep_ms: float
 
 
 def sync(device: torch.device) -> None:
@@ -42,13 +42,13 @@ def sync(device: torch.device) -> None:
 def measure(fn: Callable[[], object], device: torch.device, mode: str, cfg: TimerConfig) -> Timing:
     """Quantiles of one call of `fn` in µs. mode: "eager" or "graph" (CUDA graph, GPU only)."""
     if device.type == "cuda":
+        if mode == "graph":   # lazily: the PyTorch-only benchmarks run without prism_fast
+            from prism_fast.tuning_timers import graph_times_us
+
+            return quantiles(graph_times_us(fn, device, GRAPH_REPLAYS))
         import triton.testing
 
-        if mode == "graph":
-            q = triton.testing.do_bench_cudagraph(fn, rep=cfg.graph_rep_ms, quantiles=QUANTILES)
-        else:
-            q = triton.testing.do_bench(fn, warmup=cfg.warmup_ms, rep=cfg.rep_ms,
-                                        quantiles=QUANTILES)
+        q = triton.testing.do_bench(fn, warmup=cfg.warmup_ms, rep=cfg.rep_ms, quantiles=QUANTILES)
         return Timing(*(v * 1e3 for v in q))
     if mode != "eager":
         raise ValueError(f"mode: {mode!r} needs a CUDA device; on CPU only 'eager' exists")
@@ -68,7 +68,12 @@ def measure(fn: Callable[[], object], device: torch.device, mode: str, cfg: Time
 
 
 def quantiles_us(seconds: list[float]) -> Timing:
-    return Timing(*(float(v) for v in np.quantile(np.array(seconds), QUANTILES) * 1e6))
+    return quantiles(np.array(seconds) * 1e6)
+
+
+def quantiles(us) -> Timing:
+    """Median, p20 and p80 of times already in µs."""
+    return Timing(*(float(v) for v in np.quantile(np.asarray(us), QUANTILES)))
 
 
 def seconds(fn: Callable[[], object], device: torch.device | None = None) -> Callable[[], float]:

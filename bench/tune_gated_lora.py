@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bench import report
 from prism_fast import tuning
 
 SHAPES = [(4096, [4096, 1024, 1024]), (4096, [4096]), (4096, [14336, 14336]), (14336, [4096])]
@@ -211,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(out: Path, table: dict, name: str) -> int:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
+    report.write_atomic(out, json.dumps(dict(sorted(table.items())), indent=1) + "\n")
     print(f"written: {out} ({name})")
     return 0
 

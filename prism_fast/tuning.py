@@ -20,8 +20,8 @@ anything. Nothing is timed on the hot path (only here, when called), and nothing
 CPU (Triton's interpreter says nothing about a GPU's speed). Explicit rather than inside
 `patch_model`: it costs seconds of compilation the first time, which the caller decides to
 spend. What is timed, and how: tuning_timers.py, whose launchers the benchmarks that time the
-same paths use too (bench/tune_gated_lora.py, bench/gpu_decode_paths.py), with its
-`graph_time_us` for graphed times.
+same paths use too (bench/tune_gated_lora.py, bench/bench_gated_lora.py), with its graph
+timer (`graph_time_us`, the median of `graph_times_us`) for graphed times.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """What `prism_fast.tune` (tuning.py) times, and how: one projection group's launches at M rows,
 every row open, under a CUDA graph. The benchmarks that time the same paths
-(bench/tune_gated_lora.py, bench/gpu_decode_paths.py) launch them with these functions too.
+(bench/tune_gated_lora.py, bench/bench_gated_lora.py) launch them with these functions too, and
+bench/timing.py graphs every benchmark's calls with `graph_times_us`.
 
 A timer is `timer(shape, m, path)` → µs per call, or None where the path fails. Its paths:
 
@@ -45,50 +46,72 @@ def group_inputs(shape: Shape, m: int, device: torch.device, scale: float = 1.0)
     return x, a, b, scaling, ids, ys
 
 
+def forced_launcher(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor, m: int,
+                    ns: tuple[int, ...], path: str) -> gl.GatedLoraLauncher:
+    """The launcher a patched layer uses (GatedLoraLauncher) over these adapters (lora_a
+    [L, S·R, K], lora_b [L, ΣN, R], scaling [S, L] fp32), with `path`'s config at M rows
+    forced (at M > 64 every path is split's: gl.config_for)."""
+    k, r = lora_a.shape[2], lora_a.shape[1] // len(ns)
+    cfg = gl.config_for(m, k, ns, r, *gl.device_key(lora_a.device), path=path)
+    return gl.GatedLoraLauncher(lora_a, lora_b, scaling, config=cfg)
+
+
 def path_launcher(shape: Shape, m: int, path: str, device: torch.device, scale: float = 1.0
                   ) -> tuple[gl.GatedLoraLauncher, tuple]:
-    """(launcher, operands): the launcher a patched layer uses (GatedLoraLauncher) over one
-    group's operands (`group_inputs`), with `path`'s config forced; `launcher(ys, x, ids,
-    False)` adds the LoRA term by that path."""
-    k, ns, r = shape[0], shape[1], shape[2]
-    cfg = gl.config_for(m, k, ns, r, *gl.device_key(device), path=path)
+    """(launcher, operands): `forced_launcher` over one group's operands (`group_inputs`);
+    `launcher(ys, x, ids, False)` adds the LoRA term by that path."""
     operands = group_inputs(shape, m, device, scale)
-    return gl.GatedLoraLauncher(operands[1], operands[2], operands[3], config=cfg), operands
+    return forced_launcher(*operands[1:4], m, shape[1], path), operands
+
+
+def group_runner(path: str, x: torch.Tensor, ws: list[torch.Tensor],
+                 biases: list[torch.Tensor | None], lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 scaling: torch.Tensor, ids: torch.Tensor,
+                 out: list[torch.Tensor] | None = None) -> Callable[[], list[torch.Tensor]]:
+    """`run()` returns one group's whole projection, base and LoRA, S × [..., N_s], by `path`:
+    "fused_base" (the fused kernel, one launch, into `out` if given, ≤ 64 rows) or
+    "linear+<decode path>" (F.linear per slice, then the LoRA term by `forced_launcher`, as
+    ops.gated_lora_group runs a fuse_base model's split path). Operands as the kernels take
+    them (kernels/gated_lora.py); ids [B] with x [B, T, K] is one id per sequence."""
+    if path == FUSED_BASE:
+        return lambda: fused_base_lora_triton(x, ws, biases, lora_a, lora_b, scaling, ids,
+                                              out=out)
+    decode = path.removeprefix(LINEAR)
+    if not path.startswith(LINEAR) or decode not in gl.PATHS:
+        raise ValueError(f"path: expected {FUSED_BASE!r} or {LINEAR!r} + one of {gl.PATHS}, "
+                         f"got {path!r}")
+    ns = tuple(w.shape[0] for w in ws)
+    launcher = forced_launcher(lora_a, lora_b, scaling, x.numel() // x.shape[-1], ns, decode)
+    seq_ids = gl.ids_per_sequence(x, ids)
+    pairs = list(zip(ws, biases))
+
+    def run() -> list[torch.Tensor]:
+        ys = [F.linear(x, w, b) for w, b in pairs]
+        launcher(ys, x, ids, seq_ids)
+        return ys
+
+    return run
 
 
 def projection_runner(shape: Shape, m: int, path: str, device: torch.device,
                       scale: float = 1.0) -> tuple[Callable[[], list[torch.Tensor]], tuple,
                                                    list[torch.Tensor]]:
-    """(run, operands, weights): `run()` returns the group's whole projection, base and LoRA,
-    S × [M, N_s], by `path`: "fused_base" (the fused kernel) or "linear+<decode path>"
-    (F.linear per slice, then the LoRA launches, as ops.gated_lora_group runs a fuse_base
-    model's split path). Weights [N_s, K] in x's dtype, no bias; operands `group_inputs`'."""
+    """(run, operands, weights): `group_runner(path, ...)` over one group's operands
+    (`group_inputs`, fused_base writing into their ys) and weights [N_s, K] in x's dtype, no
+    bias."""
     k, ns = shape[0], shape[1]
-    if path == FUSED_BASE:
-        operands = group_inputs(shape, m, device, scale)
-        launcher = None
-    elif path.startswith(LINEAR) and path.removeprefix(LINEAR) in gl.PATHS:
-        launcher, operands = path_launcher(shape, m, path.removeprefix(LINEAR), device, scale)
-    else:
-        raise ValueError(f"path: expected {FUSED_BASE!r} or {LINEAR!r} + one of {gl.PATHS}, "
-                         f"got {path!r}")
+    operands = group_inputs(shape, m, device, scale)
     x, a, b, scaling, ids, ys = operands
     ws = [torch.randn(n, k, device=device, dtype=x.dtype) / k**0.5 for n in ns]
-    biases: list[torch.Tensor | None] = [None] * len(ns)
-
-    def run() -> list[torch.Tensor]:
-        if launcher is None:   # writes every element of ys
-            return fused_base_lora_triton(x, ws, biases, a, b, scaling, ids, out=ys)
-        out = [F.linear(x, w) for w in ws]
-        launcher(out, x, ids, False)
-        return out
-
+    run = group_runner(path, x, ws, [None] * len(ns), a, b, scaling, ids, out=ys)
     return run, operands, ws
 
 
-def graph_time_us(run: Callable[[], object], device: torch.device) -> float:
-    """µs per call of `run` under a CUDA graph (GRAPH_REPS calls per graph, median of 3
-    replays), compiled and warmed up on a side stream outside the capture."""
+def graph_times_us(run: Callable[[], object], device: torch.device,
+                   replays: int = 3) -> list[float]:
+    """µs per call of `run` under a CUDA graph, one value per replay (GRAPH_REPS calls per
+    graph), compiled and warmed up on a side stream outside the capture. The one graph timer
+    of prism_fast.tune and the benchmarks (bench/timing.py)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -103,13 +126,18 @@ def graph_time_us(run: Callable[[], object], device: torch.device) -> float:
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     times = []
-    for _ in range(3):
+    for _ in range(replays):
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / GRAPH_REPS)
-    return statistics.median(times)
+    return times
+
+
+def graph_time_us(run: Callable[[], object], device: torch.device) -> float:
+    """µs per call of `run` under a CUDA graph: the median of 3 replays (`graph_times_us`)."""
+    return statistics.median(graph_times_us(run, device))
 
 
 def graph_timer(device: torch.device) -> Timer:

@@ -1,10 +1,11 @@
 """The floor printed beside every PRISM ratio (bench.common): its byte counts on a PEFT model, the
-roofline ratio, the per-group byte floor of gpu_decode_paths, and the overhead as a multiple."""
+roofline ratio, the per-group byte floor of a decode path (bench_gated_lora), and the overhead as
+a multiple."""
 
 import pytest
 import torch
 
-from bench import gpu_decode_paths
+from bench import bench_gated_lora
 from bench.common import (
     byte_floor,
     peft_adapter_bytes,
@@ -58,6 +59,6 @@ def test_x_floor():
 def test_group_byte_floor_of_the_decode_path_table():
     # tiny's o group: K = N = 256, bf16, M = 1: x, W, y against + A [16, 256] + B [256, 16]
     base = 2 * (256 + 256 * 256 + 256)
-    floor = gpu_decode_paths.group_byte_floor("tiny", "o", 1)
+    floor = bench_gated_lora.group_byte_floor("tiny", "o", 1)
     assert floor == pytest.approx(1 + 2 * 2 * 16 * 256 / base)
-    assert gpu_decode_paths.group_byte_floor("llama3-8b", "qkv", 1) < 1.02
+    assert bench_gated_lora.group_byte_floor("llama3-8b", "qkv", 1) < 1.02
