@@ -180,7 +180,7 @@ def measure(calls: dict, n_rounds: int, budget: common.Budget, log) -> tuple[lis
 
     def after(r: int) -> None:
         log(f"round {r}/{n_rounds} done" + (" (warm-up)" if r == 0 else ""))
-        if budget.expired() and r < n_rounds:
+        if budget.expired() and 1 <= r < n_rounds:     # one measured round at least
             raise BudgetSpent
 
     stopped = ""
