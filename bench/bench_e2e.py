@@ -105,15 +105,17 @@ def build(args: argparse.Namespace, device: torch.device) -> Models:
 
     def patched(**options):
         gated = dict(gate=gate.state_dict()) if "prism_gate" in args.providers else {}
-        model = prism_fast.patch_model(copy.deepcopy(peft), backend="auto" if gpu else "torch",
-                                       **gated, **options)
-        return compiled(model, args.compile)
+        return prism_fast.patch_model(copy.deepcopy(peft), backend="auto" if gpu else "torch",
+                                      **gated, **options)
 
     prism = any(p.startswith("prism_") and p != "prism_merged" for p in args.providers)
-    return Models(compiled(base, args.compile), compiled(peft, args.compile),
-                  patched(fuse_base=args.fuse_base) if prism else None,
-                  patched(merge_open=True) if "prism_merged" in args.providers else None,
-                  gate, layers)
+    ms = Models(base, peft, patched(fuse_base=args.fuse_base) if prism else None,
+                patched(merge_open=True) if "prism_merged" in args.providers else None,
+                gate, layers)
+    for model in (ms.base, ms.peft, ms.patched, ms.merged):   # every copy made first: a deep
+        if model is not None:                                # copy keeps a compiled forward
+            compiled(model, args.compile)
+    return ms
 
 
 def compiled(model, on: bool):
@@ -129,12 +131,16 @@ def has_row(provider: str, case: E2ECase, mode: str) -> bool:
     """Whether a provider has a row for a case in a mode."""
     if provider in PREFILL_ONLY and case.kind == "decode":
         return False
-    if provider == "prism_half" and case.batch == 1:
+    if provider in ("prism_half", "peft_adapter_names") and case.batch == 1:   # not mixed
         return False
     return mode == "eager" or (case.kind == "decode" and provider in GRAPHED)
 
 
-def repeat(fn: Callable[[], float], n: int) -> list[float]:
+def repeat(fn: Callable[[], float], n: int, prepare: Callable[[], None] | None = None
+           ) -> list[float]:
+    """One round of a provider: `prepare()` (a graph's routes), then n timed calls."""
+    if prepare is not None:
+        prepare()
     return [fn() for _ in range(n)]
 
 
@@ -163,9 +169,10 @@ def plan_calls(ms: Models, cases: list[E2ECase], args: argparse.Namespace,
                                              None if route == GATE else route)
                 else:
                     make = functools.partial(case_fn, call, fwd, case, x, extra)
-                timed = seconds(routed(model, route, make), device)
-                calls[case, p, mode] = functools.partial(routed, model, route,
-                                                         functools.partial(repeat, timed, n))
+                step = routed(model, route, make)
+                timed = seconds(step, device)
+                prepared = functools.partial(repeat, timed, n, getattr(step, "prepare", None))
+                calls[case, p, mode] = functools.partial(routed, model, route, prepared)
     return calls
 
 
@@ -243,6 +250,9 @@ def parse_args(argv: list[str] | None, gpu: bool) -> argparse.Namespace:
                     ("--layers", args.layers or 1), ("--threads", args.threads or 1)):
         if v < 1:
             p.error(f"{flag}: expected a positive integer, got {v}")
+    if gpu and "prism_merged" in args.providers:
+        p.error("--merge-open / prism_merged: merge_open runs on the torch backend with fp32 "
+                "CPU weights (patch_model refuses it on a GPU); got a CUDA device")
     if "base" not in args.providers:
         p.error(f"--providers: every ratio is to base, which must be among them; got "
                 f"{args.providers}")
@@ -261,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started, budget = time.monotonic(), common.Budget(args.time_budget)  # the build counts
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # `timeout`: keep what ran
-    _, meta = common.run_meta(args, device, "", given)          # --out checked writable here
+    _, meta = common.run_meta(args, device, "", ["--e2e", *given])  # --out checked writable
     stem = (args.out or (report.RESULTS if gpu else report.RESULTS / "cpu")) / "-".join(
         ["decode-floor", *([] if args.model == "smollm2-135m" else [args.model]),
          *([meta["slug"]] if gpu else []), *(["compiled"] if args.compile else []),

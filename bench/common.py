@@ -185,9 +185,13 @@ def run_meta(args, device: torch.device, prefix: str, argv: list[str] | None
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the weights a forward reads: unique storages, LoRA parameters left out."""
+    """Bytes of the weights a forward reads: unique storages, LoRA parameters left out, and an
+    input embedding table not tied to the LM head (a forward reads only its B·T rows)."""
     storages = {p.data_ptr(): p.numel() * p.element_size()
                 for name, p in model.named_parameters() if "lora_" not in name}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() != emb.weight.data_ptr():
+        storages.pop(emb.weight.data_ptr(), None)
     return sum(storages.values())
 
 

@@ -117,6 +117,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     if "merged_bytes" in meta:
         parts.append(f"prism_merged: a copy patched with `merge_open=True`, all open; its "
                      f"merged weights hold {meta['merged_bytes'] / 1e6:.1f} MB.\n")
+    if any(r["mode"] == "graph" for r in rows):
+        parts.append(f"Graph rows replay a decode step against a StaticCache that each replay "
+                     f"extends: their attention spans T + {(meta['rounds'] + 1) * meta['steps']}"
+                     f" + 10 positions, not T.\n")
     parts += [f"- {line}" for line in routing]
     if meta.get("stopped"):
         parts.append(f"\n**{meta['stopped']}.**")

@@ -63,7 +63,10 @@ def case_fn(call: Callable, fwd: Forward, case: E2ECase, ids: torch.Tensor,
 class GraphedStep:
     """One decode step captured as a CUDA graph against a StaticCache (by hand: torch.compile's
     backends copy every weight per replay or compile too long); a replay appends one token at
-    the static `pos`, so the cache has room for `capacity` replays."""
+    the static `pos`, so the cache has room for `capacity` replays and its attention spans
+    T + `capacity` + 10 positions, not T. A prism provider's graph reads the routes tensor live
+    at its capture: `prepare()` refills it before each round, since another batch size's
+    set_routes replaces (and frees) the routing's tensor instead of writing into it."""
 
     def __init__(self, model, fwd: Forward, ids: torch.Tensor, capacity: int,
                  routes: list[int] | None):
@@ -96,6 +99,17 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             step()
+        self.routes = self.want = None
+        if routes is not None:   # kept alive here: the graph holds no reference to it
+            from prism_fast.patch import _patch_of
+
+            self.routes = _patch_of(model).routing.routes
+            self.want = torch.tensor(routes, dtype=torch.int32, device=ids.device)
+
+    def prepare(self) -> None:
+        """Before a round: the routes this graph was captured for, in the tensor it reads."""
+        if self.routes is not None:
+            self.routes.copy_(self.want)
 
     def __call__(self) -> None:
         self.graph.replay()

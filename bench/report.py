@@ -95,18 +95,23 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp.name, path)
 
 
+def suffixed(stem: Path, ext: str) -> Path:
+    """stem + ext, also where the stem has a dot (`decode-floor-qwen2.5-7b`: with_suffix would
+    replace ".5-7b")."""
+    return stem.with_name(stem.name + ext)
+
+
 def write(stem: Path, data: dict, markdown: str | None = None,
           plot: Callable[[Path], bool] | None = None) -> list[Path]:
     """stem.json (data), stem.md (markdown) and stem.png (`plot(path)`, False: nothing to plot;
     left out without matplotlib), each written whole or not at all. Returns the paths written."""
-    written = [stem.with_suffix(".json")]
+    written = [suffixed(stem, ".json")]
     write_atomic(written[0], json.dumps(data, indent=1, default=str) + "\n")
     if markdown is not None:
-        written.append(stem.with_suffix(".md"))
+        written.append(suffixed(stem, ".md"))
         write_atomic(written[-1], markdown)
     if plot is not None:
-        png = stem.with_suffix(".png")
-        tmp = png.with_name(png.stem + ".tmp.png")
+        png, tmp = suffixed(stem, ".png"), suffixed(stem, ".tmp.png")
         try:
             if plot(tmp):
                 os.replace(tmp, png)

@@ -189,6 +189,6 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     sw.save(final=True)
     for n in notes:
         log(f"note: {n}")
-    png = ", .png" if sw.stem.with_suffix(".png").exists() else ""
+    png = ", .png" if report.suffixed(sw.stem, ".png").exists() else ""
     log(f"report written to {sw.stem}.md, .json{png} ({meta['elapsed_s']:.0f} s)")
     return 0

@@ -17,16 +17,17 @@ from bench.common import (
 from bench.models import ADAPTER
 
 
-def _tiny_peft():
+def _tiny_peft(tied: bool = True):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
-                         tie_word_embeddings=True)
+                         tie_word_embeddings=tied)
     model = LlamaForCausalLM(config)
     base = sum(p.numel() for p in model.parameters()) * 4        # tied: counted once
+    base -= 0 if tied else 96 * 64 * 4                           # untied: the embedding unread
     lora = LoraConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[1])
     return get_peft_model(model, lora, adapter_name=ADAPTER), base
 
@@ -36,6 +37,7 @@ def test_byte_floor_of_a_peft_model():
     # layer 1's q_proj (64 → 64) and down_proj (128 → 64) at r = 4: A [4, K] + B [N, 4], fp32
     adapter = 4 * (4 * 64 + 64 * 4) + 4 * (4 * 128 + 64 * 4)
     assert weight_bytes(model) == base           # LoRA parameters and tied copies left out
+    assert weight_bytes(_tiny_peft(tied=False)[0]) == _tiny_peft(tied=False)[1]
     assert peft_adapter_bytes(model, ADAPTER) == adapter
     assert peft_adapter_bytes(model, "other") == 0
     assert byte_floor(base, adapter)["floor"] == pytest.approx(1 + adapter / base)
