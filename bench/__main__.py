@@ -11,7 +11,8 @@ backend); GPU: also a Llama-3-8B-shaped model with random weights (bf16, Triton 
 the flag (e.g. `python -m bench --serving --quick`, `python -m bench --e2e --help`): `--e2e`
 whole models, PRISM against base and PEFT beside the byte floor (bench/bench_e2e.py);
 `--serving` continuous batching (bench/bench_serving.py); `--train` a training step
-(bench/bench_train.py); `--bootstrap` Stages 1–2 generation (bench/bench_bootstrap.py);
+(bench/bench_train.py); `--topk-distill` the top-k loss alone (bench/bench_topk_distill.py);
+`--bootstrap` Stages 1–2 generation (bench/bench_bootstrap.py);
 `--adapter-dtype` adapter precision on bf16 (bench/bench_adapter_dtype.py); `--host` host time
 per launch group (bench/bench_host.py).
 
@@ -39,7 +40,7 @@ from prism_fast.testing.shapes import MODELS
 # The other benchmarks, each with its own options after its flag (`python -m bench --e2e --help`).
 OTHERS = {"--e2e": "bench_e2e", "--serving": "bench_serving", "--train": "bench_train",
           "--bootstrap": "bench_bootstrap", "--adapter-dtype": "bench_adapter_dtype",
-          "--host": "bench_host"}
+          "--topk-distill": "bench_topk_distill", "--host": "bench_host"}
 
 
 def _list(kind):

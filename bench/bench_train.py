@@ -7,28 +7,26 @@ output_hidden_states vs embeddings + layer 0 only).
 
 Tables: the Stage B step (time per sample and peak memory: official batch 1, prism_fast at
 micro-batch 1 and the trainer's step of 8); the LM head + loss alone at the head shapes of
-SmolLM2-135M, Llama-3-8B and Qwen2.5-7B (its share of the official step bounds what removing the
-head can gain); gate features. Medians of interleaved rounds (bench.timing); peak memory in a
-separate call (bench.common.peak_memory), above what was allocated before it. On CPU the top-k
-loss runs its torch path, on CUDA the Triton kernel.
+SmolLM2-135M, Llama-3-8B and Qwen2.5-7B (bench_topk_distill.py's; its share of the official step
+bounds what removing the head can gain); gate features. Medians of interleaved rounds
+(bench.timing); peak memory in a separate call (bench.common.peak_memory), above what was
+allocated before it. On CPU the top-k loss runs its torch path, on CUDA the Triton kernel.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench import report
+from bench.bench_topk_distill import MIB, add_options, loss_rows, loss_table, official_loss, samples
 from bench.common import CPU_LABEL, peak_memory
 from bench.models import load_model
-from bench.timing import rounds, seconds
-from prism_fast.ops import topk_distill_loss
-from prism_fast.reference import official_stage_b_loss
+from bench.report import times
+from bench.timing import medians
 from prism_fast.testing.shapes import MODELS
 from prism_fast.training import (
     TEACHER_TOPK,
@@ -40,94 +38,30 @@ from prism_fast.training import (
     step_backward,
 )
 
-MIB = 2 ** 20
-HEAD_SHAPES = ("smollm2-135m", "llama3-8b", "qwen2.5-7b")
-
-
-def _x(ratio: float) -> str:
-    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.0f}×"
-
-
-def _medians(calls: dict, reps: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each call over interleaved rounds, after a warm-up round."""
-    runs = rounds({name: seconds(fn, device) for name, fn in calls.items()}, reps)
-    return {name: statistics.median(ts) for name, ts in runs.items()}
-
-
-def _official_loss(logits: torch.Tensor, s: dict, temperature: float = 2.0) -> torch.Tensor:
-    """run_gated_lora.py Stage B's loss of one sample from its logits [1, T, V]."""
-    return official_stage_b_loss(logits[0, s["prompt_len"] - 1:-1], s["topk_values"],
-                                 s["topk_indices"], temperature)
-
 
 def _official_step(model, s: dict) -> None:
-    _official_loss(model(input_ids=s["input_ids"][None]).logits, s).backward()   # [1, T, V]
-
-
-def _samples(n: int, prompt: int, resp: int, vocab: int, device) -> list[dict]:
-    return [{"input_ids": torch.randint(3, vocab, (prompt + resp,), device=device),
-             "prompt_len": prompt,
-             "topk_values": (torch.randn(resp, TEACHER_TOPK, device=device).half().float() * 3),
-             "topk_indices": torch.randint(0, vocab, (resp, TEACHER_TOPK), device=device)}
-            for _ in range(n)]
+    official_loss(model(input_ids=s["input_ids"][None]).logits, s).backward()   # [1, T, V]
 
 
 def stage_b_row(model, resp: int, a, device: torch.device) -> dict:
-    samples = _samples(a.micro_batch, a.prompt, resp, model.config.vocab_size, device)
-    one, cfg = collate(samples[:1], 0), TrainConfig()
+    batch = samples(a.micro_batch, a.prompt, resp, model.config.vocab_size, device)
+    one, cfg = collate(batch[:1], 0), TrainConfig()
     calls = {
-        "official": (lambda: _official_step(model, samples[0]), 1),
+        "official": (lambda: _official_step(model, batch[0]), 1),
         "prism_fast_mb1": (lambda: distill_loss(model, one, 2.0).backward(), 1),
         # The trainer's step: the micro-batch in forwards of ≤ cfg.max_batch_tokens tokens.
-        f"prism_fast_mb{a.micro_batch}": (lambda: step_backward(model, samples, cfg, 0),
+        f"prism_fast_mb{a.micro_batch}": (lambda: step_backward(model, batch, cfg, 0),
                                           a.micro_batch),
     }
     row = {"response": resp, "tokens": a.prompt + resp}
-    medians = _medians({name: fn for name, (fn, _) in calls.items()}, a.reps, device)
+    med = medians({name: fn for name, (fn, _) in calls.items()}, a.reps, device)
     for name, (fn, n) in calls.items():
-        row[f"{name}_s_per_sample"] = medians[name] / n
+        row[f"{name}_s_per_sample"] = med[name] / n
         model.zero_grad(set_to_none=True)
         row[f"{name}_peak_mib"] = peak_memory(fn, device) / MIB
         model.zero_grad(set_to_none=True)
     print(row, flush=True)
     return row
-
-
-def loss_row(shape_name: str, head: torch.Tensor, resp: int, a, device: torch.device) -> dict:
-    """The head [V, H] + loss alone, forward and backward from hidden states that require
-    grad: one sample's official loss against prism_fast's over a micro-batch."""
-    vocab, hidden = head.shape
-    t, mb = a.prompt + resp, a.micro_batch
-    samples = _samples(mb, a.prompt, resp, vocab, device)
-    h1 = torch.randn(1, t, hidden, device=device, dtype=head.dtype, requires_grad=True)
-    hb = torch.randn(mb * resp, hidden, device=device, dtype=head.dtype, requires_grad=True)
-    values = torch.cat([s["topk_values"] for s in samples])                   # [mb · resp, k]
-    indices = torch.cat([s["topk_indices"] for s in samples])
-
-    def official():
-        _official_loss(F.linear(h1, head), samples[0]).backward()
-
-    def ours():
-        topk_distill_loss(hb, head, None, values, indices, 2.0).backward()
-
-    medians = _medians({"official": official, "ours": ours}, a.reps, device)
-    row = {"shape": shape_name, "vocab": vocab, "hidden": hidden, "response": resp, "tokens": t,
-           "official_s_per_sample": medians["official"],
-           f"prism_fast_mb{mb}_s_per_sample": medians["ours"] / mb}
-    h1.grad = hb.grad = None
-    row["official_peak_mib"] = peak_memory(official, device) / MIB
-    row[f"prism_fast_mb{mb}_peak_mib"] = peak_memory(ours, device) / MIB
-    print(row, flush=True)
-    return row
-
-
-def loss_rows(a, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    rows = []
-    for shape_name in a.head_shapes:
-        shape = MODELS[shape_name]
-        head = torch.randn(shape.vocab, shape.hidden, device=device, dtype=dtype) * 0.02
-        rows += [loss_row(shape_name, head, resp, a, device) for resp in a.resp]
-    return rows
 
 
 def gate_row(base, a, device: torch.device) -> dict:
@@ -140,10 +74,10 @@ def gate_row(base, a, device: torch.device) -> dict:
     def full():
         with torch.no_grad():
             base(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[1]
-    medians = _medians({"full": full, "layer0": lambda: gate_features(base, ids, att, last)},
+    med = medians({"full": full, "layer0": lambda: gate_features(base, ids, att, last)},
                        a.reps + 1, device)
-    return {"layers": base.config.num_hidden_layers, "full_s": medians["full"],
-            "layer0_s": medians["layer0"]}
+    return {"layers": base.config.num_hidden_layers, "full_s": med["full"],
+            "layer0_s": med["layer0"]}
 
 
 def markdown(meta: dict, stage_b: list[dict], loss: list[dict], gate: dict, mb: int) -> str:
@@ -164,23 +98,10 @@ def markdown(meta: dict, stage_b: list[dict], loss: list[dict], gate: dict, mb: 
         lines.append(
             f"| {r['response']} | {r['official_s_per_sample']:.3f} | "
             f"{r['prism_fast_mb1_s_per_sample']:.3f} | {r[f'{ours}_s_per_sample']:.3f} | "
-            f"{_x(r['official_s_per_sample'] / r[f'{ours}_s_per_sample'])} | "
+            f"{times(r['official_s_per_sample'] / r[f'{ours}_s_per_sample'])} | "
             f"{r['official_peak_mib']:.0f} | {r['prism_fast_mb1_peak_mib']:.0f} | "
             f"{r[f'{ours}_peak_mib']:.0f} ({r[f'{ours}_peak_mib'] / mb:.0f}) |")
-    lines += ["", "## The loss alone: LM head + loss, forward + backward, from hidden states", "",
-              f"Official: one sample's [T, V] logits (T = prompt + response). prism_fast: the "
-              f"top-k loss over a micro-batch of {mb} samples at once. Peak memory is what each "
-              f"holds at once: one sample against {mb}.", "",
-              "| head shape [V, H] | response | official s/sample | prism_fast s/sample | "
-              f"speed-up | official peak MiB (1 sample) | prism_fast peak MiB ({mb} samples) | "
-              "ratio |", "|---|---|---|---|---|---|---|---|"]
-    for r in loss:
-        lines.append(
-            f"| {r['shape']} [{r['vocab']}, {r['hidden']}] | {r['response']} | "
-            f"{r['official_s_per_sample']:.4f} | {r[f'{ours}_s_per_sample']:.5f} | "
-            f"{_x(r['official_s_per_sample'] / r[f'{ours}_s_per_sample'])} | "
-            f"{r['official_peak_mib']:.1f} | {r[f'{ours}_peak_mib']:.2f} | "
-            f"{_x(r['official_peak_mib'] / r[f'{ours}_peak_mib'])} |")
+    lines += ["", *loss_table(loss, mb)]
     bounds = [(r, b) for r in stage_b for b in loss
               if b["shape"] == meta.get("head_shape") and b["response"] == r["response"]]
     if bounds:
@@ -194,8 +115,8 @@ def markdown(meta: dict, stage_b: list[dict], loss: list[dict], gate: dict, mb: 
                                                   - b["official_s_per_sample"]
                                                   + b[f"{ours}_s_per_sample"])
             lines.append(f"| {r['response']} | {b['official_s_per_sample']:.3f} | "
-                         f"{share:.0%} | {_x(bound)} | "
-                         f"{_x(r['official_s_per_sample'] / r['prism_fast_mb1_s_per_sample'])} |")
+                         f"{share:.0%} | {times(bound)} | "
+                         f"{times(r['official_s_per_sample'] / r['prism_fast_mb1_s_per_sample'])} |")
     lines += ["", f"## Gate features, 8 prompts × 128 tokens, {gate['layers']} layers", "",
               "| full forward s | layer 0 only s | speed-up |", "|---|---|---|",
               f"| {gate['full_s']:.3f} | {gate['layer0_s']:.4f} | "
@@ -210,13 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="smollm2-135m: the real SmolLM2-135M-Instruct; else a random-init shape")
     p.add_argument("--layers", type=int, default=None, help="decoder layers of a random model "
                    "(default: the model's own count)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--resp", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--head-shapes", nargs="*", default=list(HEAD_SHAPES), choices=list(MODELS),
-                   help="head shapes of the loss-alone table")
+    add_options(p)   # device, responses, prompt, micro-batch, rounds, head shapes
     p.add_argument("--out", default=None, help="output stem (.md and .json); default "
                    "bench/results/cpu/train on CPU, bench/results/train-<model> on CUDA")
     a = p.parse_args(argv)

@@ -10,6 +10,7 @@ case alike, and medians of what each round measured.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -135,3 +136,10 @@ def device_limits(device: torch.device, dtype: torch.dtype, cfg: TimerConfig) ->
         "matmul_tflops": 2 * n**3 / t_mm / 1e6,
         "copy_bytes": copy_bytes, "matmul_n": n, "matmul_dtype": str(dtype).replace("torch.", ""),
     }
+
+
+def medians(calls: dict[Hashable, Callable[[], object]], reps: int,
+            device: torch.device | None = None) -> dict[Hashable, float]:
+    """Median seconds of each call over `reps` interleaved rounds, after a warm-up round."""
+    runs = rounds({name: seconds(fn, device) for name, fn in calls.items()}, reps)
+    return {name: statistics.median(ts) for name, ts in runs.items()}

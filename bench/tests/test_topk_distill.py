@@ -1,0 +1,20 @@
+"""bench/bench_topk_distill.py (`python -m bench --topk-distill`): a whole run on CPU at a small
+head shape writes its table, and the official loss's peak holds its [T, V] logits."""
+
+import json
+
+from bench import bench_topk_distill
+
+MIB = 2 ** 20
+
+
+def test_topk_distill_runs_and_measures(tmp_path):
+    stem = tmp_path / "topk"
+    assert bench_topk_distill.main(["--device", "cpu", "--resp", "8", "--prompt", "8",
+                                    "--reps", "1", "--head-shapes", "tiny", "--out",
+                                    str(stem)]) == 0
+    (row,) = json.loads((tmp_path / "topk.json").read_text())["rows"]
+    assert row["official_s_per_sample"] > 0 and row["prism_fast_mb8_s_per_sample"] > 0
+    assert row["official_peak_mib"] * MIB >= row["tokens"] * row["vocab"] * 4
+    text = (tmp_path / "topk.md").read_text()
+    assert "CPU: not a GPU result" in text and "| tiny [" in text
