@@ -151,6 +151,12 @@ def median_row(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from prism_fast.batching import check_engine
+
+    try:             # the engine prism_fast hooks (transformers >= 5.25), before any work
+        check_engine()
+    except RuntimeError as e:
+        raise SystemExit(f"python -m bench --serving: {e}") from None
     started, load = time.monotonic(), os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     from bench.contexts import QUESTIONS, context_text
