@@ -99,7 +99,8 @@ def markdown(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench --adapter-dtype",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu"))
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args(argv)

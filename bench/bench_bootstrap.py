@@ -185,7 +185,7 @@ def report(meta: dict, rows: list[dict], greedy: list[dict], full: dict | None) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench --bootstrap", description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--queries", type=int, default=16, help="requests per workload (×2 answers)")
     p.add_argument("--query-tokens", type=int, default=O.QUERY_MAX_TOKENS)

@@ -114,7 +114,7 @@ def measure(layers: int, batch: int, n_rounds: int, triton_path: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_host",
+    parser = argparse.ArgumentParser(prog="python -m bench --host",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)

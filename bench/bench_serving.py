@@ -74,7 +74,7 @@ def ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.bench_serving", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench --serving", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run (≤ 2 min on an idle 2-core CPU): {QUICK}")

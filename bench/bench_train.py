@@ -125,7 +125,7 @@ def markdown(meta: dict, stage_b: list[dict], loss: list[dict], gate: dict, mb: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench --train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", choices=list(MODELS),
                    help="smollm2-135m: the real SmolLM2-135M-Instruct; else a random-init shape")
