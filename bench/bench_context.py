@@ -262,7 +262,7 @@ def run_context(plan: Plan, device: torch.device, log: Callable[[str], None], ro
     new = [case_row(plan, case, runs, None if case.context is None else
                     persona_tokens if case.context == PERSONA_C else case.context, per_token)
            for case, runs in zip(cases, samples.values()) if runs]
-    floor = peft_byte_floor(m.peft, ADAPTER)
+    floor = peft_byte_floor(m.peft, ADAPTER)["floor"]
     for r in new:     # the byte floor of a decode step beside each PRISM ratio
         r["floor"] = None if r["case"] not in PRISM_CASES else \
             1.0 if r["case"] == "prism_closed" else floor

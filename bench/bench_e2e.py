@@ -44,7 +44,6 @@ import torch
 
 from bench import common, e2e_report, report
 from bench.e2e_steps import (
-    GATE,
     E2ECase,
     Forward,
     GraphedStep,
@@ -166,7 +165,7 @@ def plan_calls(ms: Models, cases: list[E2ECase], args: argparse.Namespace,
             for mode in (m for m in args.modes if has_row(p, case, m)):
                 if mode == "graph":
                     make = functools.partial(GraphedStep, model, fwd, x, (args.rounds + 1) * n,
-                                             None if route == GATE else route)
+                                             route)   # a list: prism_gate has no graph rows
                 else:
                     make = functools.partial(case_fn, call, fwd, case, x, extra)
                 step = routed(model, route, make)

@@ -133,11 +133,16 @@ def case_output(provider: str, groups: list[GroupInputs]) -> list[torch.Tensor]:
     return out
 
 
+def distance(xs: list[torch.Tensor], ys: list[torch.Tensor] | None = None) -> float:
+    """‖xs − ys‖ (‖xs‖ without ys) over a whole output, every slice of every group, in fp32."""
+    return math.sqrt(sum(float((a.float() - (0 if ys is None else ys[i].float())).square().sum())
+                         for i, a in enumerate(xs)))
+
+
 def relative_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    """‖got − ref‖ / ‖ref‖ over the whole output (every slice of every group), in fp32."""
-    diff = sum(float((a.float() - b.float()).square().sum()) for a, b in zip(got, ref))
-    norm = sum(float(b.float().square().sum()) for b in ref)
-    return math.sqrt(diff / norm) if norm else math.inf
+    """‖got − ref‖ / ‖ref‖ over the whole output."""
+    norm = distance(ref)
+    return distance(got, ref) / norm if norm else math.inf
 
 
 def lora_error(got: list[torch.Tensor], ref: list[torch.Tensor], base: list[torch.Tensor],
@@ -145,13 +150,8 @@ def lora_error(got: list[torch.Tensor], ref: list[torch.Tensor], base: list[torc
     """‖got − ref‖ over the LoRA term's size, ‖ref − base‖, plus the output rounding the dtype
     allows (ROUNDING · ‖ref‖): at 2e-2 of the whole bf16 output a LoRA term a tenth of it
     could be a quarter wrong; all closed, got must equal ref."""
-    def norm(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:   # ‖xs − ys‖
-        return math.sqrt(sum(float((a.float() - b.float()).square().sum())
-                             for a, b in zip(xs, ys)))
-
-    zeros = [torch.zeros_like(r) for r in ref]
-    scale = norm(ref, base) + ROUNDING[dtype] * norm(ref, zeros)
-    diff = norm(got, ref)
+    scale = distance(ref, base) + ROUNDING[dtype] * distance(ref)
+    diff = distance(got, ref)
     return diff / scale if scale else (0.0 if diff == 0 else math.inf)
 
 
@@ -167,15 +167,15 @@ def check_providers(providers: list[str], groups: list[GroupInputs], dtype: str
         base = case_output("base", groups)
     except Exception as e:   # nothing to check against: none passes
         return {p: f"reference (torch_ref) failed: {type(e).__name__}: {e}" for p in checked}
-    bound, errors = TOLERANCE, {}
+    errors = {}
     for p in checked:
         try:
             err = lora_error(case_output(p, groups), ref, base, dtype)
         except Exception as e:   # recorded in its row; the other providers still run
             errors[p] = f"{type(e).__name__}: {e}"
             continue
-        if not err <= bound:     # NaN fails too
-            errors[p] = f"relative error of the LoRA term {err:.3g} > {bound:g} against torch_ref"
+        if not err <= TOLERANCE:     # NaN fails too
+            errors[p] = f"relative error of the LoRA term {err:.3g} > {TOLERANCE:g} against torch_ref"
     return errors
 
 

@@ -207,9 +207,9 @@ def byte_floor(weights: int, adapter: int) -> dict:
     return dict(weight_bytes=weights, adapter_bytes=adapter, floor=1 + adapter / weights)
 
 
-def peft_byte_floor(model, adapter: str) -> float:
-    """byte_floor's floor of a PEFT model's adapter `adapter` over its base weights."""
-    return byte_floor(weight_bytes(model), peft_adapter_bytes(model, adapter))["floor"]
+def peft_byte_floor(model, adapter: str) -> dict:
+    """byte_floor of a PEFT model's adapter `adapter` over its base weights."""
+    return byte_floor(weight_bytes(model), peft_adapter_bytes(model, adapter))
 
 
 def patched_groups(patched) -> list:

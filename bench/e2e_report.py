@@ -31,8 +31,7 @@ def goal(provider: str, kind: str, batch: int, mode: str, gpu: bool) -> float | 
 def model_meta(ms, model_name: str) -> dict:
     """Layers, dtype, the byte floors (prism_fast's stacked adapter; PEFT's own, which keeps
     LoRA in fp32 on a bf16 model), the open path and the extra bytes of the torch path."""
-    base_bytes = common.weight_bytes(ms.base)
-    peft = common.byte_floor(base_bytes, common.peft_adapter_bytes(ms.peft, ADAPTER))
+    peft = common.peft_byte_floor(ms.peft, ADAPTER)
     meta = dict(layers=ms.layers, dtype=str(next(ms.base.parameters()).dtype).split(".")[-1],
                 floor=peft, peft_floor=peft["floor"], model_name=model_name)
     if ms.patched is not None:
@@ -50,8 +49,7 @@ def model_meta(ms, model_name: str) -> dict:
     return meta
 
 
-def add_ratios(rows: list[dict], floor: dict, gpu: bool, peft_floor: float | None = None
-               ) -> None:
+def add_ratios(rows: list[dict], floor: dict, gpu: bool, peft_floor: float) -> None:
     """ratio = provider / base (same case and mode); per-round ratios give the spread; the
     floor of each provider's ratio (prism: one stacked adapter, closed 1, PEFT: its own) and
     the overhead as a multiple of it; the goal."""
@@ -65,7 +63,7 @@ def add_ratios(rows: list[dict], floor: dict, gpu: bool, peft_floor: float | Non
         r["round_ratio_min"], r["round_ratio_max"] = min(per), max(per)
         p = r["provider"]
         r["floor"] = (floor["floor"] if p in PRISM_OPEN else 1.0 if p == "prism_closed"
-                      else (peft_floor or floor["floor"]) if p in PEFT else None)
+                      else peft_floor if p in PEFT else None)
         r["x_floor"] = common.x_floor(r["ratio"], r["floor"])
         r["goal"] = goal(p, r["kind"], r["B"], r["mode"], gpu)
 

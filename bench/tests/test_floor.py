@@ -41,7 +41,7 @@ def test_byte_floor_of_a_peft_model():
     assert peft_adapter_bytes(model, ADAPTER) == adapter
     assert peft_adapter_bytes(model, "other") == 0
     assert byte_floor(base, adapter)["floor"] == pytest.approx(1 + adapter / base)
-    assert peft_byte_floor(model, ADAPTER) == pytest.approx(1 + adapter / base)
+    assert peft_byte_floor(model, ADAPTER)["floor"] == pytest.approx(1 + adapter / base)
 
 
 def test_roofline_floor_is_the_bound_that_binds():
