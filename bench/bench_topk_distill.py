@@ -117,6 +117,15 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="head shapes of the loss-alone table")
 
 
+def check_options(p: argparse.ArgumentParser, a: argparse.Namespace, stem: Path) -> None:
+    """Sizes positive and the output folder writable, before anything is measured."""
+    for flag, values in (("--resp", a.resp), ("--prompt", [a.prompt]),
+                         ("--micro-batch", [a.micro_batch]), ("--reps", [a.reps])):
+        if min(values) < 1:
+            p.error(f"{flag}: expected positive integers, got {values}")
+    report.check_writable(stem.parent)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench --topk-distill",
                                 description=__doc__.split("\n\n")[0])
@@ -125,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                    "bench/results/cpu/topk-distill on CPU, bench/results/topk-distill on CUDA")
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    stem = Path(a.out or ("bench/results/cpu/topk-distill" if device.type == "cpu"
+                          else "bench/results/topk-distill"))
+    check_options(p, a, stem)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = loss_rows(a, device, dtype)
@@ -132,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([f"# Top-k distillation loss ({label}, {str(dtype)[6:]})", "",
                       *loss_table(rows, a.micro_batch)]) + "\n"
     print(text)
-    stem = Path(a.out or ("bench/results/cpu/topk-distill" if device.type == "cpu"
-                          else "bench/results/topk-distill"))
     report.write(stem, {"meta": report.run_meta("python -m bench --topk-distill", argv),
                         "rows": rows}, text)
     return 0

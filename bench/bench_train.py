@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 
 from bench import report
-from bench.bench_topk_distill import MIB, add_options, loss_rows, loss_table, official_loss, samples
+from bench.bench_topk_distill import (
+    MIB,
+    add_options,
+    check_options,
+    loss_rows,
+    loss_table,
+    official_loss,
+    samples,
+)
 from bench.common import CPU_LABEL, peak_memory
 from bench.models import load_model
 from bench.report import times
@@ -136,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
                    "bench/results/cpu/train on CPU, bench/results/train-<model> on CUDA")
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    stem = Path(a.out or ("bench/results/cpu/train" if device.type == "cpu"
+                          else f"bench/results/train-{a.model}"))
+    check_options(p, a, stem)
     torch.manual_seed(0)
     real = a.model == "smollm2-135m"
     # Real SmolLM2 weights in fp32; a random-init shape in bf16 on CUDA, fp32 on CPU.
@@ -160,8 +171,6 @@ def main(argv: list[str] | None = None) -> None:
     gate = gate_row(base.eval(), a, device)
     text = markdown(meta, stage_b, loss, gate, a.micro_batch)
     print(text)
-    stem = Path(a.out or ("bench/results/cpu/train" if device.type == "cpu"
-                          else f"bench/results/train-{a.model}"))
     report.write(stem, {"meta": meta, "stage_b": stage_b, "loss": loss, "gate": gate}, text)
 
 

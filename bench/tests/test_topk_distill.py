@@ -18,3 +18,16 @@ def test_topk_distill_runs_and_measures(tmp_path):
     assert row["official_peak_mib"] * MIB >= row["tokens"] * row["vocab"] * 4
     text = (tmp_path / "topk.md").read_text()
     assert "CPU: not a GPU result" in text and "| tiny [" in text
+
+
+def test_bad_sizes_and_an_unwritable_out_are_refused_before_measuring(tmp_path, capsys,
+                                                                      monkeypatch):
+    import pytest
+
+    monkeypatch.setattr(bench_topk_distill, "loss_rows", lambda *a: pytest.fail("measured"))
+    with pytest.raises(SystemExit):
+        bench_topk_distill.main(["--device", "cpu", "--reps", "0"])
+    assert "--reps: expected positive integers, got [0]" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="--out: cannot write in"):
+        bench_topk_distill.main(["--device", "cpu", "--out", str(tmp_path / "a_file" / "x")])
